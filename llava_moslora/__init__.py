@@ -1,0 +1,1 @@
+"""llava-moslora: MoSLoRA / QMoSLoRA fine-tuning of LLaVA-1.5."""

@@ -1,0 +1,41 @@
+"""`moslora_config`: a stock `peft.LoraConfig` that builds MoSLoRA layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import LoraConfig
+
+from .layers import OPTIONS_ATTR, register
+from .options import MixerOptions
+
+
+def moslora_config(
+    *,
+    mixer_init: str = "kaiming",
+    mixer_trainable: bool | None = None,
+    init_only: bool = False,
+    **lora_kwargs: Any,
+) -> LoraConfig:
+    """A `peft.LoraConfig` whose adapters are MoSLoRA (ΔW = s · B · M · A, M an r x r mixer).
+
+    Every LoRA argument (`r`, `lora_alpha`, `target_modules`, `lora_dropout`, `use_rslora`, ...)
+    passes through to `LoraConfig`, so this works as `type=moslora_config` in an XTuner config.
+
+    Args:
+        mixer_init: `kaiming` (default, the paper's), `orthogonal`, `identity`, `normal`,
+            `butterfly` (TS-Mixing). `zero` is refused (paper App. C).
+        mixer_trainable: learn the mixer (default) or freeze it; frozen `identity` is vanilla LoRA,
+            frozen `butterfly` is TS-Mixing.
+        init_only: fold the random mixer into A at init and keep a frozen identity (the control
+            that asks whether MoSLoRA's gain is only its initialisation).
+
+    The options are validated here, travel on the config object, and are saved as
+    `moslora_config.json` by `save_adapter`; PEFT's own adapter_config.json stays stock.
+    """
+    options = MixerOptions(init=mixer_init, trainable=mixer_trainable, init_only=init_only)
+    config = LoraConfig(**lora_kwargs)
+    if isinstance(config.r, int):
+        options.check_rank(config.r)
+    setattr(config, OPTIONS_ATTR, options)
+    return register(config)
