@@ -66,12 +66,12 @@ class MoSLoRAVariant(LoraVariant):
     def init(module: LoraLayer, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
         options = mixer_options_of(config)
         lora_a = module.lora_A[adapter_name].weight
-        mixer = initial_mixer(options, module.r[adapter_name], device=lora_a.device)
+        mixer = initial_mixer(options, module.r[adapter_name], device=lora_a.device, dtype=lora_a.dtype)
         if options.init_only:
             # PEFT maintainers' control: A <- M A (ΔW unchanged at step 0), then a frozen identity.
             with torch.no_grad():
-                lora_a.copy_((mixer @ lora_a.float()).to(lora_a.dtype))
-            mixer = torch.eye(mixer.shape[0], device=lora_a.device)
+                lora_a.copy_((mixer @ lora_a.to(mixer.dtype)).to(lora_a.dtype))
+            mixer = torch.eye(mixer.shape[0], device=lora_a.device, dtype=mixer.dtype)
         module.lora_mixer[adapter_name] = Mixer(mixer.to(lora_a.dtype), options.learnable)
         module.mixer_options[adapter_name] = options
 

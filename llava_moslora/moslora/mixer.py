@@ -17,11 +17,20 @@ from .options import MixerOptions
 
 
 def initial_mixer(
-    options: MixerOptions, r: int, *, device: torch.device | None = None
+    options: MixerOptions,
+    r: int,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Draw the initial (r, r) mixer in float32 (callers cast it to the adapter dtype)."""
+    """Draw the initial (r, r) mixer, in float32 (float64 if asked): callers cast to the adapter dtype.
+
+    float32 at least, so an orthogonal mixer is orthogonal to float32 precision even for a bf16
+    adapter; float64 for float64 adapters, where tests check App. E.4 to float64 rounding.
+    """
     options.check_rank(r)
-    weight = torch.empty(r, r, device=device, dtype=torch.float32)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.empty(r, r, device=device, dtype=dtype)
     if options.init == "kaiming":
         # kaiming_uniform_(a=sqrt(5)) with fan_in = r: gain sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / r)
         bound = 1.0 / math.sqrt(r)
@@ -33,9 +42,9 @@ def initial_mixer(
     elif options.init == "normal":
         weight.normal_(0.0, 1.0 / r)
     elif options.init == "identity":
-        weight = torch.eye(r, device=device)
+        weight = torch.eye(r, device=device, dtype=dtype)
     elif options.init == "butterfly":
-        weight = butterfly(r, device=device)
+        weight = butterfly(r, device=device).to(dtype)
     return weight
 
 

@@ -1,0 +1,84 @@
+"""Tiny models built from config objects (nothing is downloaded) and shared helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 16, d_hidden: int = 32, d_out: int = 8) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(d_in, d_hidden)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.act(self.lin0(x)))
+
+
+def make_mlp(seed: int = 0, **kwargs) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(**kwargs)
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def make_tiny_clip_vision(seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def copy_lora_weights(src, dst, adapter: str = "default") -> None:
+    """Copy lora_A / lora_B of every adapted layer from `src` to the same layers of `dst`."""
+    src_layers = dict(src.named_modules())
+    with torch.no_grad():
+        for name, module in dst.named_modules():
+            if hasattr(module, "lora_A") and adapter in module.lora_A:
+                other = src_layers[name]
+                module.lora_A[adapter].weight.copy_(other.lora_A[adapter].weight)
+                module.lora_B[adapter].weight.copy_(other.lora_B[adapter].weight)
+
+
+def moslora_layers(model, adapter: str = "default"):
+    return [m for m in model.modules() if hasattr(m, "lora_mixer") and adapter in m.lora_mixer]
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

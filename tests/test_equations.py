@@ -1,0 +1,231 @@
+"""MoSLoRA against the paper's equations, on tiny models built here."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from llava_moslora.moslora import moslora_config
+from tests.conftest import copy_lora_weights, make_mlp, moslora_layers
+
+TARGETS = ["lin0", "lin1"]
+
+
+def single_linear(seed: int = 0, d_in: int = 16, d_out: int = 12) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out))
+
+
+def lora_pair(base, *, r=4, alpha=8, targets=TARGETS, **mixer):
+    """(stock LoRA, MoSLoRA) over copies of `base` with the same random A and B (B not zero)."""
+    lora = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    )
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **mixer),
+    )
+    copy_lora_weights(lora, mos)
+    return lora, mos
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_identity_mixer_equals_stock_lora_outputs_and_gradients():
+    base = make_mlp()
+    lora, mos = lora_pair(base, mixer_init="identity", mixer_trainable=False)
+    x = torch.randn(5, 16)
+    out_lora, out_mos = lora(x), mos(x)
+    # The adapter really changes the output, so the equality below means something.
+    assert (out_lora - base(x)).abs().max() > 1e-2
+    torch.testing.assert_close(out_mos, out_lora)
+
+    out_lora.square().sum().backward()
+    out_mos.square().sum().backward()
+    g_lora, g_mos = grads(lora), grads(mos)
+    assert set(g_mos) == set(g_lora)  # a frozen mixer is a buffer: no gradient, no optimizer state
+    for name in g_lora:
+        torch.testing.assert_close(g_mos[name], g_lora[name])
+
+
+def test_butterfly_mixer_equals_two_subspace_mixing_form():
+    base = single_linear()
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False,
+                       mixer_init="butterfly", mixer_trainable=False),
+    )
+    layer = moslora_layers(mos)[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    x = torch.randn(7, 16)
+    # Paper Eq. 3, x (A1 + A2)(B1 + B2), with A split by rank rows and B by rank columns.
+    expected = base(x) + 2.0 * x @ (a[:2] + a[2:]).T @ (b[:, :2] + b[:, 2:]).T
+    torch.testing.assert_close(mos(x), expected)
+    assert (expected - base(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # out_features = 12: 3 tokens take the chain, 40 the fold
+def test_compute_order_equals_naive_chain(tokens):
+    base = single_linear()
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False),
+    )
+    layer = moslora_layers(mos)[0]
+    x = torch.randn(tokens, 16)
+    out = mos(x)
+    out.square().sum().backward()
+    fast = grads(mos)
+    mos.zero_grad()
+
+    a, b, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_mixer["default"]
+    naive = base(x) + b(m(a(x))) * layer.scaling["default"]  # the official repo's B(M(A(x)))
+    torch.testing.assert_close(out, naive)
+    naive.square().sum().backward()
+    for name, grad in grads(mos).items():
+        torch.testing.assert_close(fast[name], grad)
+
+
+def test_zero_mixer_and_zero_b_give_zero_gradients_everywhere():
+    """Paper App. C: why `mixer_init='zero'` is refused."""
+    base = make_mlp()
+    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    for layer in moslora_layers(mos):  # B is zero from PEFT's init; zero the mixer by hand
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        with torch.no_grad():
+            layer.lora_mixer["default"].weight.zero_()
+    mos(torch.randn(5, 16)).square().sum().backward()
+    g = grads(mos)
+    assert any("lora_mixer" in n for n in g) and any("lora_A" in n for n in g)
+    assert all(torch.count_nonzero(v) == 0 for v in g.values())
+
+    # With the default (Kaiming) mixer the same model does learn: B gets a gradient at step 1.
+    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    mos(torch.randn(5, 16)).square().sum().backward()
+    assert any(torch.count_nonzero(v) > 0 for n, v in grads(mos).items() if "lora_B" in n)
+
+
+def delta_weights(model, adapter="default") -> list[torch.Tensor]:
+    return [layer.get_delta_weight(adapter) for layer in model.base_model.model.modules()
+            if hasattr(layer, "lora_A") and adapter in layer.lora_A]
+
+
+def sgd_step(model, x, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(x).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def lora_with_folded_a(base, mos):
+    """Stock LoRA with A' = M A and the same B as `mos` (paper App. E.2)."""
+    lora = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
+    copy_lora_weights(mos, lora)
+    mixed = {id(m): m for m in moslora_layers(mos)}
+    for lora_layer, mos_layer in zip(
+        [m for m in lora.modules() if hasattr(m, "lora_A") and "default" in m.lora_A], mixed.values()
+    ):
+        with torch.no_grad():
+            lora_layer.lora_A["default"].weight.copy_(
+                mos_layer.lora_mixer["default"].weight @ mos_layer.lora_A["default"].weight
+            )
+    return lora
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_fixed_orthogonal_mixer_trains_like_lora_with_folded_a(learnable):
+    """App. E.4: a fixed orthogonal M trains exactly like LoRA from A' = M A; E.3: a learned one not."""
+    base = make_mlp().double()
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                       mixer_init="orthogonal", mixer_trainable=learnable),
+    )
+    lora = lora_with_folded_a(base, mos)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    start = delta_weights(lora)
+    for before_l, before_m in zip(start, delta_weights(mos)):
+        torch.testing.assert_close(before_m, before_l)  # the same model at step 0 either way
+    sgd_step(mos, x)
+    sgd_step(lora, x)
+    moved = max((d - s).abs().max().item() for d, s in zip(delta_weights(lora), start))
+    assert moved > 1e-2  # the step really changed ΔW, so the comparison below means something
+    diffs = [(m - l).abs().max().item() for m, l in zip(delta_weights(mos), delta_weights(lora))]
+    if learnable:
+        assert max(diffs) > 1e-4, diffs  # E.3: the updates differ
+    else:
+        assert max(diffs) < 1e-10, diffs  # E.4: identical to float64 rounding
+
+
+def test_learnable_mixer_gets_gradients_and_changes():
+    base = make_mlp()
+    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    before = [layer.lora_mixer["default"].weight.detach().clone() for layer in moslora_layers(mos)]
+    assert all(p.requires_grad for n, p in mos.named_parameters() if "lora_mixer" in n)
+    x = torch.randn(5, 16)
+    sgd_step(mos, x, lr=0.1)  # step 1: B is zero, so only B moves (App. C's gradients)
+    sgd_step(mos, x, lr=0.1)  # step 2: B != 0, the mixer gets a gradient and moves
+    after = [layer.lora_mixer["default"].weight for layer in moslora_layers(mos)]
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(after, before))
+
+
+def test_frozen_mixer_stays_frozen_through_set_adapter():
+    base = make_mlp()
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, mixer_init="butterfly", mixer_trainable=False),
+    )
+    mos.set_adapter("default")
+    names = [n for n, p in mos.named_parameters() if p.requires_grad]
+    assert names and not any("lora_mixer" in n for n in names)
+    assert any("lora_mixer" in k for k in mos.state_dict())  # still saved with the adapter
+
+
+def test_init_only_folds_the_random_mixer_into_a():
+    base = make_mlp()
+    torch.manual_seed(1)
+    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              init_lora_weights=False))
+    torch.manual_seed(1)
+    ctl = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              init_lora_weights=False, init_only=True))
+    for m_layer, c_layer in zip(moslora_layers(mos), moslora_layers(ctl)):
+        eye = torch.eye(4)
+        torch.testing.assert_close(c_layer.lora_mixer["default"].weight, eye)
+        assert not c_layer.lora_mixer["default"].learnable
+        assert not torch.allclose(m_layer.lora_mixer["default"].weight, eye)
+        # Same random draws, so the control's A is exactly M A of the MoSLoRA model.
+        torch.testing.assert_close(
+            c_layer.lora_A["default"].weight,
+            m_layer.lora_mixer["default"].weight @ m_layer.lora_A["default"].weight,
+        )
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ctl(x), mos(x))
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal", "normal", "identity", "butterfly"])
+def test_mixer_inits(init):
+    from llava_moslora.moslora import MixerOptions, initial_mixer
+
+    torch.manual_seed(0)
+    m = initial_mixer(MixerOptions(init=init), 8)
+    assert m.shape == (8, 8) and torch.isfinite(m).all()
+    if init == "kaiming":
+        assert m.abs().max() <= 1 / 8**0.5 and m.std() > 0.1
+    elif init == "orthogonal":
+        torch.testing.assert_close(m @ m.T, torch.eye(8), atol=1e-5, rtol=0)
+    elif init == "normal":
+        assert 0.05 < m.std() < 0.25  # std 1/r = 0.125
+    elif init == "identity":
+        assert torch.equal(m, torch.eye(8))
+    else:
+        assert torch.equal(m[:4, :4], torch.eye(4)) and torch.equal(m[:4, 4:], torch.eye(4))
+        assert torch.equal(m[4:], m[:4])

@@ -1,0 +1,98 @@
+"""QMoSLoRA: MoSLoRA on a 4-bit NF4 double-quant base, on CPU (bitsandbytes >= 0.49)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+
+from llava_moslora.moslora import merge_and_unload_dequantized, moslora_config
+from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers
+
+bnb = pytest.importorskip("bitsandbytes")
+
+IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 12]])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama(0).save_pretrained(path)
+    return path
+
+
+def load_4bit(path):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    # CPU 4-bit wants float32 around the quantized layers (see DESIGN.md).
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=quant, torch_dtype=torch.float32)
+
+
+def qmoslora(path, **kwargs):
+    model = prepare_model_for_kbit_training(load_4bit(path), use_gradient_checkpointing=False)
+    config = moslora_config(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, **kwargs)
+    return get_peft_model(model, config)
+
+
+def test_4bit_layers_get_qmoslora_and_train(llama_dir):
+    from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
+
+    model = qmoslora(llama_dir)
+    layers = moslora_layers(model)
+    assert len(layers) == 2 * 7 and all(isinstance(m, MoSLoRALinear4bit) for m in layers)
+    assert all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in layers)
+    base_weight = layers[0].get_base_layer().weight
+    assert base_weight.quant_type == "nf4" and base_weight.compress_statistics  # double quant
+
+    mixers = [m.lora_mixer["default"].weight.detach().clone() for m in layers]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = IDS.clone()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=IDS, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all((m.lora_mixer["default"].weight - b).abs().max() > 1e-4 for m, b in zip(layers, mixers))
+
+
+def test_4bit_merge_requantizes_and_unmerge_restores_exact_weights(llama_dir):
+    model = qmoslora(llama_dir, init_lora_weights=False)
+    layer = moslora_layers(model)[0]
+    quantized = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        with pytest.warns(UserWarning, match="rounding errors"):
+            model.merge_adapter()
+        merged = model(input_ids=IDS).logits
+        assert not torch.equal(layer.get_base_layer().weight, quantized)
+        # NF4 requantization of W0 + ΔW is lossy; the outputs stay close, not equal.
+        assert (merged - unmerged).abs().max() < 0.5 * (unmerged.abs().max())
+        model.unmerge_adapter()
+        assert torch.equal(layer.get_base_layer().weight, quantized)
+        torch.testing.assert_close(model(input_ids=IDS).logits, unmerged, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_merge_into_dequantized_copy(llama_dir, dtype, tol):
+    from transformers import LlamaForCausalLM
+
+    model = qmoslora(llama_dir, init_lora_weights=False)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+        plain = merge_and_unload_dequantized(model, dtype=dtype)
+        assert isinstance(plain, LlamaForCausalLM)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+        assert not hasattr(plain.config, "quantization_config") and not plain.is_quantized
+        assert plain.model.layers[0].mlp.up_proj.weight.dtype == dtype
+        got = plain(input_ids=IDS).logits.float()
+    assert (expected - load_4bit(llama_dir)(input_ids=IDS).logits).abs().max() > 5 * tol
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
