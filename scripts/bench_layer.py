@@ -257,8 +257,13 @@ def bench_config(in_f, out_f, r, tokens, device, dtype, args, plan) -> Row:
     chain_model, chain_layer = build("chain", weight, r, args.adapter_dtype == "base", seed=2)
     low = dtype != torch.float32 or args.adapter_dtype == "base"
     row.check_err = check_equal(
-        mos_layer, mos_model, chain_layer, chain_model, x,
-        tol_out=2e-2 if low else 1e-5, tol_grad=2e-2 if low else 1e-4,
+        mos_layer,
+        mos_model,
+        chain_layer,
+        chain_model,
+        x,
+        tol_out=2e-2 if low else 1e-5,
+        tol_grad=2e-2 if low else 1e-4,
     )
     del mos_model, mos_layer, chain_model, chain_layer
 
@@ -295,7 +300,7 @@ def bench_config(in_f, out_f, r, tokens, device, dtype, args, plan) -> Row:
         model, layer = build(impl, weight, r, args.adapter_dtype == "base", seed=1)
         params = trainable(model)
         keep.append(model)
-        runs[impl] = (lambda layer=layer, params=params: step(layer, params, x))
+        runs[impl] = lambda layer=layer, params=params: step(layer, params, x)
     samples = time_interleaved(runs, device, plan["warmup"], plan["rounds"], plan["per_round"])
     for impl, rounds in samples.items():
         row.ms[impl] = statistics.median([t for rnd in rounds for t in rnd])
@@ -317,10 +322,19 @@ def mib(b: float) -> str:
 def table_part1(rows: list[Row], device: torch.device) -> str:
     memname = "step-peak" if device.type == "cuda" else "saved"
     head = [
-        "shape (in,out)", "r", "tokens", "LoRA ms", "MoSLoRA ms", "chain ms",
-        "MoSLoRA/LoRA time", "chain/LoRA time",
-        f"MoSLoRA/LoRA mem ({memname})", f"chain/LoRA mem ({memname})",
-        "MoSLoRA order", "LoRA A/A time", "saved MiB LoRA/MoS/chain",
+        "shape (in,out)",
+        "r",
+        "tokens",
+        "LoRA ms",
+        "MoSLoRA ms",
+        "chain ms",
+        "MoSLoRA/LoRA time",
+        "chain/LoRA time",
+        f"MoSLoRA/LoRA mem ({memname})",
+        f"chain/LoRA mem ({memname})",
+        "MoSLoRA order",
+        "LoRA A/A time",
+        "saved MiB LoRA/MoS/chain",
     ]
     if device.type == "cuda":
         head += ["step-peak MiB LoRA/MoS/chain", "abs peak MiB LoRA/MoS/chain", "abs peak MoS/LoRA"]
@@ -329,11 +343,18 @@ def table_part1(rows: list[Row], device: torch.device) -> str:
     for w in rows:
         ms, mem = w.ms, w.mem
         cells = [
-            f"{w.shape[0]}x{w.shape[1]}", str(w.r), str(w.tokens),
-            f"{ms['lora']:.3f}", f"{ms['moslora']:.3f}", f"{ms['chain']:.3f}",
-            f"{ms['moslora'] / ms['lora']:.3f}", f"{ms['chain'] / ms['lora']:.3f}",
-            f"{mem['moslora'] / mem['lora']:.4f}", f"{mem['chain'] / mem['lora']:.4f}",
-            w.order, f"{w.aa:.3f}",
+            f"{w.shape[0]}x{w.shape[1]}",
+            str(w.r),
+            str(w.tokens),
+            f"{ms['lora']:.3f}",
+            f"{ms['moslora']:.3f}",
+            f"{ms['chain']:.3f}",
+            f"{ms['moslora'] / ms['lora']:.3f}",
+            f"{ms['chain'] / ms['lora']:.3f}",
+            f"{mem['moslora'] / mem['lora']:.4f}",
+            f"{mem['chain'] / mem['lora']:.4f}",
+            w.order,
+            f"{w.aa:.3f}",
             "/".join(mib(w.saved[i]) for i in IMPLS),
         ]
         if device.type == "cuda":
@@ -355,9 +376,12 @@ def bench_merged(device, dtype, args, plan) -> str:
 
     dims = plan["llama"]
     cfg = LlamaConfig(
-        vocab_size=dims["vocab"], hidden_size=dims["hidden"],
-        intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
-        num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+        vocab_size=dims["vocab"],
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
         max_position_embeddings=max(4096, dims["tokens"]),
     )
     torch.manual_seed(0)
@@ -379,7 +403,10 @@ def bench_merged(device, dtype, args, plan) -> str:
         logits_unmerged = model(ids).logits.float()
         t_unmerged = time_interleaved(
             {"base": lambda: base(ids), "unmerged": lambda: model(ids)},
-            device, plan["m_warmup"], plan["m_rounds"], plan["m_per_round"],
+            device,
+            plan["m_warmup"],
+            plan["m_rounds"],
+            plan["m_per_round"],
         )
     merged = model.merge_and_unload()
     assert not any(hasattr(m, "lora_A") for m in merged.modules()), "merge left LoRA layers"
@@ -387,7 +414,10 @@ def bench_merged(device, dtype, args, plan) -> str:
         logits_merged = merged(ids).logits.float()
         t = time_interleaved(
             {"base": lambda: base(ids), "merged": lambda: merged(ids)},
-            device, plan["m_warmup"], plan["m_rounds"], plan["m_per_round"],
+            device,
+            plan["m_warmup"],
+            plan["m_rounds"],
+            plan["m_per_round"],
         )
 
     def med(s, k):
@@ -426,24 +456,35 @@ def bench_merged(device, dtype, args, plan) -> str:
 def make_plan(device: torch.device, quick: bool) -> dict:
     if quick:
         plan = dict(
-            shapes=[(1024, 1024), (1024, 3584), (3584, 1024)], ranks=[16, 64], tokens=[512, 2048],
+            shapes=[(1024, 1024), (1024, 3584), (3584, 1024)],
+            ranks=[16, 64],
+            tokens=[512, 2048],
         )
     else:
         plan = dict(
-            shapes=[(4096, 4096), (4096, 14336), (14336, 4096)], ranks=[16, 64, 512],
+            shapes=[(4096, 4096), (4096, 14336), (14336, 4096)],
+            ranks=[16, 64, 512],
             tokens=[2048, 8192],
         )
     if device.type == "cuda":
         plan.update(warmup=25, rounds=10, per_round=10, m_warmup=5, m_rounds=6, m_per_round=5)
-        llama = dict(vocab=32000, hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8,
-                     tokens=2048)
+        llama = dict(
+            vocab=32000,
+            hidden=4096,
+            intermediate=14336,
+            layers=2,
+            heads=32,
+            kv_heads=8,
+            tokens=2048,
+        )
         if quick:
             plan.update(warmup=10, rounds=6, per_round=5)
             llama.update(hidden=1024, intermediate=3584, heads=8, kv_heads=2)
     else:
         plan.update(warmup=2, rounds=4, per_round=2, m_warmup=1, m_rounds=4, m_per_round=2)
-        llama = dict(vocab=8000, hidden=512, intermediate=1792, layers=2, heads=8, kv_heads=2,
-                     tokens=256)
+        llama = dict(
+            vocab=8000, hidden=512, intermediate=1792, layers=2, heads=8, kv_heads=2, tokens=256
+        )
         if not quick:
             plan.update(warmup=3, rounds=6, per_round=3)
             llama.update(vocab=16000, hidden=1024, intermediate=3584, tokens=512)
@@ -457,7 +498,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="reduced grid (< ~3 min on a 2-core CPU)")
     ap.add_argument("--out", help="also write the tables (Markdown) to this file")
     ap.add_argument(
-        "--adapter-dtype", choices=["fp32", "base"], default="fp32",
+        "--adapter-dtype",
+        choices=["fp32", "base"],
+        default="fp32",
         help="fp32: PEFT's default (autocast_adapter_dtype=True); base: adapters in the base dtype",
     )
     ap.add_argument("--skip-merged", action="store_true", help="skip part 2")
@@ -513,7 +556,9 @@ def main(argv=None) -> None:
                     f"chain x{row.mem['chain'] / row.mem['lora']:.4f}; check {row.check_err:.1e}",
                     flush=True,
                 )
-    part1 = "## Part 1: one Linear, forward+backward (batch 1 x tokens)\n\n" + table_part1(rows, device)
+    part1 = "## Part 1: one Linear, forward+backward (batch 1 x tokens)\n\n" + table_part1(
+        rows, device
+    )
     r64 = [w for w in rows if w.r == 64]
     if r64:
         worst_t = max(r64, key=lambda w: w.ms["moslora"] / w.ms["lora"])

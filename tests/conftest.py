@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
 from torch import nn
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from llava_moslora.model.tiny import LLAMA_TARGETS as _LLAMA
+from llava_moslora.model.tiny import tiny_clip_vision, tiny_llama
+
+LLAMA_TARGETS = list(_LLAMA)
 
 
 class MLP(nn.Module):
@@ -28,35 +28,11 @@ def make_mlp(seed: int = 0, **kwargs) -> MLP:
 
 
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return tiny_llama(seed, dtype=dtype)
 
 
 def make_tiny_clip_vision(seed: int = 0):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
-    return CLIPVisionModel(config).eval()
+    return tiny_clip_vision(seed)
 
 
 def copy_lora_weights(src, dst, adapter: str = "default") -> None:
@@ -72,13 +48,3 @@ def copy_lora_weights(src, dst, adapter: str = "default") -> None:
 
 def moslora_layers(model, adapter: str = "default"):
     return [m for m in model.modules() if hasattr(m, "lora_mixer") and adapter in m.lora_mixer]
-
-
-@pytest.fixture
-def tiny_llama():
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def clone():
-    return copy.deepcopy

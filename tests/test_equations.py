@@ -23,11 +23,14 @@ def single_linear(seed: int = 0, d_in: int = 16, d_out: int = 12) -> nn.Module:
 def lora_pair(base, *, r=4, alpha=8, targets=TARGETS, **mixer):
     """(stock LoRA, MoSLoRA) over copies of `base` with the same random A and B (B not zero)."""
     lora = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        copy.deepcopy(base),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
     )
     mos = get_peft_model(
         copy.deepcopy(base),
-        moslora_config(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **mixer),
+        moslora_config(
+            r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **mixer
+        ),
     )
     copy_lora_weights(lora, mos)
     return lora, mos
@@ -58,8 +61,14 @@ def test_butterfly_mixer_equals_two_subspace_mixing_form():
     base = single_linear()
     mos = get_peft_model(
         copy.deepcopy(base),
-        moslora_config(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False,
-                       mixer_init="butterfly", mixer_trainable=False),
+        moslora_config(
+            r=4,
+            lora_alpha=8,
+            target_modules=["0"],
+            init_lora_weights=False,
+            mixer_init="butterfly",
+            mixer_trainable=False,
+        ),
     )
     layer = moslora_layers(mos)[0]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
@@ -70,7 +79,9 @@ def test_butterfly_mixer_equals_two_subspace_mixing_form():
     assert (expected - base(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("tokens", [3, 40])  # out_features = 12: 3 tokens take the chain, 40 the fold
+@pytest.mark.parametrize(
+    "tokens", [3, 40]
+)  # out_features = 12: 3 tokens take the chain, 40 the fold
 def test_compute_order_equals_naive_chain(tokens):
     base = single_linear()
     mos = get_peft_model(
@@ -95,7 +106,9 @@ def test_compute_order_equals_naive_chain(tokens):
 def test_zero_mixer_and_zero_b_give_zero_gradients_everywhere():
     """Paper App. C: why `mixer_init='zero'` is refused."""
     base = make_mlp()
-    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    mos = get_peft_model(
+        copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
     for layer in moslora_layers(mos):  # B is zero from PEFT's init; zero the mixer by hand
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
         with torch.no_grad():
@@ -106,14 +119,19 @@ def test_zero_mixer_and_zero_b_give_zero_gradients_everywhere():
     assert all(torch.count_nonzero(v) == 0 for v in g.values())
 
     # With the default (Kaiming) mixer the same model does learn: B gets a gradient at step 1.
-    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    mos = get_peft_model(
+        copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
     mos(torch.randn(5, 16)).square().sum().backward()
     assert any(torch.count_nonzero(v) > 0 for n, v in grads(mos).items() if "lora_B" in n)
 
 
 def delta_weights(model, adapter="default") -> list[torch.Tensor]:
-    return [layer.get_delta_weight(adapter) for layer in model.base_model.model.modules()
-            if hasattr(layer, "lora_A") and adapter in layer.lora_A]
+    return [
+        layer.get_delta_weight(adapter)
+        for layer in model.base_model.model.modules()
+        if hasattr(layer, "lora_A") and adapter in layer.lora_A
+    ]
 
 
 def sgd_step(model, x, lr=0.5):
@@ -126,13 +144,12 @@ def sgd_step(model, x, lr=0.5):
 def lora_with_folded_a(base, mos):
     """Stock LoRA with A' = M A and the same B as `mos` (paper App. E.2)."""
     lora = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
     )
     copy_lora_weights(mos, lora)
-    mixed = {id(m): m for m in moslora_layers(mos)}
-    for lora_layer, mos_layer in zip(
-        [m for m in lora.modules() if hasattr(m, "lora_A") and "default" in m.lora_A], mixed.values()
-    ):
+    lora_layers = [m for m in lora.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    for lora_layer, mos_layer in zip(lora_layers, moslora_layers(mos), strict=True):
         with torch.no_grad():
             lora_layer.lora_A["default"].weight.copy_(
                 mos_layer.lora_mixer["default"].weight @ mos_layer.lora_A["default"].weight
@@ -146,19 +163,28 @@ def test_fixed_orthogonal_mixer_trains_like_lora_with_folded_a(learnable):
     base = make_mlp().double()
     mos = get_peft_model(
         copy.deepcopy(base),
-        moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
-                       mixer_init="orthogonal", mixer_trainable=learnable),
+        moslora_config(
+            r=4,
+            lora_alpha=8,
+            target_modules=TARGETS,
+            init_lora_weights=False,
+            mixer_init="orthogonal",
+            mixer_trainable=learnable,
+        ),
     )
     lora = lora_with_folded_a(base, mos)
     x = torch.randn(6, 16, dtype=torch.float64)
     start = delta_weights(lora)
-    for before_l, before_m in zip(start, delta_weights(mos)):
+    for before_l, before_m in zip(start, delta_weights(mos), strict=True):
         torch.testing.assert_close(before_m, before_l)  # the same model at step 0 either way
     sgd_step(mos, x)
     sgd_step(lora, x)
-    moved = max((d - s).abs().max().item() for d, s in zip(delta_weights(lora), start))
+    moved = max((d - s).abs().max().item() for d, s in zip(delta_weights(lora), start, strict=True))
     assert moved > 1e-2  # the step really changed ΔW, so the comparison below means something
-    diffs = [(m - l).abs().max().item() for m, l in zip(delta_weights(mos), delta_weights(lora))]
+    diffs = [
+        (mo - lo).abs().max().item()
+        for mo, lo in zip(delta_weights(mos), delta_weights(lora), strict=True)
+    ]
     if learnable:
         assert max(diffs) > 1e-4, diffs  # E.3: the updates differ
     else:
@@ -167,21 +193,25 @@ def test_fixed_orthogonal_mixer_trains_like_lora_with_folded_a(learnable):
 
 def test_learnable_mixer_gets_gradients_and_changes():
     base = make_mlp()
-    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS))
+    mos = get_peft_model(
+        copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
     before = [layer.lora_mixer["default"].weight.detach().clone() for layer in moslora_layers(mos)]
     assert all(p.requires_grad for n, p in mos.named_parameters() if "lora_mixer" in n)
     x = torch.randn(5, 16)
     sgd_step(mos, x, lr=0.1)  # step 1: B is zero, so only B moves (App. C's gradients)
     sgd_step(mos, x, lr=0.1)  # step 2: B != 0, the mixer gets a gradient and moves
     after = [layer.lora_mixer["default"].weight for layer in moslora_layers(mos)]
-    assert all((a - b).abs().max() > 1e-6 for a, b in zip(after, before))
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(after, before, strict=True))
 
 
 def test_frozen_mixer_stays_frozen_through_set_adapter():
     base = make_mlp()
     mos = get_peft_model(
         copy.deepcopy(base),
-        moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, mixer_init="butterfly", mixer_trainable=False),
+        moslora_config(
+            r=4, lora_alpha=8, target_modules=TARGETS, mixer_init="butterfly", mixer_trainable=False
+        ),
     )
     mos.set_adapter("default")
     names = [n for n, p in mos.named_parameters() if p.requires_grad]
@@ -192,12 +222,18 @@ def test_frozen_mixer_stays_frozen_through_set_adapter():
 def test_init_only_folds_the_random_mixer_into_a():
     base = make_mlp()
     torch.manual_seed(1)
-    mos = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                              init_lora_weights=False))
+    mos = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+    )
     torch.manual_seed(1)
-    ctl = get_peft_model(copy.deepcopy(base), moslora_config(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                              init_lora_weights=False, init_only=True))
-    for m_layer, c_layer in zip(moslora_layers(mos), moslora_layers(ctl)):
+    ctl = get_peft_model(
+        copy.deepcopy(base),
+        moslora_config(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, init_only=True
+        ),
+    )
+    for m_layer, c_layer in zip(moslora_layers(mos), moslora_layers(ctl), strict=True):
         eye = torch.eye(4)
         torch.testing.assert_close(c_layer.lora_mixer["default"].weight, eye)
         assert not c_layer.lora_mixer["default"].learnable

@@ -14,13 +14,18 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from llava_moslora.moslora import load_adapter, moslora_config, save_adapter, save_folded
-from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers
+from tests.conftest import LLAMA_TARGETS, make_tiny_llama
 
 
 def trained_moslora(seed=0):
     base = make_tiny_llama(seed)
-    config = moslora_config(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights=False,
-                            mixer_init="orthogonal")
+    config = moslora_config(
+        r=8,
+        lora_alpha=16,
+        target_modules=LLAMA_TARGETS,
+        init_lora_weights=False,
+        mixer_init="orthogonal",
+    )
     return base, get_peft_model(copy.deepcopy(base), config)
 
 
@@ -34,7 +39,9 @@ def test_save_then_load_adapter_round_trip(tmp_path):
         assert (expected - base(input_ids=IDS).logits).abs().max() > 1e-2
     save_adapter(mos, tmp_path)
     assert json.loads((tmp_path / "moslora_config.json").read_text())["init"] == "orthogonal"
-    assert any(k.endswith("lora_mixer.weight") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    assert any(
+        k.endswith("lora_mixer.weight") for k in load_file(tmp_path / "adapter_model.safetensors")
+    )
 
     loaded = load_adapter(make_tiny_llama(0), tmp_path)
     with torch.no_grad():
@@ -57,18 +64,28 @@ def test_load_adapter_refuses_tensors_it_cannot_place(tmp_path):
     _, mos = trained_moslora()
     save_adapter(mos, tmp_path)
     weights = load_file(tmp_path / "adapter_model.safetensors")
-    weights["base_model.model.model.layers.0.self_attn.q_proj.lora_extra.weight"] = torch.zeros(2, 2)
+    weights["base_model.model.model.layers.0.self_attn.q_proj.lora_extra.weight"] = torch.zeros(
+        2, 2
+    )
     save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"1 tensor\(s\) saved in .* have no place in the model.*lora_extra"):
+    with pytest.raises(
+        ValueError, match=r"1 tensor\(s\) saved in .* have no place in the model.*lora_extra"
+    ):
         load_adapter(make_tiny_llama(0), tmp_path)
 
 
 def test_load_adapter_refuses_a_moslora_adapter_whose_mixer_was_lost(tmp_path):
     _, mos = trained_moslora()
     save_adapter(mos, tmp_path)
-    weights = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items() if "lora_mixer" not in k}
+    weights = {
+        k: v
+        for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
+        if "lora_mixer" not in k
+    }
     save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"declares a MoSLoRA adapter .* hold no `lora_mixer.weight` tensor"):
+    with pytest.raises(
+        ValueError, match=r"declares a MoSLoRA adapter .* hold no `lora_mixer.weight` tensor"
+    ):
         load_adapter(make_tiny_llama(0), tmp_path)
 
 
@@ -78,7 +95,9 @@ def test_load_adapter_refuses_missing_adapter_tensors(tmp_path):
     weights = load_file(tmp_path / "adapter_model.safetensors")
     del weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
     save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"1 adapter tensor\(s\) of the model are missing .*down_proj.lora_B"):
+    with pytest.raises(
+        ValueError, match=r"1 adapter tensor\(s\) of the model are missing .*down_proj.lora_B"
+    ):
         load_adapter(make_tiny_llama(0), tmp_path)
 
 
@@ -86,10 +105,14 @@ def test_official_repo_lora_ab_checkpoint_loads_with_its_mixer(tmp_path):
     _, mos = trained_moslora()
     with torch.no_grad():
         expected = mos(input_ids=IDS).logits
-    mos.save_pretrained(tmp_path)  # no moslora_config.json, and rename the mixer as the official repo does
+    mos.save_pretrained(
+        tmp_path
+    )  # no moslora_config.json, and rename the mixer as the official repo does
     weights = load_file(tmp_path / "adapter_model.safetensors")
-    save_file({k.replace("lora_mixer", "lora_AB"): v for k, v in weights.items()},
-              tmp_path / "adapter_model.safetensors")
+    save_file(
+        {k.replace("lora_mixer", "lora_AB"): v for k, v in weights.items()},
+        tmp_path / "adapter_model.safetensors",
+    )
     loaded = load_adapter(make_tiny_llama(0), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, expected)
@@ -120,8 +143,17 @@ def test_folded_adapter_in_stock_peft_subprocess_equals_moslora(tmp_path):
     save_folded(mos, tmp_path / "folded")
     saved = load_file(tmp_path / "folded" / "adapter_model.safetensors")
     assert saved and not any("mixer" in k for k in saved)
-    subprocess.run([sys.executable, "-c", STOCK_PEFT_SCRIPT, str(tmp_path / "folded"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_PEFT_SCRIPT,
+            str(tmp_path / "folded"),
+            str(tmp_path / "out.pt"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     got = torch.load(tmp_path / "out.pt")
     assert (got - base(input_ids=IDS).logits).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,9 @@ TARGETS = ["lin0", "lin1"]
 
 def moslora_mlp(dtype=torch.float32, **kwargs):
     base = make_mlp().to(dtype)
-    config = moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **kwargs)
+    config = moslora_config(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **kwargs
+    )
     return base, get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
 
 
@@ -39,9 +41,9 @@ def test_merged_equals_unmerged_and_unmerge_is_bit_exact(dtype, tol, safe):
         assert all(layer.merged for layer in moslora_layers(mos))
         # bf16/fp16 keep the merged weight in 8/11 mantissa bits: the tolerance is that rounding.
         torch.testing.assert_close(mos(x), unmerged, atol=tol, rtol=tol)
-        assert any(not torch.equal(w, b) for w, b in zip(base_weights(mos), before))
+        assert any(not torch.equal(w, b) for w, b in zip(base_weights(mos), before, strict=True))
         mos.unmerge_adapter()
-        for w, b in zip(base_weights(mos), before):
+        for w, b in zip(base_weights(mos), before, strict=True):
             assert torch.equal(w, b)  # bit for bit, in every dtype
         torch.testing.assert_close(mos(x), unmerged, atol=0, rtol=0)
 
@@ -52,7 +54,7 @@ def test_merge_twice_changes_nothing():
     once = base_weights(mos)
     with pytest.warns(UserWarning, match="already merged"):
         mos.merge_adapter()
-    assert all(torch.equal(a, b) for a, b in zip(base_weights(mos), once))
+    assert all(torch.equal(a, b) for a, b in zip(base_weights(mos), once, strict=True))
 
 
 def test_safe_merge_of_inf_mixer_raises_and_leaves_base_untouched():
@@ -77,7 +79,9 @@ def test_delta_weight_is_s_b_m_a():
 
 def test_merge_and_unload_llama_gives_plain_model_with_same_logits():
     base = make_tiny_llama()
-    config = moslora_config(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    config = moslora_config(
+        r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights=False
+    )
     mos = get_peft_model(copy.deepcopy(base), config)
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
@@ -94,8 +98,12 @@ def test_mixed_adapter_merge_order_unmerges_exactly():
     from peft import LoraConfig
 
     base = make_mlp()
-    mos = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
-    mos.add_adapter("mix", moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    mos = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    )
+    mos.add_adapter(
+        "mix", moslora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
     before = [m.get_base_layer().weight.detach().clone() for m in moslora_layers(mos, "mix")]
     x = torch.randn(4, 16)
     mos.base_model.set_adapter(["default", "mix"])
@@ -105,5 +113,7 @@ def test_mixed_adapter_merge_order_unmerges_exactly():
         torch.testing.assert_close(mos(x), both, atol=1e-5, rtol=1e-5)
         mos.unmerge_adapter()
         after = [m.get_base_layer().weight for m in moslora_layers(mos, "mix")]
-        for w, b in zip(after, before):
-            torch.testing.assert_close(w, b, atol=1e-6, rtol=0)  # plain LoRA part: PEFT's subtraction
+        for w, b in zip(after, before, strict=True):
+            torch.testing.assert_close(
+                w, b, atol=1e-6, rtol=0
+            )  # plain LoRA part: PEFT's subtraction

@@ -31,7 +31,9 @@ def load_4bit(path):
         bnb_4bit_compute_dtype=torch.float32,
     )
     # CPU 4-bit wants float32 around the quantized layers (see DESIGN.md).
-    return LlamaForCausalLM.from_pretrained(path, quantization_config=quant, torch_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(
+        path, quantization_config=quant, torch_dtype=torch.float32
+    )
 
 
 def qmoslora(path, **kwargs):
@@ -61,7 +63,10 @@ def test_4bit_layers_get_qmoslora_and_train(llama_dir):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
-    assert all((m.lora_mixer["default"].weight - b).abs().max() > 1e-4 for m, b in zip(layers, mixers))
+    assert all(
+        (m.lora_mixer["default"].weight - b).abs().max() > 1e-4
+        for m, b in zip(layers, mixers, strict=True)
+    )
 
 
 def test_4bit_merge_requantizes_and_unmerge_restores_exact_weights(llama_dir):

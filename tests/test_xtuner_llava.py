@@ -22,10 +22,17 @@ def build_llava(seed: int = 0):
         visual_encoder=make_tiny_clip_vision(seed),
         freeze_llm=True,
         freeze_visual_encoder=True,
-        llm_lora=dict(type=moslora_config, r=8, lora_alpha=16, lora_dropout=0.05, bias="none",
-                      task_type="CAUSAL_LM"),
-        visual_encoder_lora=dict(type=moslora_config, r=4, lora_alpha=2, target_modules=VIT_TARGETS,
-                                 bias="none"),
+        llm_lora=dict(
+            type=moslora_config,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+        visual_encoder_lora=dict(
+            type=moslora_config, r=4, lora_alpha=2, target_modules=VIT_TARGETS, bias="none"
+        ),
     )
 
 
@@ -42,7 +49,9 @@ def test_mixer_initialised_inside_llava_and_kept_in_its_state_dict():
     assert len(llm_layers) == 2 * 7 and len(vit_layers) == 2 * 6
     for layer in llm_layers + vit_layers:
         assert_kaiming(layer.lora_mixer["default"].weight)
-    assert len({layer.lora_mixer["default"].weight.sum().item() for layer in llm_layers}) == len(llm_layers)
+    assert len({layer.lora_mixer["default"].weight.sum().item() for layer in llm_layers}) == len(
+        llm_layers
+    )
 
     state = model.state_dict()
     mixers = [k for k in state if "lora_mixer" in k]
@@ -55,7 +64,11 @@ def test_mixer_initialised_inside_llava_and_kept_in_its_state_dict():
     missing, unexpected = other.load_state_dict(state, strict=False)
     assert not unexpected
     assert not [k for k in missing if "lora_" in k]
-    for a, b in zip(llm_layers + vit_layers, moslora_layers(other.llm) + moslora_layers(other.visual_encoder)):
+    for a, b in zip(
+        llm_layers + vit_layers,
+        moslora_layers(other.llm) + moslora_layers(other.visual_encoder),
+        strict=True,
+    ):
         assert torch.equal(a.lora_mixer["default"].weight, b.lora_mixer["default"].weight)
 
 

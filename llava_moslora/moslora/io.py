@@ -55,7 +55,9 @@ def fold_mixer(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key in [k for k in state_dict if k.endswith(MIXER_KEY)]:
         b_key = key[: -len(MIXER_KEY)] + "lora_B.weight"
         if b_key not in state_dict:
-            raise KeyError(f"The mixer `{key}` has no matching `{b_key}` in the adapter state dict.")
+            raise KeyError(
+                f"The mixer `{key}` has no matching `{b_key}` in the adapter state dict."
+            )
         weight_b = state_dict[b_key]
         mixer = folded.pop(key).to(device=weight_b.device, dtype=torch.float32)
         folded[b_key] = (weight_b.float() @ mixer).to(weight_b.dtype)  # (out, r) @ (r, r)

@@ -66,7 +66,9 @@ class MoSLoRAVariant(LoraVariant):
     def init(module: LoraLayer, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
         options = mixer_options_of(config)
         lora_a = module.lora_A[adapter_name].weight
-        mixer = initial_mixer(options, module.r[adapter_name], device=lora_a.device, dtype=lora_a.dtype)
+        mixer = initial_mixer(
+            options, module.r[adapter_name], device=lora_a.device, dtype=lora_a.dtype
+        )
         if options.init_only:
             # PEFT maintainers' control: A <- M A (ΔW unchanged at step 0), then a frozen identity.
             with torch.no_grad():
@@ -102,7 +104,9 @@ class MoSLoRAVariant(LoraVariant):
         return result + delta * module.scaling[active_adapter]
 
     @staticmethod
-    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def merge_safe(
+        module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor
+    ) -> torch.Tensor:
         merged = orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
         if torch.isfinite(merged).all():  # else PEFT raises and nothing is merged: keep no snapshot
             module._snapshot_before_merge(active_adapter)
@@ -128,7 +132,9 @@ class _MoSLoRALayer:
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_mixer",)
     other_param_names = LoraLayer.other_param_names + ("mixer_options",)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs):
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs
+    ):
         if "lora_mixer" not in self._modules:  # first adapter: PEFT's __init__ knows no mixer
             self.lora_mixer = nn.ModuleDict()
             self.mixer_options: dict[str, MixerOptions] = {}

@@ -18,7 +18,9 @@ from torch import nn
 def _dense_copy(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     """An nn.Linear with `weight` (out, in) and the bias of `layer`, in `dtype`."""
     bias = getattr(layer, "bias", None)
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    dense = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype
+    )
     with torch.no_grad():
         dense.weight.copy_(weight)
         if bias is not None:
@@ -34,7 +36,9 @@ def _is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def merge_and_unload_dequantized(peft_model: PeftModel, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def merge_and_unload_dequantized(
+    peft_model: PeftModel, dtype: torch.dtype = torch.bfloat16
+) -> nn.Module:
     """Merge every active adapter into a dequantized `dtype` copy of the base weights; unwrap.
 
     Works in place on `peft_model` (like `merge_and_unload`) and returns the plain base model, with
@@ -60,7 +64,9 @@ def merge_and_unload_dequantized(peft_model: PeftModel, dtype: torch.dtype = tor
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _is_4bit(child):
-                setattr(parent, name, _dense_copy(child, dequantize_module_weight(child).float(), dtype))
+                setattr(
+                    parent, name, _dense_copy(child, dequantize_module_weight(child).float(), dtype)
+                )
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)
