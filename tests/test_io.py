@@ -60,44 +60,34 @@ def test_stock_peft_drops_the_mixer_silently_which_is_why_load_adapter_exists(tm
     assert (stock - expected).abs().max() > 1e-3  # stock PEFT: mixer silently gone
 
 
-def test_load_adapter_refuses_tensors_it_cannot_place(tmp_path):
+EXTRA_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_extra.weight"
+DROPPED_B = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda w: {**w, EXTRA_KEY: torch.zeros(2, 2)},
+            r"1 tensor\(s\) saved in .* have no place in the model.*lora_extra",
+        ),
+        (
+            lambda w: {k: v for k, v in w.items() if "lora_mixer" not in k},
+            r"declares a MoSLoRA adapter .* hold no `lora_mixer.weight` tensor",
+        ),
+        (
+            lambda w: {k: v for k, v in w.items() if k != DROPPED_B},
+            r"1 adapter tensor\(s\) of the model are missing .*down_proj.lora_B",
+        ),
+    ],
+    ids=["unconsumed-tensor", "mixer-lost", "missing-tensor"],
+)
+def test_load_adapter_refuses_adapters_that_do_not_match_the_model(tmp_path, edit, message):
     _, mos = trained_moslora()
     save_adapter(mos, tmp_path)
-    weights = load_file(tmp_path / "adapter_model.safetensors")
-    weights["base_model.model.model.layers.0.self_attn.q_proj.lora_extra.weight"] = torch.zeros(
-        2, 2
-    )
-    save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(
-        ValueError, match=r"1 tensor\(s\) saved in .* have no place in the model.*lora_extra"
-    ):
-        load_adapter(make_tiny_llama(0), tmp_path)
-
-
-def test_load_adapter_refuses_a_moslora_adapter_whose_mixer_was_lost(tmp_path):
-    _, mos = trained_moslora()
-    save_adapter(mos, tmp_path)
-    weights = {
-        k: v
-        for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
-        if "lora_mixer" not in k
-    }
-    save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(
-        ValueError, match=r"declares a MoSLoRA adapter .* hold no `lora_mixer.weight` tensor"
-    ):
-        load_adapter(make_tiny_llama(0), tmp_path)
-
-
-def test_load_adapter_refuses_missing_adapter_tensors(tmp_path):
-    _, mos = trained_moslora()
-    save_adapter(mos, tmp_path)
-    weights = load_file(tmp_path / "adapter_model.safetensors")
-    del weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
-    save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(
-        ValueError, match=r"1 adapter tensor\(s\) of the model are missing .*down_proj.lora_B"
-    ):
+    weights_file = tmp_path / "adapter_model.safetensors"
+    save_file(edit(load_file(weights_file)), weights_file)
+    with pytest.raises(ValueError, match=message):
         load_adapter(make_tiny_llama(0), tmp_path)
 
 
