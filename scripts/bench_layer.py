@@ -214,6 +214,7 @@ class Row:
     abs_peak: dict[str, float] = field(default_factory=dict)
     saved: dict[str, float] = field(default_factory=dict)
     check_err: float = 0.0
+    host: dict[str, float] = field(default_factory=dict)  # CUDA: host ms per step (launch cost)
     aa: float = 1.0  # LoRA timed against itself (even vs odd rounds): the noise floor
 
 
@@ -224,14 +225,18 @@ def time_interleaved(runs: dict, device, warmup: int, rounds: int, per_round: in
             fn()
     sync(device)
     samples: dict[str, list[list[float]]] = {k: [] for k in runs}
+    host: dict[str, list[float]] = {k: [] for k in runs}  # CUDA: host (launch) ms per step
     for _ in range(rounds):
         for name, fn in runs.items():
             if device.type == "cuda":
                 evs = [torch.cuda.Event(enable_timing=True) for _ in range(per_round + 1)]
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
                 evs[0].record()
                 for i in range(per_round):
                     fn()
                     evs[i + 1].record()
+                host[name].append((time.perf_counter() - t0) * 1e3 / per_round)
                 torch.cuda.synchronize(device)
                 samples[name].append([evs[i].elapsed_time(evs[i + 1]) for i in range(per_round)])
             else:
@@ -241,6 +246,8 @@ def time_interleaved(runs: dict, device, warmup: int, rounds: int, per_round: in
                     fn()
                     ts.append((time.perf_counter() - t0) * 1e3)
                 samples[name].append(ts)
+    if device.type == "cuda":
+        samples["_host"] = {k: statistics.median(v) for k, v in host.items()}
     return samples
 
 
@@ -302,6 +309,7 @@ def bench_config(in_f, out_f, r, tokens, device, dtype, args, plan) -> Row:
         keep.append(model)
         runs[impl] = lambda layer=layer, params=params: step(layer, params, x)
     samples = time_interleaved(runs, device, plan["warmup"], plan["rounds"], plan["per_round"])
+    row.host = samples.pop("_host", {})
     for impl, rounds in samples.items():
         row.ms[impl] = statistics.median([t for rnd in rounds for t in rnd])
     lora = samples["lora"]
@@ -337,7 +345,12 @@ def table_part1(rows: list[Row], device: torch.device) -> str:
         "saved MiB LoRA/MoS/chain",
     ]
     if device.type == "cuda":
-        head += ["step-peak MiB LoRA/MoS/chain", "abs peak MiB LoRA/MoS/chain", "abs peak MoS/LoRA"]
+        head += [
+            "host ms LoRA/MoS/chain",
+            "step-peak MiB LoRA/MoS/chain",
+            "abs peak MiB LoRA/MoS/chain",
+            "abs peak MoS/LoRA",
+        ]
     head += ["check rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w in rows:
@@ -359,6 +372,7 @@ def table_part1(rows: list[Row], device: torch.device) -> str:
         ]
         if device.type == "cuda":
             cells += [
+                "/".join(f"{w.host[i]:.3f}" for i in IMPLS),
                 "/".join(mib(w.mem[i]) for i in IMPLS),
                 "/".join(mib(w.abs_peak[i]) for i in IMPLS),
                 f"{w.abs_peak['moslora'] / w.abs_peak['lora']:.4f}",
@@ -419,6 +433,9 @@ def bench_merged(device, dtype, args, plan) -> str:
             plan["m_rounds"],
             plan["m_per_round"],
         )
+
+    t.pop("_host", None)
+    t_unmerged.pop("_host", None)
 
     def med(s, k):
         return statistics.median([x for rnd in s[k] for x in rnd])

@@ -79,18 +79,24 @@ def test_butterfly_mixer_equals_two_subspace_mixing_form():
     assert (expected - base(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize(
-    "tokens", [3, 40]
-)  # out_features = 12: 3 tokens take the chain, 40 the fold
-def test_compute_order_equals_naive_chain(tokens):
+# out_features = 12: 3 tokens take the chain, 40 the fold. "zero3" marks the weights the way
+# DeepSpeed ZeRO-3 does, which makes the fold call the modules instead of reading their weights.
+@pytest.mark.parametrize("tokens,zero3", [(3, False), (40, False), (40, True)])
+def test_compute_order_equals_naive_chain(tokens, zero3):
     base = single_linear()
     mos = get_peft_model(
         copy.deepcopy(base),
         moslora_config(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False),
     )
     layer = moslora_layers(mos)[0]
+    if zero3:
+        layer.lora_B["default"].weight.ds_id = 0
+    calls = []  # ZeRO-3 gathers a module's weights in its forward hooks: count those forwards
+    layer.lora_B["default"].register_forward_hook(lambda *_: calls.append("B"))
     x = torch.randn(tokens, 16)
     out = mos(x)
+    folded_directly = tokens > 12 and not zero3
+    assert calls == ([] if folded_directly else ["B"])
     out.square().sum().backward()
     fast = grads(mos)
     mos.zero_grad()

@@ -29,6 +29,7 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 from torch import nn
+from torch.nn import functional as F
 
 from .mixer import Mixer, initial_mixer
 from .options import MixerOptions
@@ -57,6 +58,24 @@ def moslora_delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
     delta = weight_b @ (mixer @ weight_a)  # (out, r) @ (r, in): r^2·in + out·r·in flops
     delta = transpose(delta, getattr(layer, "fan_in_fan_out", False)) * layer.scaling[adapter]
     return delta.to(dtype)
+
+
+def _zero3_partitioned(param: torch.Tensor) -> bool:
+    # DeepSpeed ZeRO-3 tags the parameters it partitions with a `ds_id`.
+    return hasattr(param, "ds_id")
+
+
+def _mixed_b(lora_b: nn.Linear, mixer: Mixer) -> torch.Tensor:
+    """B · M, shape (out, r), as one small matmul: a single extra kernel forward, two backward.
+
+    Under ZeRO-3 the weights are only gathered inside their own module's forward, so there it is
+    built by calling the modules on an identity instead: lora_b(mixer(I)) = M^T B^T = (B M)^T.
+    """
+    weight_b = lora_b.weight
+    if _zero3_partitioned(weight_b) or _zero3_partitioned(mixer.weight):
+        eye = torch.eye(weight_b.shape[1], device=weight_b.device, dtype=weight_b.dtype)
+        return lora_b(mixer(eye)).T
+    return weight_b @ mixer.weight.to(weight_b.dtype)  # (out, r) @ (r, r)
 
 
 class MoSLoRAVariant(LoraVariant):
@@ -91,14 +110,11 @@ class MoSLoRAVariant(LoraVariant):
         hidden = lora_a(module.lora_dropout[active_adapter](x))  # (..., r)
         tokens = hidden.numel() // hidden.shape[-1]
         # Two equal ways to apply M; pick the cheaper (extra flops and saved activations):
-        #   chain  B(M(h)):     tokens · r^2 flops, one more (tokens, r) activation kept for backward
-        #   fold   h (B M)^T:   out · r^2 flops, one (r, out) matrix kept for backward
-        # Folding calls lora_B and the mixer as modules (on an identity) so that DeepSpeed ZeRO-3
-        # hooks still gather their weights. A lora_B bias would be added r times there: chain.
+        #   chain  B(M(h)):    tokens · r^2 flops, one more (tokens, r) activation kept for backward
+        #   fold   h (B M)^T:  out · r^2 flops, one (out, r) matrix kept for backward
+        # A lora_B bias would be added r times by the fold's module-call form: chain then.
         if lora_b.bias is None and module.out_features < tokens:
-            eye = torch.eye(hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
-            mixed_b_t = lora_b(mixer(eye))  # (r, out) = M^T B^T = (B M)^T
-            delta = hidden @ mixed_b_t
+            delta = F.linear(hidden, _mixed_b(lora_b, mixer))
         else:
             delta = lora_b(mixer(hidden))
         return result + delta * module.scaling[active_adapter]
