@@ -18,6 +18,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .model.make_tiny import make_tiny
+
+    paths = make_tiny(args.dir, seed=args.seed, samples=args.samples)
+    for name, path in paths.items():
+        print(f"{name:>9}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-moslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="write a tiny LLaVA (LLaMA-3-shaped LLM, CLIP ViT, projector, synthetic data) to DIR",
+    )
+    tiny.add_argument("dir", help="output folder (configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--samples", type=int, default=320, help="synthetic training samples")
+    tiny.set_defaults(func=_make_tiny)
     return parser
 
 

@@ -1,0 +1,53 @@
+"""LLaVA-1.5 (LLaMA-3-8B-Instruct + CLIP ViT-L/14-336) visual instruction tuning with MoSLoRA.
+
+The paper's setting (MoSLoRA, arXiv 2406.11909, Sec. 4.2 and Table 8): both towers frozen and
+adapted with MoSLoRA, XTuner's pretrained projector trained in full, 665K LLaVA-1.5 instructions,
+one epoch.
+
+    xtuner train configs/llama3_moslora.py --deepspeed deepspeed_zero2
+"""
+
+from mmengine.config import read_base
+
+from llava_moslora.moslora import moslora_config
+
+with read_base():
+    from ._base_.default_runtime import *
+    from ._base_.llava_llama3_8b_clip_vit_l_336 import *
+    from ._base_.schedule_visual_instruction import *
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Table 8, LLM / visual encoder: rank 64 / 64, alpha 128 / 16. The mixer starts Kaiming-uniform
+# (moslora_config's default, the paper's) and is learned.
+llm_rank, llm_alpha = 64, 128
+visual_encoder_rank, visual_encoder_alpha = 64, 16
+lora_dropout = 0.05
+llm_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+# CLIP's counterparts (attention q/k/v/out, MLP fc1/fc2): all its linear layers, which is also what
+# XTuner picks when target_modules is None.
+visual_encoder_target_modules = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+#######################################################################
+#            PART 2  Model & Tokenizer & Image Processor              #
+#######################################################################
+model.update(
+    llm_lora=dict(
+        type=moslora_config,
+        r=llm_rank,
+        lora_alpha=llm_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=llm_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    ),
+    visual_encoder_lora=dict(
+        type=moslora_config,
+        r=visual_encoder_rank,
+        lora_alpha=visual_encoder_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=visual_encoder_target_modules,
+        bias="none",
+    ),
+)

@@ -1,0 +1,110 @@
+"""`llama3_moslora.py` on the tiny LLaVA that `llava-moslora make-tiny DIR` writes: CPU, offline.
+
+    llava-moslora make-tiny ./tiny
+    LLAVA_MOSLORA_TINY_DIR=./tiny xtuner train configs/tiny_moslora.py   # ./tiny is the default
+
+Same recipe, adapters, template and schedule shape; only paths, sizes, the iteration count, the
+optimizer wrapper (mmengine's AmpOptimWrapper refuses CPU) and CPU runtime settings change.
+"""
+
+from mmengine.config import read_base
+from mmengine.optim import OptimWrapper
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+
+with read_base():
+    from .llama3_moslora import *
+
+# Lazy-import configs turn `import` statements into deferred references, so what must run while
+# the config is parsed goes through __import__, which they leave alone. The CPU shims are no-ops
+# where CUDA is present; see llava_moslora/train/cpu_shims.py for what each one fixes.
+__import__("llava_moslora.train.cpu_shims", fromlist=["apply"]).apply()
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+tiny_dir = __import__("os").environ.get("LLAVA_MOSLORA_TINY_DIR", "./tiny")
+llm_name_or_path = f"{tiny_dir}/llm"
+visual_encoder_name_or_path = f"{tiny_dir}/clip"
+pretrained_pth = f"{tiny_dir}/projector/iter_0.pth"
+data_path = f"{tiny_dir}/data/tiny_llava.json"
+image_folder = f"{tiny_dir}/data/images"
+max_length = 512 - (56 // 14) ** 2  # tiny LLaMA's 512 positions, 16 image tokens
+dataloader_num_workers = 0
+
+batch_size = 4  # x 2 accumulation steps, as in the paper
+max_epochs = 2
+# The paper's 2e-5 moves a randomly initialised toy model too little to see in two epochs.
+lr = 2e-3
+
+save_steps = 40
+log_interval = 5
+evaluation_freq = 40
+evaluation_images = f"{image_folder}/000000.png"
+evaluation_inputs = ["How many shapes are there?", "What colour are the shapes?"]
+
+#######################################################################
+#            PART 2  Model & Tokenizer & Image Processor              #
+#######################################################################
+# The base's dicts are copies (lazy configs do not keep aliases), so each gets the new paths.
+tokenizer.pretrained_model_name_or_path = llm_name_or_path
+image_processor.pretrained_model_name_or_path = visual_encoder_name_or_path
+model.pretrained_pth = pretrained_pth
+model.llm.pretrained_model_name_or_path = llm_name_or_path
+model.visual_encoder.pretrained_model_name_or_path = visual_encoder_name_or_path
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+llava_dataset.update(
+    data_path=data_path,
+    image_folder=image_folder,
+    tokenizer=tokenizer,
+    image_processor=image_processor,
+    max_length=max_length,
+)
+train_dataloader.update(
+    dataset=llava_dataset,
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    pin_memory=False,
+)
+train_dataloader.sampler.per_device_batch_size = batch_size * accumulative_counts
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+# mmengine's AmpOptimWrapper refuses CPU; the plain wrapper keeps optimizer, clipping, accumulation.
+optim_wrapper.type = OptimWrapper
+optim_wrapper.pop("loss_scale")  # AmpOptimWrapper's own arguments
+optim_wrapper.pop("dtype")
+optim_wrapper.optimizer.lr = lr
+param_scheduler[0].end = warmup_ratio * max_epochs
+param_scheduler[1].update(begin=warmup_ratio * max_epochs, end=max_epochs)
+train_cfg.max_epochs = max_epochs
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = [
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    dict(
+        type=EvaluateChatHook,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        every_n_iters=evaluation_freq,
+        evaluation_inputs=evaluation_inputs,
+        evaluation_images=evaluation_images,  # a local file: the default is a URL
+        system=SYSTEM,
+        prompt_template=prompt_template,
+        max_new_tokens=16,
+    ),
+]
+default_hooks.logger.interval = log_interval
+default_hooks.checkpoint.interval = save_steps
+env_cfg.dist_cfg.backend = "gloo"  # NCCL needs GPUs
+# Used only when distributed: DDP over CPU processes takes no device ids, and the ViT's last layer,
+# above visual_select_layer=-2, gets no gradient. DDP with unused parameters cannot run XTuner's
+# reentrant activation checkpointing ("marked as ready twice"), so a 2-process run turns it off:
+#   NPROC_PER_NODE=2 xtuner train configs/tiny_moslora.py \
+#       --cfg-options model.use_activation_checkpointing=False
+model_wrapper_cfg = dict(device_ids=None, find_unused_parameters=True)

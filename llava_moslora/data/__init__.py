@@ -1,0 +1,1 @@
+"""Data helpers: the synthetic offline LLaVA instruction set (`synthetic`)."""

@@ -1,0 +1,176 @@
+"""`llava-moslora make-tiny DIR`: a complete, tiny LLaVA-1.5 training setup on disk, offline.
+
+    DIR/llm/                     LlamaForCausalLM shaped like LLaMA-3 (GQA, rope_theta 5e5) + its
+                                 byte-level BPE tokenizer with the llama3_chat special tokens
+    DIR/clip/                    CLIPVisionModel (56 x 56 images, 14 px patches: 16 image tokens)
+                                 + CLIPImageProcessor
+    DIR/projector/iter_0.pth     a "pretrained" projector, in the checkpoint format that XTuner's
+                                 LLaVAModel(pretrained_pth=...) loads (keys `projector.model.*`)
+    DIR/data/tiny_llava.json     synthetic LLaVA instructions (llava_moslora.data.synthetic)
+    DIR/data/images/*.png
+
+Every path is what `from_pretrained` / `LLaVADataset` read, so `configs/tiny_moslora.py` is the
+paper config with these paths swapped in. Weights are random (seeded): the point is that every
+code path of the real run executes, in seconds, on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llava_moslora.data import synthetic
+
+# LLaMA-3's special tokens that XTuner's PROMPT_TEMPLATE.llama3_chat writes, plus a pad token
+# (LLaMA-3.1's name for it). The pad token comes first so that it gets id 0, the id XTuner's
+# default_collate_fn pads input_ids with.
+PAD = "<|finetune_right_pad_id|>"
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+EOT = "<|eot_id|>"  # end of turn: the template's SUFFIX and STOP_WORDS; the Instruct model's eos
+SPECIAL_TOKENS = (PAD, BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT)
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
+MAX_POSITIONS = 512
+
+
+def chat_texts() -> list[str]:
+    """The synthetic corpus laid out with the llama3_chat template, as the tokenizer will see it."""
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    template = PROMPT_TEMPLATE.llama3_chat
+    texts = list(synthetic.corpus())
+    questions = [q for qs in synthetic.QUESTIONS.values() for q in qs]
+    texts += [template.INSTRUCTION.format(input=q, round=1) + template.SUFFIX for q in questions]
+    texts += [template.SYSTEM.format(system="You are a helpful assistant.")]
+    return texts
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE (like LLaMA-3's) trained on `texts`, wrapped as PreTrainedTokenizerFast.
+
+    Byte-level means any string encodes (no unknown tokens); `encode` with special tokens prepends
+    <|begin_of_text|> as LLaMA-3's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOT,
+        pad_token=PAD,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, BOS, EOT)],
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def tiny_llama3(tokenizer, seed: int = 0, hidden_size: int = 64):
+    """A 2-layer LlamaForCausalLM with LLaMA-3's proportions (4 heads over 2 KV heads, MLP 3.5x).
+
+    Initialised with std 8 / hidden_size instead of HF's 0.02, as if trained: the frozen output
+    layer reads a final-RMSNorm'd state of norm sqrt(hidden_size), so its logits are capped near
+    std * hidden_size. At 0.02 that cap is 1.3, too flat for any adapter to bring the loss much
+    below ln(vocab); at 8 / hidden_size it is 8, so the loss curve of a tiny run means something.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 7 // 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rope_theta=500000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=8 / hidden_size,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_clip(seed: int = 0, hidden_size: int = 64):
+    """A 3-layer CLIPVisionModel + its image processor.
+
+    Three layers, not two: LLaVA reads the features of the second-to-last layer
+    (visual_select_layer=-2), so the adapters of the layers below it are the ones that matter.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=hidden_size,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return CLIPVisionModel(config), processor
+
+
+def projector_state_dict(visual_hidden_size: int, llm_hidden_size: int, seed: int = 0) -> dict:
+    """XTuner's 2-layer MLP projector, keyed as LLaVAModel.state_dict() keys it."""
+    from xtuner.model.modules import ProjectorConfig, ProjectorModel
+
+    torch.manual_seed(seed)
+    projector = ProjectorModel(
+        ProjectorConfig(
+            visual_hidden_size=visual_hidden_size, llm_hidden_size=llm_hidden_size, depth=2
+        )
+    )
+    return {f"projector.{k}": v for k, v in projector.state_dict().items()}
+
+
+def make_tiny(out_dir: str | Path, *, seed: int = 0, samples: int = 320) -> dict[str, Path]:
+    """Write the tiny LLaVA setup under `out_dir` (see the module docstring); return its paths."""
+    out_dir = Path(out_dir)
+    paths = {
+        "llm": out_dir / "llm",
+        "clip": out_dir / "clip",
+        "projector": out_dir / "projector" / "iter_0.pth",
+        "data": out_dir / "data" / "tiny_llava.json",
+        "images": out_dir / "data" / "images",
+    }
+
+    tokenizer = build_tokenizer(chat_texts())
+    llm = tiny_llama3(tokenizer, seed)
+    tokenizer.save_pretrained(paths["llm"])
+    llm.save_pretrained(paths["llm"])
+
+    clip, processor = tiny_clip(seed)
+    clip.save_pretrained(paths["clip"])
+    processor.save_pretrained(paths["clip"])
+
+    paths["projector"].parent.mkdir(parents=True, exist_ok=True)
+    state = projector_state_dict(clip.config.hidden_size, llm.config.hidden_size, seed)
+    # mmengine's checkpoint layout; xtuner's guess_load_checkpoint reads its "state_dict".
+    torch.save({"meta": {"seed": seed}, "state_dict": state}, paths["projector"])
+
+    synthetic.write_dataset(paths["data"].parent, samples=samples, seed=seed)
+    return paths

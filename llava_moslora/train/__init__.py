@@ -1,0 +1,1 @@
+"""Training-side helpers for `xtuner train`: CPU shims (`cpu_shims`)."""

@@ -1,0 +1,130 @@
+"""The XTuner configs: the paper's numbers live in llama3_moslora.py, the tiny ones inherit them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"}
+VIT_TARGETS = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+def load(name: str) -> Config:
+    return Config.fromfile(str(CONFIGS / f"{name}.py"))
+
+
+def flatten(obj, prefix: str = "") -> dict[str, str]:
+    """{"model.llm_lora.r": "64", "param_scheduler[1].end": "1", ...}, leaves as strings."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, value in enumerate(obj):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: str(obj)}
+
+
+@pytest.fixture(scope="module")
+def paper() -> Config:
+    return load("llama3_moslora")
+
+
+def test_paper_config_has_table_8_numbers(paper):
+    from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+    from torch.optim import AdamW
+    from xtuner.model import LLaVAModel
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    from llava_moslora.moslora import moslora_config
+
+    model = paper.model
+    assert model.type is LLaVAModel
+    assert model.freeze_llm and model.freeze_visual_encoder  # both towers adapted, not tuned
+    assert model.llm.pretrained_model_name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert model.visual_encoder.pretrained_model_name_or_path == "openai/clip-vit-large-patch14-336"
+    assert model.pretrained_pth.endswith("iter_2181.pth")  # XTuner's pretrained projector
+
+    llm, vit = model.llm_lora, model.visual_encoder_lora
+    assert llm.type is moslora_config and vit.type is moslora_config
+    assert (llm.r, llm.lora_alpha, llm.lora_dropout) == (64, 128, 0.05)
+    assert (vit.r, vit.lora_alpha, vit.lora_dropout) == (64, 16, 0.05)
+    assert set(llm.target_modules) == LLM_TARGETS
+    assert set(vit.target_modules) == VIT_TARGETS
+
+    loader = paper.train_dataloader
+    assert loader.batch_size == 8
+    assert paper.optim_wrapper.accumulative_counts == 2
+    assert loader.sampler.per_device_batch_size == 16
+    assert paper.optim_wrapper.type is AmpOptimWrapper
+    optimizer = paper.optim_wrapper.optimizer
+    assert optimizer.type is AdamW
+    assert (optimizer.lr, optimizer.weight_decay) == (2e-5, 0)
+    assert paper.optim_wrapper.clip_grad.max_norm == 1
+    warmup, cosine = paper.param_scheduler
+    assert warmup.type is LinearLR and (warmup.begin, warmup.end) == (0, 0.03)
+    assert cosine.type is CosineAnnealingLR and (cosine.begin, cosine.end) == (0.03, 1)
+    assert cosine.eta_min == 0
+    assert paper.train_cfg.max_epochs == 1
+
+    dataset = loader.dataset
+    assert dataset.max_length == 2048 - (336 // 14) ** 2 == 1472
+    assert dataset.pad_image_to_square is True
+    assert dataset.template_map_fn.template == PROMPT_TEMPLATE.llama3_chat
+    assert dataset.data_path.endswith("llava_v1_5_mix665k.json")
+    assert dataset.image_folder.endswith("llava_images")
+    # One tokenizer and one image processor everywhere (lazy configs copy dicts, so check).
+    assert (
+        dataset.tokenizer.pretrained_model_name_or_path == model.llm.pretrained_model_name_or_path
+    )
+    for hook in paper.custom_hooks:
+        assert hook.tokenizer == dataset.tokenizer
+
+
+def test_paper_adapter_dicts_build_moslora_configs(paper):
+    from peft import LoraConfig
+    from xtuner.registry import BUILDER
+
+    from llava_moslora.moslora import mixer_options_of
+
+    for adapter in (paper.model.llm_lora, paper.model.visual_encoder_lora):
+        config = BUILDER.build(adapter)
+        assert isinstance(config, LoraConfig)
+        options = mixer_options_of(config)
+        assert options.init == "kaiming" and options.learnable and not options.init_only
+
+
+# What the tiny configs must inherit unchanged: the method and the shape of the recipe.
+RECIPE_KEYS = (
+    r"model\.(type|freeze_llm|freeze_visual_encoder|llm\.type|visual_encoder\.type)$",
+    r"model\.(llm|visual_encoder)_lora\.(?!type$)",
+    r"train_dataloader\.(collate_fn|sampler\.type|sampler\.length_property)",
+    r"train_dataloader\.dataset\.(type|dataset_map_fn|template_map_fn|pad_image_to_square)",
+    r"optim_wrapper\.(optimizer\.(type|betas|weight_decay)|clip_grad|accumulative_counts)",
+    r"param_scheduler\[\d\]\.(type|start_factor|eta_min|by_epoch|convert_to_iter_based)",
+)
+
+
+def test_tiny_config_inherits_the_recipe_and_reads_only_local_files():
+    paper, tiny = flatten(load("llama3_moslora").to_dict()), flatten(load("tiny_moslora").to_dict())
+    recipe = [key for key in paper if any(re.match(p, key) for p in RECIPE_KEYS)]
+    assert len(recipe) > 20
+    assert {key: tiny.get(key) for key in recipe} == {key: paper[key] for key in recipe}
+    assert tiny["optim_wrapper.type"] == "mmengine.optim.OptimWrapper"  # Amp refuses CPU
+
+    hub_or_url = [(k, v) for k, v in tiny.items() if re.search(r"meta-llama|openai/|://", v)]
+    assert not hub_or_url  # DESIGN invariant 6: the offline default reads local files only
+
+
+def test_tiny_lora_differs_from_tiny_moslora_only_in_the_adapter_type():
+    moslora, lora = flatten(load("tiny_moslora").to_dict()), flatten(load("tiny_lora").to_dict())
+    differing = {k for k in moslora.keys() | lora.keys() if moslora.get(k) != lora.get(k)}
+    assert differing == {"model.llm_lora.type", "model.visual_encoder_lora.type"}
+    assert lora["model.llm_lora.type"] == "peft.LoraConfig"

@@ -1,0 +1,199 @@
+"""`llava-moslora make-tiny` + `xtuner train configs/tiny_moslora.py` on CPU, and the CPU shims."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_moslora.train import cpu_shims
+
+REPO = Path(__file__).resolve().parent.parent
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from llava_moslora.cli import main
+
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["make-tiny", str(out)]) == 0
+    return out
+
+
+# --- make-tiny ------------------------------------------------------------------------------
+
+
+def test_tiny_tokenizer_has_the_llama3_chat_tokens(tiny_dir):
+    from transformers import AutoTokenizer
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "llm")
+    template = PROMPT_TEMPLATE.llama3_chat
+    chat = (
+        template.INSTRUCTION.format(input="How many shapes are there?") + "Two." + template.SUFFIX
+    )
+    ids = tokenizer.encode(chat)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert tokenizer.decode(ids[1:]) == chat  # byte-level: every string round-trips
+    for special in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        assert len(tokenizer.encode(special, add_special_tokens=False)) == 1
+    assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.pad_token_id == 0
+
+
+def test_tiny_projector_matches_what_llava_model_loads(tiny_dir):
+    from transformers import AutoConfig
+    from xtuner.model.modules import ProjectorConfig, ProjectorModel
+    from xtuner.model.utils import guess_load_checkpoint
+
+    state = guess_load_checkpoint(str(tiny_dir / "projector" / "iter_0.pth"))
+    llm, vit = (
+        AutoConfig.from_pretrained(tiny_dir / "llm"),
+        AutoConfig.from_pretrained(tiny_dir / "clip"),
+    )
+    projector = ProjectorModel(
+        ProjectorConfig(
+            visual_hidden_size=vit.hidden_size, llm_hidden_size=llm.hidden_size, depth=2
+        )
+    )
+    # LLaVAModel loads pretrained_pth with strict=False: check the keys and shapes really match.
+    expected = {f"projector.{k}": v.shape for k, v in projector.state_dict().items()}
+    assert {k: v.shape for k, v in state.items()} == expected
+
+
+def test_synthetic_data_is_deterministic_and_answers_depend_on_the_image(tmp_path):
+    from llava_moslora.data import synthetic
+
+    first = synthetic.write_dataset(tmp_path / "a", samples=40, seed=3).read_text()
+    assert first == synthetic.write_dataset(tmp_path / "b", samples=40, seed=3).read_text()
+    assert (tmp_path / "a/images/000007.png").read_bytes() == (
+        tmp_path / "b/images/000007.png"
+    ).read_bytes()
+
+    records = json.loads(first)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    answers_to = {}
+    for record in records:
+        turns = record["conversations"]
+        for question, reply in zip(turns[::2], turns[1::2], strict=True):
+            answers_to.setdefault(question["value"].removeprefix("<image>\n"), set()).add(
+                reply["value"]
+            )
+    assert all(len(replies) > 1 for replies in answers_to.values())  # the text alone can't answer
+
+
+# --- CPU shims --------------------------------------------------------------------------------
+
+
+@needs_no_cuda
+def test_shim_cpu_is_bf16_supported(monkeypatch):
+    from xtuner.utils.device import get_torch_device
+
+    monkeypatch.delattr(torch.cpu, "is_bf16_supported", raising=False)
+    with pytest.raises(AttributeError, match="is_bf16_supported"):
+        get_torch_device().is_bf16_supported()
+    cpu_shims.cpu_is_bf16_supported()
+    assert get_torch_device().is_bf16_supported() is False
+
+
+@needs_no_cuda
+def test_shim_cuda_set_device_without_cuda(monkeypatch):
+    def unpatched(device):
+        raise RuntimeError("Found no NVIDIA driver on your system.")
+
+    monkeypatch.setattr(torch.cuda, "set_device", unpatched)
+    cpu_shims.cuda_set_device_without_cuda()
+    torch.cuda.set_device(0)  # what mmengine's init_dist does under torchrun: now a no-op
+    cpu_shims.cuda_set_device_without_cuda()  # idempotent: wraps once
+    assert torch.cuda.set_device.__wrapped__ is unpatched
+
+
+@needs_no_cuda
+def test_shim_llava_dataset_map_processes(monkeypatch):
+    import xtuner.dataset.llava as llava
+
+    calls = []
+    monkeypatch.setattr(llava, "process_hf_dataset", lambda **kwargs: calls.append(kwargs))
+    cpu_shims.llava_dataset_map_processes()
+    llava.process_hf_dataset(max_length=8)
+    llava.process_hf_dataset(max_length=8, map_num_proc=5)
+    assert calls == [
+        {"max_length": 8, "map_num_proc": min(32, os.cpu_count() or 1)},
+        {"max_length": 8, "map_num_proc": 5},  # an explicit choice is kept
+    ]
+
+
+# --- xtuner train -----------------------------------------------------------------------------
+
+
+def xtuner_train(config: str, tiny_dir: Path, work_dir: Path) -> str:
+    """Run `xtuner train CONFIG` offline; return its output. (It exits 0 even when training fails.)"""
+    bin_dir = Path(sys.executable).parent
+    xtuner = shutil.which("xtuner", path=str(bin_dir)) or shutil.which("xtuner")
+    assert xtuner, "the `xtuner` command is not installed"
+    env = dict(
+        os.environ,
+        LLAVA_MOSLORA_TINY_DIR=str(tiny_dir),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        # `xtuner train` re-launches `python` from PATH: make it this environment's.
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    run = subprocess.run(
+        [
+            xtuner,
+            "train",
+            str(REPO / "configs" / config),
+            "--work-dir",
+            str(work_dir),
+            "--seed",
+            "0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_xtuner_train_tiny_moslora(tiny_dir, tmp_path):
+    work_dir = tmp_path / "work"
+    output = xtuner_train("tiny_moslora.py", tiny_dir, work_dir)
+    last = work_dir / "last_checkpoint"
+    assert last.exists() and "Traceback" not in output, output[-4000:]
+
+    (scalars,) = work_dir.glob("*/vis_data/scalars.json")
+    losses = [
+        row["loss"] for row in map(json.loads, scalars.read_text().splitlines()) if "loss" in row
+    ]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # ~6.0 -> ~1.7 measured
+
+    checkpoint = Path(last.read_text().strip())
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    mixers = {k: v for k, v in state.items() if "lora_mixer" in k}
+    llm_mixers = [k for k in mixers if k.startswith("llm.")]
+    vit_mixers = [k for k in mixers if k.startswith("visual_encoder.")]
+    assert len(llm_mixers) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert len(vit_mixers) == 3 * 6  # 3 layers x q,k,v,out_proj,fc1,fc2
+    assert any(k.startswith("projector.") for k in state)
+
+    # The mixers were learned: they moved between the last two checkpoints.
+    earlier = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))[-2]
+    before = torch.load(earlier, map_location="cpu", weights_only=False)["state_dict"]
+    moved = {k for k in mixers if not torch.equal(before[k], mixers[k])}
+    # All of the LLM's; the ViT's below its last layer, whose output LLaVA never reads
+    # (visual_select_layer=-2), so its adapters get no gradient.
+    assert moved == {
+        k for k in mixers if not k.startswith("visual_encoder.") or ".layers.2." not in k
+    }
