@@ -128,3 +128,139 @@ def test_tiny_lora_differs_from_tiny_moslora_only_in_the_adapter_type():
     differing = {k for k in moslora.keys() | lora.keys() if moslora.get(k) != lora.get(k)}
     assert differing == {"model.llm_lora.type", "model.visual_encoder_lora.type"}
     assert lora["model.llm_lora.type"] == "peft.LoraConfig"
+
+
+# Every runnable config in configs/, and what it must differ in from the config it inherits.
+VARIANTS = {
+    "llama3_lora": ("llama3_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+    "internlm2_qlora": (
+        "internlm2_qmoslora",
+        {"model.llm_lora.type", "model.visual_encoder_lora.type"},
+    ),
+    "llama3_ts_mixing": (
+        "llama3_moslora",
+        {
+            f"model.{t}_lora.{k}"
+            for t in ("llm", "visual_encoder")
+            for k in ("mixer_init", "mixer_trainable")
+        },
+    ),
+    "llama3_moslora_orthogonal": (
+        "llama3_moslora",
+        {"model.llm_lora.mixer_init", "model.visual_encoder_lora.mixer_init"},
+    ),
+    "llama3_init_only": (
+        "llama3_moslora",
+        {"model.llm_lora.init_only", "model.visual_encoder_lora.init_only"},
+    ),
+    "llama3_dora": (
+        "llama3_moslora",
+        {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
+    ),
+    "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+}
+
+
+def test_every_config_is_checked_here():
+    runnable = {p.stem for p in CONFIGS.glob("*.py")}
+    assert runnable == set(VARIANTS) | {"llama3_moslora", "internlm2_qmoslora", "tiny_moslora"}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_overrides_only_what_it_names(name):
+    parent_name, keys = VARIANTS[name]
+    parent, child = flatten(load(parent_name).to_dict()), flatten(load(name).to_dict())
+    assert {k for k in parent.keys() | child.keys() if parent.get(k) != child.get(k)} == keys
+
+
+def test_internlm2_qmoslora_has_table_8_numbers():
+    import torch
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    from llava_moslora.moslora import moslora_config
+
+    cfg = load("internlm2_qmoslora")
+    llm, vit = cfg.model.llm_lora, cfg.model.visual_encoder_lora
+    assert llm.type is moslora_config and vit.type is moslora_config
+    assert (llm.r, llm.lora_alpha, vit.r, vit.lora_alpha) == (512, 256, 64, 16)
+    assert set(llm.target_modules) == {
+        "wqkv",
+        "wo",
+        "w1",
+        "w2",
+        "w3",
+    }  # InternLM2's q,k,v,o,gate,up,down
+    quant = cfg.model.llm.quantization_config
+    assert (
+        quant.load_in_4bit
+        and quant.bnb_4bit_quant_type == "nf4"
+        and quant.bnb_4bit_use_double_quant
+    )
+    assert quant.bnb_4bit_compute_dtype == torch.float16
+    assert cfg.train_dataloader.batch_size == 16 and cfg.optim_wrapper.accumulative_counts == 1
+    assert cfg.train_dataloader.sampler.per_device_batch_size == 16
+    assert cfg.optim_wrapper.optimizer.lr == 2e-5  # the paper's Table 8, not XTuner's QLoRA 2e-4
+    assert (
+        cfg.model.pretrained_pth.endswith("iter_2181.pth")
+        and "internlm2" in cfg.model.pretrained_pth
+    )
+    dataset = cfg.train_dataloader.dataset
+    assert dataset.template_map_fn.template == PROMPT_TEMPLATE.internlm2_chat
+    assert dataset.tokenizer.pretrained_model_name_or_path == "internlm/internlm2-chat-7b"
+    for hook in cfg.custom_hooks:
+        assert hook.tokenizer == dataset.tokenizer
+        assert (
+            hook.get("prompt_template", dataset.template_map_fn.template)
+            == PROMPT_TEMPLATE.internlm2_chat
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    from llava_moslora.model.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"), samples=4)
+
+
+@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora"])
+def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
+    """The real config's model dict, with only the 8B towers swapped for local tiny ones."""
+    import torch
+    from xtuner.registry import BUILDER
+
+    from llava_moslora.moslora.layers import MoSLoRALinear
+
+    cfg = load(name)
+    model = cfg.model
+    model.llm.pretrained_model_name_or_path = str(tiny_paths["llm"])
+    model.visual_encoder.pretrained_model_name_or_path = str(tiny_paths["clip"])
+    model.pretrained_pth = str(tiny_paths["projector"])
+    quantized = "quantization_config" in model.llm
+    if quantized:
+        # The stand-in is a LLaMA, so InternLM2's module names become LLaMA's; 4-bit on CPU
+        # computes in float32 (bitsandbytes' CPU kernels).
+        model.llm_lora.target_modules = sorted(LLM_TARGETS)
+        model.llm.torch_dtype = torch.float32
+        model.llm.quantization_config.bnb_4bit_compute_dtype = torch.float32
+    llava = BUILDER.build(model)
+
+    def adapted(tower):
+        return [
+            m for m in tower.modules() if hasattr(m, "lora_mixer") and "default" in m.lora_mixer
+        ]
+
+    llm_layers, vit_layers = adapted(llava.llm), adapted(llava.visual_encoder)
+    assert len(llm_layers) == 7 * llava.llm.config.num_hidden_layers
+    assert len(vit_layers) == 6 * llava.visual_encoder.config.num_hidden_layers
+    assert {m.r["default"] for m in llm_layers} == {cfg.model.llm_lora.r}
+    assert {m.r["default"] for m in vit_layers} == {64}
+    assert all(type(m) is MoSLoRALinear for m in vit_layers)
+    if quantized:
+        from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
+
+        assert all(isinstance(m, MoSLoRALinear4bit) for m in llm_layers)
+        assert llm_layers[0].lora_mixer["default"].weight.shape == (512, 512)
+    else:
+        assert all(type(m) is MoSLoRALinear for m in llm_layers)
+    state = llava.state_dict()
+    assert sum("lora_mixer" in k for k in state) == len(llm_layers) + len(vit_layers)
