@@ -264,3 +264,10 @@ def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
         assert all(type(m) is MoSLoRALinear for m in llm_layers)
     state = llava.state_dict()
     assert sum("lora_mixer" in k for k in state) == len(llm_layers) + len(vit_layers)
+
+
+@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora", "tiny_moslora"])
+def test_runs_print_the_adapter_summary_at_start(name):
+    from llava_moslora.train.summary import AdapterSummaryHook
+
+    assert load(name).default_hooks.adapter_summary.type is AdapterSummaryHook

@@ -1,5 +1,6 @@
 """PART 5 of XTuner's recipes, less the custom hooks (they need the tokenizer): hooks, env, logs."""
 
+from llava_moslora.train.summary import AdapterSummaryHook
 from mmengine.hooks import (
     CheckpointHook,
     DistSamplerSeedHook,
@@ -34,6 +35,8 @@ default_hooks = dict(
     ),
     # set sampler seed in distributed environment.
     sampler_seed=dict(type=DistSamplerSeedHook),
+    # trainable parameters by group (LLM/ViT adapter, mixers, projector) and the mixer in use.
+    adapter_summary=dict(type=AdapterSummaryHook),
 )
 
 env_cfg = dict(

@@ -1,0 +1,82 @@
+"""What a run trains, printed before step 1: trainable parameters by group and the mixer in use.
+
+A MoSLoRA run that silently trains plain LoRA (the mixer frozen, or never created) looks like any
+other run in its loss curve; this summary makes the difference visible in the first lines of the log.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+from ..moslora import mixer_options_of
+
+GROUPS = ("llm adapter", "llm mixers", "vit adapter", "vit mixers", "projector", "other")
+
+
+def _numel(param: nn.Parameter) -> int:
+    # DeepSpeed ZeRO-3 partitions parameters: numel() is then the local shard, ds_numel the whole.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _group(name: str) -> str:
+    tower = (
+        "llm" if name.startswith("llm.") else "vit" if name.startswith("visual_encoder.") else None
+    )
+    if tower and "lora_mixer" in name:
+        return f"{tower} mixers"
+    if tower and "lora_" in name:
+        return f"{tower} adapter"
+    return "projector" if name.startswith("projector.") else "other"
+
+
+def trainable_by_group(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts of a LLaVAModel, by GROUPS (zero groups included)."""
+    counts = Counter({group: 0 for group in GROUPS})
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[_group(name)] += _numel(param)
+    return dict(counts)
+
+
+def adapter_kind(tower: nn.Module) -> str:
+    """'MoSLoRA (mixer kaiming, learned)', 'LoRA', ... for a PEFT-wrapped tower, else 'none'."""
+    configs = getattr(tower, "peft_config", None)
+    if not configs:
+        return "none"
+    config = configs[getattr(tower, "active_adapter", "default")]
+    options = mixer_options_of(config)
+    if options is None:
+        return "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+    if options.init_only:
+        return f"init-only control (mixer {options.init} folded into A, then frozen identity)"
+    state = "learned" if options.learnable else "frozen"
+    return f"MoSLoRA (mixer {options.init}, {state}), r={config.r}, alpha={config.lora_alpha}"
+
+
+def summary_lines(model: nn.Module) -> list[str]:
+    counts = trainable_by_group(model)
+    total = sum(counts.values())
+    lines = ["Trainable parameters by group:"]
+    lines += [f"  {group:<12} {counts[group]:>14,}" for group in GROUPS]
+    lines.append(f"  {'total':<12} {total:>14,}")
+    for label, attr in (("LLM", "llm"), ("ViT", "visual_encoder")):
+        tower = getattr(model, attr, None)
+        if tower is not None:
+            lines.append(f"{label} adapter: {adapter_kind(tower)}")
+    return lines
+
+
+class AdapterSummaryHook(Hook):
+    """Logs `summary_lines` once, before the first training step."""
+
+    priority = "VERY_LOW"
+
+    def before_train(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        for line in summary_lines(model):
+            print_log(line, logger="current")
