@@ -11,7 +11,15 @@ def test_trainable_parameters_by_group_match_the_adapter_shapes():
     counts = trainable_by_group(model)
     # tiny LLaMA: hidden 32, intermediate 64, 4 heads / 2 KV heads of 8 -> k,v project to 16; r=8.
     r = 8
-    llm_shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]  # q k v o gate up down
+    llm_shapes = [
+        (32, 32),
+        (32, 16),
+        (32, 16),
+        (32, 32),
+        (32, 64),
+        (32, 64),
+        (64, 32),
+    ]  # q k v o gate up down
     per_layer = sum(i * r + r * o for i, o in llm_shapes)
     assert counts["llm adapter"] == 2 * per_layer
     assert counts["llm mixers"] == 2 * 7 * r * r

@@ -1,6 +1,5 @@
 """PART 5 of XTuner's recipes, less the custom hooks (they need the tokenizer): hooks, env, logs."""
 
-from llava_moslora.train.summary import AdapterSummaryHook
 from mmengine.hooks import (
     CheckpointHook,
     DistSamplerSeedHook,
@@ -8,6 +7,8 @@ from mmengine.hooks import (
     LoggerHook,
     ParamSchedulerHook,
 )
+
+from llava_moslora.train.summary import AdapterSummaryHook
 
 #######################################################################
 #                          PART 1  Settings                           #
