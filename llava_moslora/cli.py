@@ -27,6 +27,63 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    from .data.check import DataFileError, check_data
+
+    tokenizer = template_map_fn = None
+    if (args.tokenizer is None) != (args.max_length is None):
+        print(
+            "error: `--tokenizer` and `--max-length` go together: the length check needs both",
+            file=sys.stderr,
+        )
+        return 2
+    if args.tokenizer is not None:
+        import transformers
+        from transformers import AutoTokenizer
+        from xtuner.dataset.map_fns import template_map_fn_factory
+        from xtuner.utils import PROMPT_TEMPLATE
+
+        if args.template not in PROMPT_TEMPLATE:
+            print(
+                f"error: `--template` should be one of XTuner's PROMPT_TEMPLATE names "
+                f"{sorted(PROMPT_TEMPLATE)}, got {args.template!r}",
+                file=sys.stderr,
+            )
+            return 2
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.tokenizer, trust_remote_code=args.trust_remote_code
+        )
+        template_map_fn = template_map_fn_factory(PROMPT_TEMPLATE[args.template])
+        # The check encodes untruncated on purpose; transformers' "longer than the specified
+        # maximum sequence length" warning would only confuse its report.
+        transformers.utils.logging.set_verbosity_error()
+    try:
+        report = check_data(
+            args.data,
+            args.images,
+            tokenizer=tokenizer,
+            max_length=args.max_length,
+            image_tokens=args.image_tokens,
+            template_map_fn=template_map_fn,
+            decode_images=not args.skip_image_decode,
+            workers=args.workers,
+            tokenize_workers=args.tokenize_workers,
+            progress=not args.no_progress,
+        )
+    except (DataFileError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    checks = "images " + ("decoded" if report.images_decoded else "found (not decoded)")
+    checks += ", lengths checked" if report.lengths_checked else ", lengths not checked"
+    rate = report.total / report.seconds if report.seconds else float("inf")
+    print(
+        f"checked {report.total} samples, {report.images_checked} distinct images ({checks}) "
+        f"in {report.seconds:.1f} s ({rate:.0f} samples/s)"
+    )
+    print(report.summary(first=args.first))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-moslora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +104,45 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--samples", type=int, default=320, help="synthetic training samples")
     tiny.set_defaults(func=_make_tiny)
+
+    check = sub.add_parser(
+        "check-data",
+        help="find the samples of a LLaVA-format dataset that would break or vanish in training",
+        description="Exit status 1 when any sample has an error, 0 when all pass.",
+    )
+    check.add_argument("--data", required=True, help="LLaVA JSON/JSONL (llava_v1_5_mix665k.json)")
+    check.add_argument("--images", required=True, help="folder the `image` paths are relative to")
+    check.add_argument(
+        "--tokenizer", help="tokenizer path or hub id: with --max-length, finds over-long samples"
+    )
+    check.add_argument(
+        "--max-length",
+        type=int,
+        help="the config's max_length (XTuner's, which counts <image> as one token: 2048 - 576)",
+    )
+    check.add_argument(
+        "--image-tokens",
+        type=int,
+        default=1,
+        help="positions one <image> takes in --max-length: 1 as in XTuner (default), or e.g. "
+        "576 with --max-length 2048 to count against the LLM's whole context",
+    )
+    check.add_argument(
+        "--template", default="llama3_chat", help="XTuner PROMPT_TEMPLATE name (llama3_chat)"
+    )
+    check.add_argument("--trust-remote-code", action="store_true", help="for the tokenizer")
+    check.add_argument(
+        "--skip-image-decode",
+        action="store_true",
+        help="only check that image files exist (fast); by default every image is decoded",
+    )
+    check.add_argument("--workers", type=int, help="image-check threads (default 4 per CPU, <=32)")
+    check.add_argument(
+        "--tokenize-workers", type=int, help="tokenizing processes (default: CPUs, <=16)"
+    )
+    check.add_argument("--first", type=int, default=5, help="offending ids shown per problem")
+    check.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    check.set_defaults(func=_check_data)
     return parser
 
 

@@ -6,13 +6,14 @@ LLaVA-1.5 mix. No adapters here: `llama3_moslora.py` and its relatives add them 
 
 from mmengine.config import read_base
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
-from xtuner.dataset import LLaVADataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
 from xtuner.dataset.samplers import LengthGroupedSampler
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
 from xtuner.model import LLaVAModel
 from xtuner.utils import PROMPT_TEMPLATE
+
+from llava_moslora.data.dataset import CheckedLLaVADataset
 
 with read_base():
     from .schedule_visual_instruction import *
@@ -79,8 +80,11 @@ model = dict(
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
+# XTuner's LLaVADataset behind a data check (llava_moslora/data/check.py): missing or corrupt
+# images, malformed conversations and prompts that leave no answer token within max_length stop
+# the run before step 1 ("error"), or are logged and left out ("drop").
 llava_dataset = dict(
-    type=LLaVADataset,
+    type=CheckedLLaVADataset,
     data_path=data_path,
     image_folder=image_folder,
     tokenizer=tokenizer,
@@ -89,6 +93,8 @@ llava_dataset = dict(
     template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
     max_length=max_length,
     pad_image_to_square=True,
+    on_bad_samples="error",  # or "drop": train on the good samples, logging the dropped ids
+    decode_images=True,  # False: only check that the image files exist (faster start)
 )
 
 train_dataloader = dict(

@@ -1,1 +1,2 @@
-"""Data helpers: the synthetic offline LLaVA instruction set (`synthetic`)."""
+"""Data: the synthetic offline LLaVA instruction set (`synthetic`), the pre-flight data check
+(`check`, behind `llava-moslora check-data`) and the checked XTuner dataset (`dataset`)."""
