@@ -2,6 +2,12 @@
 
     llava-moslora make-tiny ./tiny
     LLAVA_MOSLORA_TINY_DIR=./tiny xtuner train configs/tiny_moslora.py   # ./tiny is the default
+    xtuner train configs/tiny_moslora.py --deepspeed deepspeed_zero2      # or deepspeed_zero3
+
+XTuner's DeepSpeed presets run here unchanged, in float32 in one process (gloo); the CPU shims
+below say why they are needed. A checkpoint is then a DeepSpeed folder, iter_N.pth/: read it with
+`llava_moslora.train.checkpoints.load_trained_state` (float32; XTuner's guess_load_checkpoint
+gives float16).
 
 Same recipe, adapters, template and schedule shape; only paths, sizes, the iteration count, the
 optimizer wrapper (mmengine's AmpOptimWrapper refuses CPU) and CPU runtime settings change.

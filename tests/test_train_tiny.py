@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -127,6 +128,61 @@ def test_shim_llava_dataset_map_processes(monkeypatch):
         {"max_length": 8, "map_num_proc": min(32, os.cpu_count() or 1)},
         {"max_length": 8, "map_num_proc": 5},  # an explicit choice is kept
     ]
+
+
+@needs_no_cuda
+@pytest.mark.slow  # imports DeepSpeed (~30 s) and JIT-builds its CPU comm op on first use
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is not None, reason="MPI is installed")
+def test_shim_deepspeed_single_process_group(monkeypatch):
+    from deepspeed.comm import comm
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    # Start unpatched (a config parsed earlier in this session may have applied the shims).
+    unpatched = getattr(comm.mpi_discovery, "__wrapped__", comm.mpi_discovery)
+    monkeypatch.setattr(comm, "mpi_discovery", unpatched)  # restored afterwards
+    monkeypatch.setattr(comm, "cdb", None)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ModuleNotFoundError, match="mpi4py"):
+        comm.init_distributed(dist_backend="gloo")  # what `deepspeed.initialize` does unpatched
+
+    cpu_shims.deepspeed_single_process_group()
+    cpu_shims.deepspeed_single_process_group()  # idempotent: wraps once
+    assert comm.mpi_discovery.__wrapped__ is unpatched
+    try:
+        comm.init_distributed(dist_backend="gloo")
+        assert comm.is_initialized() and (comm.get_world_size(), comm.get_rank()) == (1, 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@needs_no_cuda
+@pytest.mark.slow  # imports DeepSpeed (~30 s)
+def test_shim_deepspeed_fp32_on_cpu(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+    from xtuner.configs import cfgs_name_path
+    from xtuner.engine._strategy import deepspeed as xtuner_deepspeed
+    from xtuner.tools.utils import auto_dtype_of_deepspeed_config
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU runs fp16 in DeepSpeed: nothing to fix")
+    cpu_shims.cpu_is_bf16_supported()
+    preset = json.loads(Path(cfgs_name_path["deepspeed_zero2"]).read_text())
+    config = auto_dtype_of_deepspeed_config(preset)  # what `xtuner train --deepspeed` does
+    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
+
+    strategy = xtuner_deepspeed.DeepSpeedStrategy
+    unpatched = getattr(strategy.__init__, "__wrapped__", strategy.__init__)
+    monkeypatch.setattr(strategy, "__init__", unpatched)  # restored afterwards
+    cpu_shims.deepspeed_fp32_on_cpu()
+    cpu_shims.deepspeed_fp32_on_cpu()  # idempotent: wraps once
+    assert strategy.__init__.__wrapped__ is unpatched
+    # (mmengine registers DeepSpeed's optimizers in every DeepSpeedStrategy.__init__ and refuses
+    # to do it twice: one strategy per process.)
+    fixed = strategy(config=config).config
+    assert fixed["fp16"] == {"enabled": False, "initial_scale_power": 16}
+    assert fixed["zero_optimization"] == preset["zero_optimization"]  # nothing else changed
+    assert config["fp16"]["enabled"] is True  # the caller's dict is left alone
 
 
 # --- xtuner train -----------------------------------------------------------------------------

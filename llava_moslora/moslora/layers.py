@@ -73,7 +73,8 @@ def _mixed_b(lora_b: nn.Linear, mixer: Mixer) -> torch.Tensor:
     """
     weight_b = lora_b.weight
     if _zero3_partitioned(weight_b) or _zero3_partitioned(mixer.weight):
-        eye = torch.eye(weight_b.shape[1], device=weight_b.device, dtype=weight_b.dtype)
+        # in_features, not weight_b.shape: a partitioned ZeRO-3 weight is an empty placeholder here.
+        eye = torch.eye(lora_b.in_features, device=weight_b.device, dtype=weight_b.dtype)
         return lora_b(mixer(eye)).T
     return weight_b @ mixer.weight.to(weight_b.dtype)  # (out, r) @ (r, r)
 

@@ -8,7 +8,11 @@ process `xtuner train` starts, before the runner or any model exists.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
+import logging
 import os
+import sys
 
 import torch
 
@@ -80,7 +84,104 @@ def llava_dataset_map_processes() -> None:
     llava.process_hf_dataset = process_hf_dataset
 
 
-SHIMS = (cpu_is_bf16_supported, cuda_set_device_without_cuda, llava_dataset_map_processes)
+def deepspeed_single_process_group() -> None:
+    """Give DeepSpeed a world of one process when no launcher (and no MPI) started this one.
+
+    `xtuner train --deepspeed ...` without torchrun leaves RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT unset, and DeepSpeed's `init_distributed` (called by `deepspeed.initialize` and,
+    under ZeRO-3, by `deepspeed.zero.Init` while transformers builds the model) then asks MPI:
+
+        File ".../deepspeed/comm/comm.py", line 861, in mpi_discovery
+            from mpi4py import MPI
+        ModuleNotFoundError: No module named 'mpi4py'
+
+    Without mpi4py the wrapped `mpi_discovery` creates a one-process gloo group over an
+    in-memory store instead (no port to pick, nothing that can clash with a concurrent run);
+    DeepSpeed then uses that group. Under torchrun `mpi_discovery` is never called; with mpi4py
+    installed the original runs.
+
+    Only patches an already-imported DeepSpeed: `xtuner train` imports it (mmengine.runner ->
+    mmengine._strategy) before it parses the config, and importing it just to patch it costs
+    half a minute in processes that never use it (pytest parsing the configs).
+    """
+    if torch.cuda.is_available() or "deepspeed" not in sys.modules:
+        return
+    from deepspeed.comm import comm
+
+    if getattr(comm.mpi_discovery, "_cpu_shim", False):
+        return
+    original = comm.mpi_discovery
+
+    @functools.wraps(original)
+    def mpi_discovery(*args, **kwargs) -> None:
+        if importlib.util.find_spec("mpi4py") is not None:
+            return original(*args, **kwargs)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+            )
+
+    mpi_discovery._cpu_shim = True
+    comm.mpi_discovery = mpi_discovery
+
+
+def deepspeed_fp32_on_cpu() -> None:
+    """Train in float32 where XTuner's DeepSpeed presets would ask a CPU for fp16.
+
+    XTuner's presets (`--deepspeed deepspeed_zero2`, ...) say `"fp16": {"enabled": "auto"}`, and
+    `xtuner train` resolves "auto" to `get_torch_device().is_available()`, i.e.
+    `torch.cpu.is_available()`, which is always True. DeepSpeed's CPU accelerator supports fp16
+    only with oneDNN fp16 (AVX512-FP16/AMX CPUs), so elsewhere the engine refuses to start:
+
+        File ".../deepspeed/runtime/engine.py", line 1229, in _do_sanity_check
+            raise ValueError("Type fp16 is not supported on your device.")
+
+    The choice is made in `xtuner/tools/train.py` after the config is parsed, so no config
+    setting can undo it; the wrapped XTuner `DeepSpeedStrategy` turns fp16 off (with a warning)
+    when DeepSpeed's accelerator cannot run it, and leaves every other setting alone. bf16 needs
+    no such fix: with `cpu_is_bf16_supported`, "auto" resolves to False.
+
+    Like `deepspeed_single_process_group`, only patches an already-imported DeepSpeed.
+    """
+    if torch.cuda.is_available() or "deepspeed" not in sys.modules:
+        return
+    from deepspeed.accelerator import get_accelerator
+    from mmengine.logging import print_log
+    from xtuner.engine._strategy import deepspeed as xtuner_deepspeed
+
+    strategy = xtuner_deepspeed.DeepSpeedStrategy
+    if getattr(strategy.__init__, "_cpu_shim", False):
+        return
+    original = strategy.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, config=None, **kwargs):
+        if isinstance(config, str):
+            with open(config) as f:
+                config = json.load(f)
+        fp16 = (config or {}).get("fp16") or {}
+        if fp16.get("enabled") is True and not get_accelerator().is_fp16_supported():
+            print_log(
+                f"DeepSpeed's {get_accelerator().device_name()} accelerator does not support "
+                "fp16 on this machine: training in float32 (`fp16.enabled` was True, which is "
+                'how XTuner reads "auto" on a CPU).',
+                logger="current",
+                level=logging.WARNING,
+            )
+            config = {**config, "fp16": {**fp16, "enabled": False}}
+        original(self, *args, config=config, **kwargs)
+
+    __init__._cpu_shim = True
+    strategy.__init__ = __init__
+
+
+SHIMS = (
+    cpu_is_bf16_supported,
+    cuda_set_device_without_cuda,
+    llava_dataset_map_processes,
+    deepspeed_single_process_group,
+    deepspeed_fp32_on_cpu,
+)
 
 
 def apply() -> None:
