@@ -9,10 +9,10 @@ from `llama3_moslora.py`.
 
 import torch
 from mmengine.config import read_base
-from transformers import BitsAndBytesConfig
 from xtuner.utils import PROMPT_TEMPLATE
 
 with read_base():
+    from ._base_.nf4_quantization import *
     from .llama3_moslora import *
 
 #######################################################################
@@ -40,16 +40,7 @@ model.pretrained_pth = pretrained_pth
 model.llm.update(
     pretrained_model_name_or_path=llm_name_or_path,
     torch_dtype=torch.float16,
-    quantization_config=dict(
-        type=BitsAndBytesConfig,
-        load_in_4bit=True,
-        load_in_8bit=False,
-        llm_int8_threshold=6.0,
-        llm_int8_has_fp16_weight=False,
-        bnb_4bit_compute_dtype=torch.float16,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_quant_type="nf4",
-    ),
+    quantization_config=quantization_config,  # 4-bit NF4, double quantization
 )
 model.llm_lora.update(r=llm_rank, lora_alpha=llm_alpha)
 # InternLM2 fuses q, k, v into one `wqkv` and names its MLP w1 / w2 / w3: the same seven

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Subcommands that live next to their code: each module has `register(sub)`, which adds its
+# parser(s) to the `llava-moslora` sub-parsers and sets `func` on them.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--first", type=int, default=5, help="offending ids shown per problem")
     check.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     check.set_defaults(func=_check_data)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

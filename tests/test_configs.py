@@ -158,6 +158,25 @@ VARIANTS = {
         {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
     ),
     "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+    # The 4-bit LLM: the NF4 dict of _base_/nf4_quantization.py (also kept at top level) + dtype.
+    "tiny_qmoslora": (
+        "tiny_moslora",
+        {"model.llm.torch_dtype"}
+        | {
+            f"{where}quantization_config.{k}"
+            for where in ("", "model.llm.")
+            for k in (
+                "type",
+                "load_in_4bit",
+                "load_in_8bit",
+                "llm_int8_threshold",
+                "llm_int8_has_fp16_weight",
+                "bnb_4bit_compute_dtype",
+                "bnb_4bit_use_double_quant",
+                "bnb_4bit_quant_type",
+            )
+        },
+    ),
 }
 
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from llava_moslora.train.summary import adapter_kind, summary_lines, trainable_by_group
+import pytest
+import torch
+
+from llava_moslora.train.summary import (
+    adapter_kind,
+    base_weights,
+    summary_lines,
+    trainable_by_group,
+)
+from tests.conftest import make_tiny_llama
 from tests.test_xtuner_llava import build_llava
 
 
@@ -39,4 +48,33 @@ def test_adapter_kind_and_summary_lines():
     lines = summary_lines(model)
     assert lines[0] == "Trainable parameters by group:"
     assert any(line.split() == ["llm", "mixers", "896"] for line in lines)
-    assert lines[-1].startswith("ViT adapter: MoSLoRA (mixer kaiming, learned), r=4")
+    assert lines[-2].startswith("ViT adapter: MoSLoRA (mixer kaiming, learned), r=4")
+    assert lines[-1] == "ViT base weights: float32"
+
+
+@pytest.mark.parametrize("storage", [None, torch.float16])
+def test_base_weights_reports_4bit_storage_as_built(tmp_path, storage):
+    from peft import get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from llava_moslora.moslora import moslora_config
+
+    make_tiny_llama().save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        # None: bitsandbytes' default uint8 packing; float16: what XTuner's LLaVAModel asks for
+        # under ZeRO-3, so that DeepSpeed can partition the packed weights.
+        **({} if storage is None else {"bnb_4bit_quant_storage": storage}),
+    )
+    llm = LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quant, torch_dtype=torch.float32
+    )
+    llm = get_peft_model(llm, moslora_config(r=4, target_modules=["q_proj"]))
+    expected = "uint8" if storage is None else "float16"
+    layers = 2 * 7  # 2 decoder layers x q, k, v, o, gate, up, down
+    assert base_weights(llm) == (
+        f"4-bit NF4, double quant, storage {expected}, compute float32 ({layers} layers)"
+    )

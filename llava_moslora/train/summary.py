@@ -6,6 +6,7 @@ other run in its loss curve; this summary makes the difference visible in the fi
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 from mmengine.hooks import Hook
@@ -58,6 +59,35 @@ def adapter_kind(tower: nn.Module) -> str:
     return f"MoSLoRA (mixer {options.init}, {state}), r={config.r}, alpha={config.lora_alpha}"
 
 
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def base_weights(tower: nn.Module) -> str:
+    """How the frozen base weights of a tower are stored: '4-bit NF4, double quant, ...' or a dtype.
+
+    For 4-bit bases the storage dtype is read off the packed weights themselves, so the line shows
+    what XTuner actually built: under ZeRO-3 its LLaVAModel switches `bnb_4bit_quant_storage` to a
+    half dtype so that DeepSpeed can partition the packed weights like any other parameter.
+    """
+    packed = [m.weight for m in tower.modules() if _is_4bit(m)]
+    if not packed:
+        dtypes = sorted({_dtype_name(p.dtype) for p in tower.parameters() if not p.requires_grad})
+        return ", ".join(dtypes) or "no frozen weights"
+    quant = getattr(getattr(tower, "config", None), "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant or {})
+    kind = str(quant.get("bnb_4bit_quant_type", "4-bit")).upper()
+    double = ", double quant" if quant.get("bnb_4bit_use_double_quant") else ""
+    compute = _dtype_name(quant.get("bnb_4bit_compute_dtype", "?"))
+    storage = _dtype_name(packed[0].dtype)
+    return f"4-bit {kind}{double}, storage {storage}, compute {compute} ({len(packed)} layers)"
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    linear4bit = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return linear4bit is not None and isinstance(module, linear4bit.Linear4bit)
+
+
 def summary_lines(model: nn.Module) -> list[str]:
     counts = trainable_by_group(model)
     total = sum(counts.values())
@@ -68,6 +98,7 @@ def summary_lines(model: nn.Module) -> list[str]:
         tower = getattr(model, attr, None)
         if tower is not None:
             lines.append(f"{label} adapter: {adapter_kind(tower)}")
+            lines.append(f"{label} base weights: {base_weights(tower)}")
     return lines
 
 
