@@ -8,7 +8,10 @@ import sys
 
 # Subcommands that live next to their code: each module has `register(sub)`, which adds its
 # parser(s) to the `llava-moslora` sub-parsers and sets `func` on them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "llava_moslora.export.cli",
+    "llava_moslora.eval.cli",
+)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -46,8 +46,10 @@ def trained_adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
-    small_tiny_dir, tmp_path, monkeypatch
-):  # noqa: F811
+    small_tiny_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)  # the default load path
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     xtuner_train(small_tiny_dir, reference, *RUN)

@@ -1,0 +1,179 @@
+"""`llava-moslora eval | report | radar | make-tiny-bench`: the evaluation subcommands.
+
+llava-moslora eval OUT/ --suite paper9 [--datasets MMBench_DEV_EN,MME] [--work-dir eval_runs]
+    [--judge-model gpt-4o-mini --judge-base-url URL --judge-api-key-env VAR] [--limit N]
+llava-moslora eval OUT/ --score-only            # score saved predictions (e.g. once a judge is set)
+llava-moslora eval OUT/ --suite tiny --data-root tiny_bench/   # offline, writes the TSVs if absent
+llava-moslora report eval_runs/*/ --out table   # table.md + table.csv (Table 5)
+llava-moslora radar eval_runs/*/ --out mmbench_radar.png      # Figure 5
+llava-moslora make-tiny-bench tiny_bench/       # the offline TSVs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .benchmarks import resolve_datasets
+    from .manifest import read_export_manifest
+
+    try:
+        datasets = resolve_datasets(args.suite, args.datasets)
+        if args.data_root is not None:
+            root = Path(args.data_root)
+            if args.suite != "tiny" and not root.is_dir():
+                return _error(f"`--data-root` {str(root)!r} is not a folder.")
+            root.mkdir(parents=True, exist_ok=True)
+            os.environ["LMUDATA"] = str(root.resolve())
+        manifest = read_export_manifest(args.model_dir)
+    except (ValueError, FileNotFoundError) as error:
+        return _error(str(error))
+
+    offline = args.offline or args.suite == "tiny" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if args.suite == "tiny":
+        from .offline import data_root
+        from .tiny_bench import has_tiny_bench, write_tiny_bench
+
+        if not has_tiny_bench(data_root()):
+            write_tiny_bench(data_root())
+            print(f"wrote the tiny offline benchmarks to {data_root()}")
+
+    from .model import GenerationSettings, LLaVAMoSLoRA
+    from .offline import OfflineError
+    from .runner import SUMMARY_NAME, resolve_judge, run_benchmarks
+
+    try:
+        judge = resolve_judge(args.judge_model, args.judge_base_url, args.judge_api_key_env)
+        generation = GenerationSettings(
+            max_new_tokens=args.max_new_tokens, short_max_new_tokens=args.short_max_new_tokens
+        )
+        run_name = args.run_name or Path(args.model_dir).resolve().name
+        if args.score_only and args.datasets is None:
+            from .runner import load_summary
+
+            previous = load_summary(Path(args.work_dir) / run_name)["benchmarks"]
+            datasets = [n for n, entry in previous.items() if entry["status"] == "pending"]
+            if not datasets:
+                print("nothing pending: every benchmark of this run is scored already")
+                return 0
+        summary = run_benchmarks(
+            datasets,
+            work_dir=args.work_dir,
+            run_name=run_name,
+            model_factory=lambda: LLaVAMoSLoRA(args.model_dir, generation=generation),
+            manifest=manifest,
+            generation=generation.as_dict() if not args.score_only else None,
+            judge=judge,
+            limit=args.limit,
+            score_only=args.score_only,
+            offline=offline,
+        )
+    except (ValueError, FileNotFoundError, OfflineError) as error:
+        return _error(str(error))
+
+    run_dir = Path(args.work_dir) / run_name
+    for name, entry in summary["benchmarks"].items():
+        if name not in datasets:
+            continue
+        score = entry.get("score")
+        shown = f"{score:.2f} ({entry.get('unit')})" if score is not None else entry["status"]
+        print(f"{name:>22}: {shown}" + (f"  — {entry['note']}" if entry.get("note") else ""))
+    if summary["pending"]:
+        print(f"PENDING (no judge): {', '.join(summary['pending'])}; see {run_dir / SUMMARY_NAME}")
+    print(f"results: {run_dir / SUMMARY_NAME}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_table
+
+    try:
+        md_path, csv_path = write_table(args.run_dirs, args.out)
+    except (ValueError, FileNotFoundError) as error:
+        return _error(str(error))
+    print(md_path.read_text())
+    print(f"wrote {md_path} and {csv_path}")
+    if args.radar:
+        return _radar(argparse.Namespace(run_dirs=args.run_dirs, out=args.radar))
+    return 0
+
+
+def _radar(args: argparse.Namespace) -> int:
+    from .report import draw_radar
+
+    try:
+        path = draw_radar(args.run_dirs, args.out)
+    except (ValueError, FileNotFoundError) as error:
+        return _error(str(error))
+    print(f"wrote {path}")
+    return 0
+
+
+def _make_tiny_bench(args: argparse.Namespace) -> int:
+    from .tiny_bench import write_tiny_bench
+
+    records = write_tiny_bench(args.dir, seed=args.seed, per_category=args.per_category)
+    for name, recs in records.items():
+        print(f"{name}: {len(recs)} rows -> {Path(args.dir) / (name + '.tsv')}")
+    print(f"use it with: LMUData={args.dir} (or `llava-moslora eval ... --data-root {args.dir}`)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the evaluation subcommands to `llava-moslora`'s sub-parsers."""
+    from .benchmarks import PAPER9, SUITES, TINY
+
+    ev = sub.add_parser(
+        "eval",
+        help="run VLMEvalKit benchmarks on an exported model (paper9 or the offline tiny suite)",
+        description=f"paper9: {', '.join(PAPER9)}. tiny (offline): {', '.join(TINY)}.",
+    )
+    ev.add_argument("model_dir", help="a folder written by `llava-moslora export`")
+    ev.add_argument("--suite", choices=sorted(SUITES), default="paper9")
+    ev.add_argument("--datasets", help="comma-separated subset of the suite (default: all of it)")
+    ev.add_argument("--work-dir", default="eval_runs", help="results go to WORK_DIR/RUN_NAME/")
+    ev.add_argument("--run-name", help="default: the model folder's name")
+    ev.add_argument("--data-root", help="benchmark TSV folder (sets $LMUData)")
+    ev.add_argument("--judge-model", help="OpenAI-compatible judge model (MathVista, MM-Vet)")
+    ev.add_argument("--judge-base-url", help="judge API root, e.g. http://host:8000/v1")
+    ev.add_argument(
+        "--judge-api-key-env", help="environment variable holding the judge key (OPENAI_API_KEY)"
+    )
+    ev.add_argument("--limit", type=int, help="first N questions per benchmark (smoke tests)")
+    ev.add_argument("--score-only", action="store_true", help="score saved predictions only")
+    ev.add_argument(
+        "--offline",
+        action="store_true",
+        help="any download or network use is an error (always on for --suite tiny)",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=512)
+    ev.add_argument("--short-max-new-tokens", type=int, default=32, help="MCQ, yes/no, TextVQA")
+    ev.set_defaults(func=_eval)
+
+    rep = sub.add_parser("report", help="Table 5 (Markdown + CSV) from eval runs")
+    rep.add_argument("run_dirs", nargs="+", help="WORK_DIR/RUN_NAME folders")
+    rep.add_argument("--out", default="table", help="writes OUT.md and OUT.csv")
+    rep.add_argument("--radar", help="also draw the MMBench radar to this PNG")
+    rep.set_defaults(func=_report)
+
+    rad = sub.add_parser("radar", help="MMBench ability radar (Figure 5) from eval runs")
+    rad.add_argument("run_dirs", nargs="+", help="WORK_DIR/RUN_NAME folders")
+    rad.add_argument("--out", default="mmbench_radar.png")
+    rad.set_defaults(func=_radar)
+
+    tiny = sub.add_parser(
+        "make-tiny-bench", help="write the offline tiny benchmark TSVs (a $LMUData folder)"
+    )
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--per-category", type=int, default=2)
+    tiny.set_defaults(func=_make_tiny_bench)

@@ -1,0 +1,375 @@
+"""`export`: an `xtuner train` checkpoint to the formats the ecosystem reads.
+
+    xtuner         OUT/llm_adapter/, OUT/visual_encoder_adapter/ (MoSLoRA adapters + mixer,
+                   moslora_config.json), OUT/projector/: XTuner's LLaVA layout; load the adapters
+                   with llava_moslora.moslora.load_adapter (stock PEFT would drop the mixer).
+    peft-folded    the same layout, mixer folded into B (B' = B·M): plain LoRA adapters that
+                   stock PEFT, `xtuner chat --llava` and VLMEvalKit's LLaVA_XTuner load as they are.
+    hf-llava       OUT/ = one merged transformers LlavaForConditionalGeneration + LlavaProcessor.
+    merged-xtuner  OUT/llm/ (+ tokenizer), OUT/visual_encoder/ (+ image processor), OUT/projector/,
+                   merged: for backbones transformers does not ship (InternLM2). LLaVA_XTuner and
+                   `xtuner chat --llava` read it too (they look for llm/ and visual_encoder/).
+
+Each also writes OUT/llava_moslora_export.json (manifest.py). The export is written to a hidden
+sibling folder and moved into place at the end, so OUT never holds half an export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_moslora.moslora import (
+    merge_and_unload_dequantized,
+    mixer_options_of,
+    save_adapter,
+    save_folded,
+)
+
+from .manifest import (
+    DTYPES,
+    FORMATS,
+    MANIFEST_NAME,
+    MERGED_FORMATS,
+    ExportManifest,
+    write_manifest,
+)
+from .model import build_model, checkpoint_seed, load_checkpoint, load_config
+
+logger = logging.getLogger("llava_moslora.export")
+
+ADAPTER_DIRS = {"llm": "llm_adapter", "visual_encoder": "visual_encoder_adapter"}
+MERGED_DIRS = {"llm": "llm", "visual_encoder": "visual_encoder"}
+
+
+class _Stages:
+    """Logs each long step as it starts, with the time since the export began."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        logger.info("[%6.1f s] %s", time.monotonic() - self.start, message)
+
+
+# --- what the config and the model say --------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """ConfigDicts and lists of them as plain dicts and lists, for comparison."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _dataset_cfg(cfg) -> dict:
+    loader = cfg.get("train_dataloader") or {}
+    return loader.get("dataset") or cfg.get("llava_dataset") or {}
+
+
+def prompt_template_of(cfg) -> tuple[str | None, dict | None]:
+    """(name, dict) of the config's prompt template; the name is XTuner's PROMPT_TEMPLATE key.
+
+    Lazy configs hold the template as a copied dict, not a name: it is found by value.
+    """
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    template = cfg.get("prompt_template")
+    if template is None:
+        template = (_dataset_cfg(cfg).get("template_map_fn") or {}).get("template")
+    if template is None:
+        return None, None
+    if isinstance(template, str):  # a name or "xtuner.utils.PROMPT_TEMPLATE.llama3_chat"
+        name = template.rsplit(".", 1)[-1]
+        return (name, _plain(PROMPT_TEMPLATE[name])) if name in PROMPT_TEMPLATE else (None, None)
+    template = _plain(template)
+    for name, entry in PROMPT_TEMPLATE.items():
+        if _plain(entry) == template:
+            return name, template
+    logger.warning("the config's prompt template matches no XTuner PROMPT_TEMPLATE entry")
+    return None, template
+
+
+def adapter_of(tower: nn.Module) -> tuple[str | None, dict | None]:
+    """(adapter kind, mixer options as a dict) of one tower of the built LLaVAModel."""
+    from peft import PeftModel
+
+    if not isinstance(tower, PeftModel):
+        return None, None
+    config = tower.peft_config["default"]
+    options = mixer_options_of(config)
+    if options is not None:
+        return "moslora", options.to_dict()
+    return ("dora" if getattr(config, "use_dora", False) else "lora"), None
+
+
+def _is_quantized(tower: nn.Module) -> bool:
+    from peft import PeftModel
+
+    base = tower.get_base_model() if isinstance(tower, PeftModel) else tower
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))
+
+
+def _model_path(tower_cfg) -> str | None:
+    path = tower_cfg.get("pretrained_model_name_or_path")
+    return None if path is None else str(path)
+
+
+def make_manifest(
+    cfg, model: nn.Module, fmt: str, dtype: str, checkpoint: str | Path, config_path: str
+) -> ExportManifest:
+    kinds, mixers = {}, {}
+    for tower in ("llm", "visual_encoder"):
+        kinds[tower], mixers[tower] = adapter_of(getattr(model, tower))
+    kind = kinds["llm"] if kinds["llm"] == kinds["visual_encoder"] else kinds
+    seed = (cfg.get("randomness") or {}).get("seed")
+    if seed is None:
+        seed = checkpoint_seed(checkpoint)
+    merged = fmt in MERGED_FORMATS
+    return ExportManifest(
+        format=fmt,
+        llm=None if merged else _model_path(cfg.model.llm),
+        visual_encoder=None if merged else _model_path(cfg.model.visual_encoder),
+        prompt_template=prompt_template_of(cfg)[0],
+        system=cfg.get("SYSTEM") or "",
+        visual_select_layer=int(cfg.model.get("visual_select_layer", -2)),
+        pad_image_to_square=bool(_dataset_cfg(cfg).get("pad_image_to_square", False)),
+        adapter_kind=kind,
+        mixer=mixers,
+        quantized_base=_is_quantized(model.llm) or _is_quantized(model.visual_encoder),
+        dtype=dtype,
+        config=config_path,
+        checkpoint=str(checkpoint),
+        seed=None if seed is None else int(seed),
+        trust_remote_code=bool(cfg.model.llm.get("trust_remote_code", False)),
+    )
+
+
+# --- writers ----------------------------------------------------------------------------------
+
+
+def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite an adapter file in `dtype` (saved in the training dtype, so folding B·M is fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _require_adapter_or_frozen(model: nn.Module, fmt: str) -> None:
+    from peft import PeftModel
+
+    for tower in ("llm", "visual_encoder"):
+        module = getattr(model, tower)
+        if not isinstance(module, PeftModel) and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"The {tower} was trained in full (no adapter), so `--to {fmt}` has no adapter to "
+                "write for it. Use `--to hf-llava` or `--to merged-xtuner`."
+            )
+
+
+def _write_adapters(
+    model: nn.Module, out: Path, dtype: torch.dtype, *, folded: bool, stage
+) -> None:
+    from peft import PeftModel
+
+    _require_adapter_or_frozen(model, "peft-folded" if folded else "xtuner")
+    for tower, dirname in ADAPTER_DIRS.items():
+        module = getattr(model, tower)
+        if not isinstance(module, PeftModel):  # frozen, no adapter: the base is used as is
+            continue
+        stage(f"saving the {tower} adapter{' (mixer folded into B)' if folded else ''}")
+        (save_folded if folded else save_adapter)(module, out / dirname)
+        for file in (out / dirname).glob("*.safetensors"):
+            _cast_safetensors(file, dtype)
+
+
+def _save_projector(model: nn.Module, out: Path, dtype: torch.dtype, stage) -> None:
+    stage("saving the projector")
+    model.projector.to(dtype).save_pretrained(str(out / "projector"))
+
+
+def _merge_tower(tower: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The tower with its adapter merged in, as a plain `dtype` model (4-bit bases dequantized)."""
+    from peft import PeftModel
+
+    if not isinstance(tower, PeftModel):
+        if _is_quantized(tower):
+            raise ValueError(
+                "A quantized tower without adapter cannot be exported merged: nothing to merge."
+            )
+        return tower.to(dtype)
+    if any(getattr(c, "use_dora", False) for c in tower.peft_config.values()):
+        # DoRA's merge rescales by the column norms: PEFT's own merge does it, ours does not.
+        if _is_quantized(tower):
+            raise ValueError(
+                "`--to hf-llava/merged-xtuner` of a DoRA adapter on a 4-bit base is not supported:"
+                " PEFT's DoRA merge requantizes. Export `--to xtuner` or `--to peft-folded`."
+            )
+        return tower.merge_and_unload().to(dtype)
+    # W0 + s·B·M·A summed in float32 and rounded once to `dtype`; 4-bit W0 dequantized first.
+    return merge_and_unload_dequantized(tower, dtype=dtype)
+
+
+def _write_merged_towers(model, cfg, dtype, stage) -> tuple[nn.Module, nn.Module]:
+    stage("merging the LLM adapter into the base weights")
+    llm = _merge_tower(model.llm, dtype)
+    llm.config.use_cache = True  # LLaVAModel switches it off for training
+    stage("merging the visual encoder adapter into the base weights")
+    visual_encoder = _merge_tower(model.visual_encoder, dtype)
+    return llm, visual_encoder
+
+
+def write_xtuner(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
+    _write_adapters(model, out, dtype, folded=False, stage=stage)
+    _save_projector(model, out, dtype, stage)
+
+
+def write_peft_folded(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
+    _write_adapters(model, out, dtype, folded=True, stage=stage)
+    _save_projector(model, out, dtype, stage)
+
+
+def write_merged_xtuner(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
+    from xtuner.registry import BUILDER
+
+    from .hf_llava import assert_finite
+
+    llm, visual_encoder = _write_merged_towers(model, cfg, dtype, stage)
+    assert_finite(llm)
+    assert_finite(visual_encoder)
+    stage("saving llm/ and its tokenizer")
+    llm.save_pretrained(str(out / MERGED_DIRS["llm"]))
+    BUILDER.build(cfg.tokenizer).save_pretrained(str(out / MERGED_DIRS["llm"]))
+    stage("saving visual_encoder/ and its image processor")
+    visual_encoder.save_pretrained(str(out / MERGED_DIRS["visual_encoder"]))
+    BUILDER.build(cfg.image_processor).save_pretrained(str(out / MERGED_DIRS["visual_encoder"]))
+    _save_projector(model, out, dtype, stage)
+
+
+def write_hf_llava(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
+    from xtuner.registry import BUILDER
+
+    from .hf_llava import assert_finite, build_hf_llava
+
+    llm, visual_encoder = _write_merged_towers(model, cfg, dtype, stage)
+    stage("assembling LlavaForConditionalGeneration + LlavaProcessor")
+    hf_model, processor = build_hf_llava(
+        llm,
+        visual_encoder,
+        model.projector.to(dtype),
+        BUILDER.build(cfg.tokenizer),
+        BUILDER.build(cfg.image_processor),
+        visual_select_layer=int(cfg.model.get("visual_select_layer", -2)),
+        prompt_template=prompt_template_of(cfg)[1],
+    )
+    assert_finite(hf_model)
+    stage("saving the model and processor")
+    hf_model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+
+
+WRITERS: dict[str, Callable[..., None]] = {
+    "xtuner": write_xtuner,
+    "peft-folded": write_peft_folded,
+    "hf-llava": write_hf_llava,
+    "merged-xtuner": write_merged_xtuner,
+}
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a folder unless it is an earlier export and `overwrite` is set."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"`OUT` {out} is a file; give a folder path.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"`OUT` {out} is not empty. Pass `--overwrite` to replace an earlier export there, or "
+            "choose another folder."
+        )
+    if not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"`OUT` {out} holds files but no {MANIFEST_NAME}: it is not an earlier export, so "
+            "`--overwrite` does not delete it. Remove it yourself or choose another folder."
+        )
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.is_dir():
+        shutil.rmtree(out)  # empty, or an earlier export (checked by _check_out_dir)
+    os.replace(staging, out)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def export(
+    checkpoint: str | Path,
+    config: Any,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    cfg_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ExportManifest:
+    """Export `checkpoint` (iter_N.pth file or DeepSpeed folder) trained with `config` as `fmt`.
+
+    `config` is a config path or an mmengine Config. Returns the manifest written to OUT.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(
+            f"`--to` should be one of {', '.join(FORMATS)} but the value passed is {fmt!r}."
+        )
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"`--dtype` should be one of {', '.join(DTYPES)} but the value passed is {dtype!r}."
+        )
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(
+            f"`CKPT` {checkpoint}: no iter_N.pth file or DeepSpeed checkpoint folder there."
+        )
+
+    stage = _Stages()
+    stage(
+        f"loading the base models and adapters from the config {getattr(config, 'filename', config)}"
+    )
+    cfg = load_config(config, cfg_options)
+    model = build_model(cfg)
+    stage(f"loading the checkpoint {checkpoint}")
+    load_checkpoint(model, checkpoint)
+    manifest = make_manifest(
+        cfg, model, fmt, dtype, checkpoint, str(getattr(cfg, "filename", None) or config)
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        with torch.no_grad():
+            WRITERS[fmt](model, cfg, staging, getattr(torch, dtype), stage)
+        write_manifest(staging, manifest)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stage(f"done: {fmt} export in {out}")
+    return manifest

@@ -1,0 +1,119 @@
+"""Rebuild the trained LLaVAModel: the config's model, then the checkpoint's tensors, strictly.
+
+An `xtuner train` checkpoint holds only what LLaVAModel.state_dict() keeps: every adapter tensor
+(`llm.*lora_*`, `visual_encoder.*lora_*`, mixers included) and the projector. The towers come
+from the config's base models. So the model is built from the config exactly as training built it
+(XTuner's BUILDER, both towers, the same adapter configs) and the checkpoint must then fill every
+one of those tensors with one of the same shape: a LoRA checkpoint given a MoSLoRA config would
+leave the mixers at their random init, a rank-8 checkpoint does not fit rank-16 layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_moslora.train.checkpoints import load_trained_state
+
+logger = logging.getLogger("llava_moslora.export")
+
+SHOWN_KEYS = 8  # keys listed per kind of mismatch in the error message
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model the config builds."""
+
+
+def load_config(config: Any, cfg_options: dict[str, Any] | None = None):
+    """An mmengine Config from a path (or a Config, copied), with `--cfg-options` merged in."""
+    from mmengine.config import Config
+
+    if isinstance(config, Config):
+        cfg = config.copy()
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"`--config` {config}: no such file")
+        cfg = Config.fromfile(str(path))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def build_model(cfg) -> nn.Module:
+    """XTuner's LLaVAModel built from `cfg.model` as `xtuner train` builds it, in eval mode.
+
+    Only `pretrained_pth` (the projector the run started from) is left out: the checkpoint holds
+    the trained projector, so the start point need not exist where the export runs.
+    """
+    from xtuner.registry import BUILDER
+
+    model_cfg = cfg.model.copy()
+    model_cfg.pretrained_pth = None
+    model = BUILDER.build(model_cfg)
+    return model.eval()  # no LoRA dropout
+
+
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointMismatchError unless `state` has exactly the model's trained tensors.
+
+    "Trained tensors" are LLaVAModel.state_dict()'s keys: what `xtuner train` saves.
+    """
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected.keys() & state.keys()
+        if state[key].shape != expected[key].shape
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, keys in (
+        ("missing from the checkpoint", missing),
+        ("unexpected (not in the model)", unexpected),
+        ("shape-mismatched", mismatched),
+    ):
+        if keys:
+            shown = "\n    ".join(keys[:SHOWN_KEYS])
+            more = f"\n    ... and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+            parts.append(f"  {len(keys)} key(s) {label}:\n    {shown}{more}")
+    raise CheckpointMismatchError(
+        f"The checkpoint {source} does not match the model built from the config:\n"
+        + "\n".join(parts)
+        + "\nPass the `--config` the checkpoint was trained with (same adapter type, e.g. "
+        "moslora_config vs LoraConfig, same `r` and target modules), or fix it with "
+        "`--cfg-options`."
+    )
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Load an iter_N.pth file or DeepSpeed iter_N.pth/ folder into `model`; return the state.
+
+    Strict on the trained tensors (see `check_state_fits`); the frozen base weights stay as built.
+    """
+    state = load_trained_state(checkpoint)
+    check_state_fits(model, state, str(checkpoint))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:  # check_state_fits makes this impossible; keep it loud anyway
+        raise CheckpointMismatchError(f"Unexpected keys while loading: {result.unexpected_keys}")
+    return state
+
+
+def checkpoint_seed(checkpoint: str | Path) -> int | None:
+    """The seed mmengine recorded in the checkpoint's meta (`xtuner train --seed`), if any."""
+    checkpoint = Path(checkpoint)
+    files = sorted(checkpoint.glob("*mp_rank_00_model_states.pt")) if checkpoint.is_dir() else []
+    path = files[0] if files else checkpoint
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("meta", {})
+    except Exception as error:  # noqa: BLE001 - the seed is informative only
+        logger.warning("could not read the seed from %s: %s", path, error)
+        return None
+    seed = meta.get("seed") if isinstance(meta, dict) else None
+    return int(seed) if isinstance(seed, int) else None

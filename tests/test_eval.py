@@ -1,0 +1,538 @@
+"""Evaluation: the VLMEvalKit model class on every export layout, and the offline suite run
+end to end through VLMEvalKit's own dataset classes and scoring, with the network refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import string
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from llava_moslora.eval import benchmarks
+from llava_moslora.eval.benchmarks import (
+    TINY,
+    TINY_MMBENCH_CN,
+    TINY_MMBENCH_EN,
+    TINY_MME,
+    TINY_TEXTVQA,
+    TINY_TYPE,
+    resolve_datasets,
+)
+from llava_moslora.eval.manifest import read_export_manifest
+from llava_moslora.eval.runner import resolve_judge
+from llava_moslora.eval.tiny_bench import CIRCULAR_OFFSET, image_key, write_tiny_bench
+
+QUESTION = "What colour are the shapes?"
+
+
+# ----------------------------------------------------------------------------- user-input errors
+def test_unknown_dataset_is_refused_with_the_allowed_names():
+    with pytest.raises(ValueError, match=r"`--datasets` has 'MMBench_DEV_FR'.*MMBench_DEV_EN, "):
+        resolve_datasets("paper9", "MME,MMBench_DEV_FR")
+    with pytest.raises(ValueError, match=r"`--suite` should be one of \['paper9', 'tiny'\]"):
+        resolve_datasets("paper10")
+    assert resolve_datasets("paper9", "MME, MMVet,MME") == ["MME", "MMVet"]
+    assert len(resolve_datasets("paper9")) == 11  # 9 benchmarks; MMBench as dev + test, EN + CN
+
+
+def test_judge_comes_from_flags_or_environment(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
+    assert resolve_judge() is None
+    with pytest.raises(ValueError, match=r"`--judge-api-key-env` is 'MY_KEY', but \$MY_KEY is not"):
+        resolve_judge("qwen-72b", "http://judge:8000/v1", "MY_KEY")
+    with pytest.raises(ValueError, match=r"without `--judge-model`"):
+        resolve_judge(None, "http://judge:8000/v1")
+    monkeypatch.setenv("MY_KEY", "sk-secret")
+    judge = resolve_judge("qwen-72b", "http://judge:8000/v1/", "MY_KEY")
+    assert judge.kwargs_for("MMVet") == {
+        "model": "qwen-72b",
+        "key": "sk-secret",
+        "api_base": "http://judge:8000/v1/chat/completions",
+    }
+    assert "sk-secret" not in json.dumps(judge.record())
+    assert judge.host() == "judge"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    env_judge = resolve_judge()
+    # VLMEvalKit's run.py defaults: MathVista gpt-4o-mini, MM-Vet gpt-4-turbo.
+    assert (env_judge.model_for("MathVista_MINI"), env_judge.model_for("MMVet")) == (
+        "gpt-4o-mini",
+        "gpt-4-turbo",
+    )
+
+
+def test_manifest_errors_name_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"has no llava_moslora_export.json"):
+        read_export_manifest(tmp_path)
+    fields = dict(
+        format="onnx", llm=None, visual_encoder=None, prompt_template="llama3_chat", system="",
+        visual_select_layer=-2, pad_image_to_square=True, adapter_kind="moslora", mixer={},
+        quantized_base=False, dtype="float32", config="c.py", checkpoint="x.pth", seed=0,
+        trust_remote_code=False,
+    )  # fmt: skip
+    (tmp_path / "llava_moslora_export.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"`format` should be one of .*'onnx'"):
+        read_export_manifest(tmp_path)
+
+
+def test_offline_names_are_unknown_to_vlmevalkit_and_classes_score_them():
+    """A known name would trigger VLMEvalKit's md5 check and a download."""
+    import vlmeval.dataset as vd
+    from vlmeval.dataset.utils.multiple_choice import MMB_abbrs
+
+    for name in TINY:
+        assert name not in vd.SUPPORTED_DATASETS
+        assert TINY_TYPE[name] == getattr(vd, benchmarks.TINY_CLASS[name]).TYPE
+    # Our ability table matches the abbreviations VLMEvalKit writes into *_acc.csv.
+    assert {full: abbr for full, abbr, _ in benchmarks.MMBENCH_ABILITIES} == MMB_abbrs
+
+
+# ----------------------------------------------------------------------------- export fixtures
+def _manifest(fmt: str, tiny: dict, merged: bool) -> object:
+    from llava_moslora.export.manifest import ExportManifest
+
+    return ExportManifest(
+        format=fmt,
+        llm=None if merged else str(tiny["llm"]),
+        visual_encoder=None if merged else str(tiny["clip"]),
+        prompt_template="llama3_chat",
+        system="",
+        visual_select_layer=-2,
+        pad_image_to_square=True,
+        adapter_kind="moslora",
+        mixer={"llm": {"init": "kaiming"}, "visual_encoder": {"init": "kaiming"}},
+        quantized_base=False,
+        dtype="float32",
+        config="configs/tiny_moslora.py",
+        checkpoint="tests/test_eval.py fixture",
+        seed=0,
+        trust_remote_code=False,
+    )
+
+
+# test_report.py imports these fixtures; a fixture imported into another module gets its own
+# FixtureDef, so the expensive bodies are memoised here to run once per session.
+_SESSION_CACHE: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    if "exports" not in _SESSION_CACHE:
+        _SESSION_CACHE["exports"] = _build_exports(tmp_path_factory)
+    return _SESSION_CACHE["exports"]
+
+
+def _build_exports(tmp_path_factory):
+    """The tiny LLaVA with random MoSLoRA adapters on both towers, in all four export layouts
+    (written here with PEFT/transformers/xtuner + our io helpers), plus the adapter-free base."""
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
+    from xtuner.model.modules import ProjectorConfig, ProjectorModel
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    from llava_moslora.export.hf_llava import build_hf_llava
+    from llava_moslora.export.manifest import write_manifest
+    from llava_moslora.model.make_tiny import make_tiny
+    from llava_moslora.model.tiny import CLIP_TARGETS, LLAMA_TARGETS
+    from llava_moslora.moslora import moslora_config, save_adapter, save_folded
+
+    root = tmp_path_factory.mktemp("exports")
+    tiny = make_tiny(root / "tiny", samples=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llm"])
+    processor = CLIPImageProcessor.from_pretrained(tiny["clip"])
+    projector = ProjectorModel(ProjectorConfig(visual_hidden_size=64, llm_hidden_size=64, depth=2))
+    state = torch.load(tiny["projector"], weights_only=False)["state_dict"]
+    projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
+
+    torch.manual_seed(0)
+    # init_lora_weights=False: random B, so the adapters change the outputs (equalities mean something)
+    llm = get_peft_model(
+        LlamaForCausalLM.from_pretrained(tiny["llm"]),
+        moslora_config(
+            r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), init_lora_weights=False
+        ),
+    )
+    vit = get_peft_model(
+        CLIPVisionModel.from_pretrained(tiny["clip"]),
+        moslora_config(
+            r=8, lora_alpha=16, target_modules=list(CLIP_TARGETS), init_lora_weights=False
+        ),
+    )
+    out = {}
+    for fmt, save in (("xtuner", save_adapter), ("peft-folded", save_folded)):
+        out[fmt] = root / fmt
+        save(llm, out[fmt] / "llm_adapter")
+        save(vit, out[fmt] / "visual_encoder_adapter")
+        projector.save_pretrained(out[fmt] / "projector")
+        write_manifest(out[fmt], _manifest(fmt, tiny, merged=False))
+
+    merged_llm = copy.deepcopy(llm).merge_and_unload()
+    merged_vit = copy.deepcopy(vit).merge_and_unload()
+    for name, (lm, vt) in {
+        "merged-xtuner": (merged_llm, merged_vit),
+        "base": (LlamaForCausalLM.from_pretrained(tiny["llm"]), CLIPVisionModel.from_pretrained(tiny["clip"])),
+    }.items():  # fmt: skip
+        out[name] = root / name
+        lm.save_pretrained(out[name] / "llm")
+        tokenizer.save_pretrained(out[name] / "llm")
+        vt.save_pretrained(out[name] / "visual_encoder")
+        processor.save_pretrained(out[name] / "visual_encoder")
+        projector.save_pretrained(out[name] / "projector")
+        write_manifest(out[name], _manifest("merged-xtuner", tiny, merged=True))
+
+    hf_model, hf_processor = build_hf_llava(
+        copy.deepcopy(merged_llm),
+        copy.deepcopy(merged_vit),
+        projector,
+        AutoTokenizer.from_pretrained(tiny["llm"]),
+        processor,
+        visual_select_layer=-2,
+        prompt_template=PROMPT_TEMPLATE.llama3_chat,
+    )
+    out["hf-llava"] = root / "hf-llava"
+    hf_model.save_pretrained(out["hf-llava"])
+    hf_processor.save_pretrained(out["hf-llava"])
+    write_manifest(out["hf-llava"], _manifest("hf-llava", tiny, merged=True))
+    image = root / "scene.png"
+    _scene_image().save(image)
+    out["image"] = image
+    return out
+
+
+def _scene_image():
+    import random
+
+    from llava_moslora.data import synthetic
+
+    rng = random.Random(3)
+    return synthetic.draw(synthetic.random_scene(rng), rng)
+
+
+def _last_logits(model, image) -> torch.Tensor:
+    with torch.no_grad():
+        return model.llm(**model.prepare_inputs(QUESTION, str(image))).logits[0, -1]
+
+
+def test_every_export_layout_gives_the_same_answers(tiny_exports):
+    from llava_moslora.eval.model import GenerationSettings, LLaVAMoSLoRA
+
+    settings = GenerationSettings(max_new_tokens=6, short_max_new_tokens=6)
+    models = {
+        fmt: LLaVAMoSLoRA(tiny_exports[fmt], generation=settings)
+        for fmt in ("xtuner", "peft-folded", "merged-xtuner", "hf-llava", "base")
+    }
+    # The MoSLoRA layers were registered and the saved mixers loaded, on both towers.
+    for tower in (models["xtuner"].llm, models["xtuner"].visual_encoder):
+        mixers = [m for m in tower.modules() if hasattr(m, "lora_mixer")]
+        assert mixers and all(m.lora_mixer["default"].weight.abs().sum() > 0 for m in mixers)
+
+    reference = _last_logits(models["xtuner"], tiny_exports["image"])
+    base = _last_logits(models["base"], tiny_exports["image"])
+    assert (
+        reference - base
+    ).abs().max() > 0.1  # the adapters matter: equalities below mean something
+    for fmt in ("peft-folded", "merged-xtuner", "hf-llava"):
+        # float32 throughout; folding B·M and merging W + s·B·M·A only reorder the rounding.
+        # hf-llava's vocabulary has one extra row, `<image>` (never predicted by our inputs' rows).
+        logits = _last_logits(models[fmt], tiny_exports["image"])[: reference.shape[0]]
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+    message = [
+        dict(type="image", value=str(tiny_exports["image"])),
+        dict(type="text", value=QUESTION),
+    ]
+    answers = {
+        fmt: m.generate(message, dataset="MMVet") for fmt, m in models.items() if fmt != "base"
+    }
+    assert len(set(answers.values())) == 1, answers  # greedy: one answer for all four layouts
+
+
+def test_a_moslora_export_that_lost_its_mixer_is_refused(tiny_exports, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llava_moslora.eval.model import LLaVAMoSLoRA
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_exports["xtuner"], broken)
+    weights = broken / "llm_adapter" / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if "lora_mixer" not in k}
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"declares a MoSLoRA adapter .* the mixer was lost"):
+        LLaVAMoSLoRA(broken)
+
+
+def test_generation_settings_are_checked():
+    from llava_moslora.eval.model import GenerationSettings
+
+    with pytest.raises(ValueError, match=r"`max_new_tokens` should be a positive integer, got 0"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"`temperature` is needed with `do_sample=True`"):
+        GenerationSettings(do_sample=True)
+
+
+# ----------------------------------------------------------------------------- offline suite
+class SceneOracle:
+    """A test double that answers from the known scene (via the image's pixels)."""
+
+    def __init__(self, records: dict) -> None:
+        self.answers: dict[tuple[str, str], str] = {}
+        self.records = records
+
+    def bind(self, lmu_data: Path):
+        from PIL import Image
+
+        for name, recs in self.records.items():
+            frame = pd.read_csv(lmu_data / f"{name}.tsv", sep="\t")
+            images = {str(i): img for i, img in zip(frame["index"], frame["image"], strict=True)}
+            for rec in recs:
+                b64 = images[str(rec.index)]
+                b64 = images[b64] if len(b64) <= 64 else b64
+                import base64
+                import io
+
+                key = image_key(Image.open(io.BytesIO(base64.b64decode(b64))))
+                self.answers[(key, rec.question)] = rec.answer_text
+        return self
+
+
+def _base_model_class():
+    from vlmeval.vlm.base import BaseModel
+
+    return BaseModel
+
+
+def make_oracle(records, lmu_data):
+    from PIL import Image
+
+    class Oracle(_base_model_class()):
+        """Answers every question right, from the scene drawn in the image."""
+
+        def __init__(self):
+            super().__init__()
+            self.table = SceneOracle(records).bind(lmu_data).answers
+
+        def generate_inner(self, message, dataset=None):
+            prompt, image = self.message_to_promptimg(message, dataset)
+            key = image_key(Image.open(image))
+            answer = next(a for (k, q), a in self.table.items() if k == key and q in prompt)
+            if TINY_TYPE[dataset] == "MCQ":  # the letter whose option text is the answer
+                return next(
+                    letter
+                    for letter in string.ascii_uppercase[:4]
+                    if re.search(rf"^{letter}\. {re.escape(answer)}$", prompt, re.M)
+                )
+            return answer
+
+    return Oracle()
+
+
+def make_constant():
+    class Constant(_base_model_class()):
+        """Always "A" / "Yes" / "red": chance-level by construction."""
+
+        def generate_inner(self, message, dataset=None):
+            return {"MCQ": "A", "Y/N": "Yes", "VQA": "red"}[TINY_TYPE[dataset]]
+
+    return Constant()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_exports):
+    if "runs" not in _SESSION_CACHE:
+        _SESSION_CACHE["runs"] = _run_offline_suite(tmp_path_factory, tiny_exports)
+    return _SESSION_CACHE["runs"]
+
+
+def _run_offline_suite(tmp_path_factory, tiny_exports):
+    """The offline suite in a temporary $LMUData, run for an oracle, a constant answerer and the
+    tiny LLaVA (xtuner export), offline: any download or TCP connection raises."""
+    from llava_moslora.eval.model import GenerationSettings, LLaVAMoSLoRA
+    from llava_moslora.eval.runner import run_benchmarks
+
+    lmu = tmp_path_factory.mktemp("LMUData")
+    records = write_tiny_bench(lmu, per_category=1)  # 6 questions per MMBench language
+    work = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMUData", str(lmu))
+    mp.delenv("OPENAI_API_KEY", raising=False)
+    settings = GenerationSettings(max_new_tokens=8, short_max_new_tokens=8)
+    manifest = read_export_manifest(tiny_exports["xtuner"])
+    try:
+        models = {
+            "oracle": make_oracle(records, lmu),
+            "constant": make_constant(),
+            "tiny_llava": LLaVAMoSLoRA(tiny_exports["xtuner"], generation=settings),
+        }
+        summaries = {
+            name: run_benchmarks(
+                list(TINY),
+                work_dir=work,
+                run_name=name,
+                model=model,
+                manifest=manifest,
+                generation=settings.as_dict(),
+                offline=True,
+                log=lambda _: None,
+            )
+            for name, model in models.items()
+        }
+    finally:
+        mp.undo()
+    return {"work": work, "lmu": lmu, "records": records, "summaries": summaries}
+
+
+def _scores(summary):
+    return {name: entry["score"] for name, entry in summary["benchmarks"].items()}
+
+
+@pytest.mark.slow
+def test_oracle_scores_full_marks_through_vlmevalkit(tiny_runs):
+    scores = _scores(tiny_runs["summaries"]["oracle"])
+    assert scores[TINY_MMBENCH_EN] == scores[TINY_MMBENCH_CN] == 100.0
+    assert scores[TINY_TEXTVQA] == 100.0
+    # MME: per category acc (100) + acc+ (100), 4 perception categories, no cognition ones.
+    assert scores[TINY_MME] == 800.0
+    entry = tiny_runs["summaries"]["oracle"]["benchmarks"][TINY_MMBENCH_EN]
+    assert entry["abilities"] == {a: 100.0 for a in ("CP", "FP-S", "FP-C", "AR", "RR", "LR")}
+    assert entry["judge"] == "exact_matching" and entry["questions"] == 18  # rotations included
+
+
+@pytest.mark.slow
+def test_constant_answerer_gets_chance_level_and_circular_scoring_applies(tiny_runs):
+    scores = _scores(tiny_runs["summaries"]["constant"])
+    # Circular: always "A" is right for at most one rotation of each question, so 0
+    # (plain accuracy would be ~1/3 on the first rotations).
+    assert scores[TINY_MMBENCH_EN] == scores[TINY_MMBENCH_CN] == 0.0
+    # MME pairs: "Yes" is right on one question of each pair: acc 50, acc+ 0 per category.
+    details = tiny_runs["summaries"]["constant"]["benchmarks"][TINY_MME]
+    assert details["categories"] == {c: 50.0 for c in ("color", "count", "existence", "position")}
+    assert scores[TINY_MME] == 200.0
+    reds = [r.answer_text == "red" for r in tiny_runs["records"][TINY_TEXTVQA]]
+    assert scores[TINY_TEXTVQA] == pytest.approx(100 * sum(reds) / len(reds))
+
+
+def _recount(run_dir: Path, run: str, name: str) -> float:
+    """Score a prediction file independently of VLMEvalKit's aggregation."""
+    from vlmeval.utils import can_infer
+
+    frame = pd.read_excel(run_dir / f"{run}_{name}.xlsx")
+    preds = [str(p) for p in frame["prediction"]]
+    if TINY_TYPE[name] == "MCQ":
+        groups = defaultdict(list)
+        for row, pred in zip(frame.to_dict("records"), preds, strict=True):
+            choices = {c: row[c] for c in "ABCD" if c in row and not pd.isna(row[c])}
+            groups[int(row["index"]) % CIRCULAR_OFFSET].append(
+                can_infer(pred, choices) == row["answer"]
+            )
+        return 100 * sum(all(g) for g in groups.values()) / len(groups)
+    if TINY_TYPE[name] == "Y/N":
+        words = [re.sub(r"[^\w\s]", " ", p.lower()).split() for p in preds]
+        said = [
+            "Yes" if "yes" in w and "no" not in w else "No" if "no" in w and "yes" not in w else "?"
+            for w in words
+        ]
+        by_image = defaultdict(list)
+        for row, s in zip(frame.to_dict("records"), said, strict=True):
+            by_image[(row["category"], row["image_path"])].append(s == row["answer"])
+        total = 0.0
+        for category in {c for c, _ in by_image}:
+            pairs = [v for (c, _), v in by_image.items() if c == category]
+            total += 100 * sum(sum(p) for p in pairs) / sum(len(p) for p in pairs)
+            total += 100 * sum(all(p) for p in pairs) / len(pairs)
+        return total
+    answers = [eval(a)[0] for a in frame["answer"]]
+    norm = [p.strip().lower().rstrip(".") for p in preds]
+    return 100 * sum(p == a for p, a in zip(norm, answers, strict=True)) / len(answers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["tiny_llava", "constant", "oracle"])
+def test_scores_equal_an_independent_recount_of_the_prediction_files(tiny_runs, run):
+    run_dir = tiny_runs["work"] / run
+    summary = tiny_runs["summaries"][run]
+    assert summary["manifest"]["adapter_kind"] == "moslora"
+    assert summary["generation"]["do_sample"] is False and summary["pending"] == []
+    for name in TINY:
+        entry = summary["benchmarks"][name]
+        assert entry["status"] == "scored"
+        assert entry["score"] == pytest.approx(_recount(run_dir, run, name)), name
+        assert f"{run}_{name}.xlsx" in entry["files"]
+    # Every question was asked and answered (junk is fine from an untrained toy).
+    frame = pd.read_excel(run_dir / f"{run}_{TINY_MMBENCH_EN}.xlsx")
+    assert frame["prediction"].notna().all()
+    # One row per rotation: colour 4 options, shape 3, count 4, warmth 2, rows 3, parity 2.
+    assert len(frame) == summary["benchmarks"][TINY_MMBENCH_EN]["questions"] == 18
+
+
+@pytest.mark.slow
+def test_pending_without_judge_then_score_only_from_saved_predictions(
+    tiny_runs, tmp_path, monkeypatch
+):
+    """Treat the VQA stand-in as judge-graded: inference runs, the score is "pending", and
+    --score-only later scores the saved predictions without any model."""
+    from llava_moslora.eval import runner
+
+    monkeypatch.setenv("LMUData", str(tiny_runs["lmu"]))
+    monkeypatch.setattr(runner, "NEEDS_JUDGE", frozenset({TINY_TEXTVQA}))
+    first = runner.run_benchmarks(
+        [TINY_TEXTVQA], work_dir=tmp_path, run_name="c", model=make_constant(), offline=True,
+        log=lambda _: None,
+    )  # fmt: skip
+    assert first["pending"] == [TINY_TEXTVQA] and first["benchmarks"][TINY_TEXTVQA]["score"] is None
+    saved = json.loads((tmp_path / "c" / runner.SUMMARY_NAME).read_text())
+    assert (
+        saved["pending"] == [TINY_TEXTVQA] and "judge" in saved["benchmarks"][TINY_TEXTVQA]["note"]
+    )
+
+    monkeypatch.setattr(runner, "NEEDS_JUDGE", frozenset())  # "the judge is now configured"
+    later = runner.run_benchmarks(
+        [TINY_TEXTVQA],
+        work_dir=tmp_path,
+        run_name="c",
+        score_only=True,
+        offline=True,
+        log=lambda _: None,
+    )  # fmt: skip: no model given: inference would raise
+    assert later["pending"] == []
+    assert (
+        later["benchmarks"][TINY_TEXTVQA]["score"]
+        == _scores(tiny_runs["summaries"]["constant"])[TINY_TEXTVQA]
+    )
+
+    with pytest.raises(FileNotFoundError, match=r"`--score-only`: no predictions for"):
+        runner.run_benchmarks(
+            [TINY_MME], work_dir=tmp_path, run_name="c", score_only=True, offline=True
+        )
+
+
+@pytest.mark.slow
+def test_offline_refusals_are_immediate_and_explain_themselves(tmp_path, monkeypatch):
+    from llava_moslora.eval.offline import OfflineError, no_network
+    from llava_moslora.eval.runner import run_benchmarks
+
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    with pytest.raises(OfflineError, match=r"`--datasets` MMVet: .*MMVet.tsv does not exist"):
+        run_benchmarks(
+            ["MMVet"], work_dir=tmp_path, run_name="r", model=make_constant(), offline=True
+        )
+    (tmp_path / "MME.tsv").write_text("index\tquestion\n1\tq\n")
+    with pytest.raises(OfflineError, match=r"MME.tsv has md5 \w+, VLMEvalKit expects b36b43c3"):
+        run_benchmarks(
+            ["MME"], work_dir=tmp_path, run_name="r", model=make_constant(), offline=True
+        )
+    from vlmeval.dataset import image_base
+
+    with no_network(), pytest.raises(OfflineError, match=r"tried to download https://x/MME.tsv"):
+        image_base.download_file("https://x/MME.tsv", "MME.tsv")
+    import urllib.request
+
+    with no_network(), pytest.raises(OfflineError, match=r"network connection to 192.0.2.1"):
+        urllib.request.urlopen("http://192.0.2.1/", timeout=30)  # TEST-NET-1: would hang, not fail

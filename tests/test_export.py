@@ -1,0 +1,584 @@
+"""`llava-moslora export`: every format reproduces the trained LLaVAModel, checked in numbers.
+
+The checkpoint is made the way mmengine saves one (`{"state_dict": LLaVAModel.state_dict()}`)
+from the tiny LLaVA, with lora_B, the mixers and the projector randomised: at init B = 0 makes the
+adapter a no-op, and an export that lost the adapter would then still "match". Each test first
+relies on `trained` asserting that the adapted model differs from the base one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_moslora.export import FORMATS, MANIFEST_NAME, ExportManifest, export, read_manifest
+from llava_moslora.export.model import CheckpointMismatchError, build_model, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MOSLORA = str(REPO / "configs" / "tiny_moslora.py")
+TINY_LORA = str(REPO / "configs" / "tiny_lora.py")
+IMAGE_TOKEN_INDEX = -200  # xtuner.utils.IMAGE_TOKEN_INDEX: where LLaVAModel splices the image
+QUESTION = "How many shapes are there?"
+# float32 throughout, same base weights: the reloaded adapters compute the same products, so
+# only summation order can differ (fused vs chained B·M, merged W0 + ΔW vs W0 x + ΔW x).
+FP32_ATOL = 1e-4
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from llava_moslora.model.make_tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny(out, samples=40)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tiny_dir):
+    """configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR when they are parsed."""
+    old = os.environ.get("LLAVA_MOSLORA_TINY_DIR")
+    os.environ["LLAVA_MOSLORA_TINY_DIR"] = str(tiny_dir)
+    yield tiny_dir
+    if old is None:
+        os.environ.pop("LLAVA_MOSLORA_TINY_DIR", None)
+    else:
+        os.environ["LLAVA_MOSLORA_TINY_DIR"] = old
+
+
+def randomise_trained_tensors(model, seed: int = 1) -> None:
+    """What training would have moved: B (zero at init), the mixers, the projector."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_mixer" in name or name.startswith("projector."):
+                noise = torch.randn(param.shape, generator=generator) * 0.1
+                param.add_(noise.to(param.dtype))
+
+
+def save_mmengine_checkpoint(model, path: Path, seed: int | None = 7) -> Path:
+    torch.save({"state_dict": model.state_dict(), "meta": {"seed": seed}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_env):
+    """One image question as XTuner lays it out: ids with one IMAGE_TOKEN_INDEX, pixel values."""
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_env / "llm")
+    prompt = PROMPT_TEMPLATE.llama3_chat.INSTRUCTION.format(input="<image>\n" + QUESTION, round=1)
+    before, after = prompt.split("<image>")
+    # xtuner chat / EvaluateChatHook: BOS + first chunk, the image index, the rest without BOS.
+    ids = tokenizer.encode(before) + [IMAGE_TOKEN_INDEX]
+    ids += tokenizer.encode(after, add_special_tokens=False)
+    image = Image.open(tiny_env / "data" / "images" / "000000.png").convert("RGB")
+    processor = CLIPImageProcessor.from_pretrained(tiny_env / "clip")
+    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": pixel_values,
+        "prompt": prompt,
+        "image": image,
+    }
+
+
+def llava_model_logits(model, inputs) -> torch.Tensor:
+    """The training model's own forward (LLaVAModel, mode="tensor"); it mutates `data`."""
+    data = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"].clone()}
+    with torch.no_grad():
+        return model(data, mode="tensor").logits.float()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_env, tmp_path_factory, inputs):
+    """(model, iter_1.pth, logits): the tiny MoSLoRA LLaVA, perturbed, saved like mmengine."""
+    model = build_model(load_config(TINY_MOSLORA))
+    before = llava_model_logits(model, inputs)
+    randomise_trained_tensors(model)
+    logits = llava_model_logits(model, inputs)
+    with model.llm.disable_adapter(), model.visual_encoder.disable_adapter():
+        no_adapters = llava_model_logits(model, inputs)
+    # The adapters and the projector change the output: equalities below mean something.
+    assert (logits - before).abs().max() > 0.5
+    assert (logits - no_adapters).abs().max() > 0.5
+    path = save_mmengine_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "iter_1.pth")
+    return model, path, logits
+
+
+def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2):
+    """LLaVAModel's forward on separately loaded parts, via XTuner's own splicing function."""
+    from xtuner.model.utils import prepare_inputs_labels_for_multimodal
+
+    with torch.no_grad():
+        hidden = visual_encoder(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        features = projector(hidden[select_layer][:, 1:])
+        data = prepare_inputs_labels_for_multimodal(
+            llm=llm, input_ids=inputs["input_ids"], pixel_values=features
+        )
+        return llm(**data).logits.float()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    diff = (a.float() - b.float()).abs().max().item()
+    print(f"max abs diff {diff:.3g}")  # shown with `pytest -s`: the measured values quoted here
+    return diff
+
+
+# --- xtuner ----------------------------------------------------------------------------------
+
+
+def test_xtuner_format_reloads_with_load_adapter_to_the_same_logits(trained, inputs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model.modules import ProjectorModel
+
+    from llava_moslora.moslora import load_adapter
+
+    model, checkpoint, expected = trained
+    out = tmp_path / "xtuner"
+    export(checkpoint, TINY_MOSLORA, "xtuner", out, dtype="float32")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["llm_adapter", "visual_encoder_adapter", "projector", MANIFEST_NAME]
+    )
+    for adapter in ("llm_adapter", "visual_encoder_adapter"):
+        assert (out / adapter / "moslora_config.json").is_file()
+        saved = load_file(out / adapter / "adapter_model.safetensors")
+        assert sum("lora_mixer" in k for k in saved) == (14 if adapter == "llm_adapter" else 18)
+
+    manifest = read_manifest(out)
+    llm = load_adapter(AutoModelForCausalLM.from_pretrained(manifest.llm), out / "llm_adapter")
+    vit = load_adapter(
+        CLIPVisionModel.from_pretrained(manifest.visual_encoder), out / "visual_encoder_adapter"
+    )
+    projector = ProjectorModel.from_pretrained(out / "projector")
+    got = xtuner_style_logits(llm, vit, projector, inputs)
+    assert max_diff(got, expected) < FP32_ATOL  # measured 0 (same kernels, same order)
+
+
+def test_default_dtype_writes_bfloat16_adapters_and_projector(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    _, checkpoint, _ = trained
+    out = tmp_path / "bf16"
+    manifest = export(checkpoint, TINY_MOSLORA, "xtuner", out)
+    assert manifest.dtype == "bfloat16"
+    for file in ("llm_adapter/adapter_model.safetensors", "projector/model.safetensors"):
+        assert {t.dtype for t in load_file(out / file).values()} == {torch.bfloat16}
+
+
+# --- peft-folded and merged-xtuner, read by stock libraries only -----------------------------
+
+# Runs in a fresh interpreter: stock transformers + PEFT, the folder layout probed the way
+# VLMEvalKit's LLaVA_XTuner and `xtuner chat --llava` probe it (llm/ and visual_encoder/ if
+# present, else the manifest's base models plus llm_adapter/ and visual_encoder_adapter/), the
+# projector through AutoModel with trust_remote_code (its code is saved next to it), and the
+# image features spliced where the image index sits. It must never import llava_moslora.
+STOCK_READER = r"""
+import json, os, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel
+
+inputs = torch.load(sys.argv[1])
+results = {}
+for export_dir in sys.argv[3:]:
+    manifest = json.load(open(os.path.join(export_dir, "llava_moslora_export.json")))
+    entries = os.listdir(export_dir)
+    llm_path = os.path.join(export_dir, "llm") if "llm" in entries else manifest["llm"]
+    vit_path = (
+        os.path.join(export_dir, "visual_encoder")
+        if "visual_encoder" in entries else manifest["visual_encoder"]
+    )
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, torch_dtype=torch.float32)
+    vit = CLIPVisionModel.from_pretrained(vit_path, torch_dtype=torch.float32)
+    if "llm_adapter" in entries:
+        llm = PeftModel.from_pretrained(llm, os.path.join(export_dir, "llm_adapter"))
+    if "visual_encoder_adapter" in entries:
+        vit = PeftModel.from_pretrained(vit, os.path.join(export_dir, "visual_encoder_adapter"))
+    projector = AutoModel.from_pretrained(
+        os.path.join(export_dir, "projector"), trust_remote_code=True, torch_dtype=torch.float32
+    )
+    for m in (llm, vit, projector):
+        m.eval()
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        hidden = vit(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        features = projector(hidden[manifest["visual_select_layer"]][:, 1:])  # (1, 16, hidden)
+        at = int((ids[0] == -200).nonzero()[0])
+        embed = llm.get_input_embeddings()
+        embeds = torch.cat([embed(ids[:, :at]), features, embed(ids[:, at + 1:])], dim=1)
+        results[export_dir] = llm(inputs_embeds=embeds).logits
+assert not any(name.startswith("llava_moslora") for name in sys.modules), "imported our package"
+torch.save(results, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def stock_reads(trained, inputs, tmp_path_factory):
+    """{format: logits} for peft-folded and merged-xtuner exports, computed by STOCK_READER."""
+    _, checkpoint, _ = trained
+    work = tmp_path_factory.mktemp("stock")
+    dirs = {}
+    for fmt in ("peft-folded", "merged-xtuner"):
+        dirs[fmt] = work / fmt
+        export(checkpoint, TINY_MOSLORA, fmt, dirs[fmt], dtype="float32")
+    torch.save({k: inputs[k] for k in ("input_ids", "pixel_values")}, work / "inputs.pt")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(work / "hf_home"),  # the projector's remote code is cached here
+        PYTHONPATH="",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", STOCK_READER, str(work / "inputs.pt"), str(work / "logits.pt")]
+        + [str(d) for d in dirs.values()],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    logits = torch.load(work / "logits.pt")
+    return {fmt: logits[str(d)] for fmt, d in dirs.items()}, dirs
+
+
+def test_peft_folded_in_stock_peft_reproduces_the_model(trained, stock_reads):
+    from safetensors.torch import load_file
+
+    _, _, expected = trained
+    logits, dirs = stock_reads
+    for adapter in ("llm_adapter", "visual_encoder_adapter"):
+        saved = load_file(dirs["peft-folded"] / adapter / "adapter_model.safetensors")
+        assert not any("mixer" in k for k in saved)  # plain LoRA: nothing for PEFT to drop
+        assert not (dirs["peft-folded"] / adapter / "moslora_config.json").exists()
+    # B' = B·M folded in float32: (B M) A x vs B (M (A x)), summation order only. Measured 5.9e-6.
+    assert max_diff(logits["peft-folded"], expected) < FP32_ATOL
+
+
+def test_merged_xtuner_in_stock_transformers_reproduces_the_model(trained, stock_reads):
+    _, _, expected = trained
+    logits, dirs = stock_reads
+    assert sorted(p.name for p in dirs["merged-xtuner"].iterdir()) == sorted(
+        ["llm", "visual_encoder", "projector", MANIFEST_NAME]
+    )
+    assert (dirs["merged-xtuner"] / "llm" / "tokenizer.json").is_file()
+    assert (dirs["merged-xtuner"] / "visual_encoder" / "preprocessor_config.json").is_file()
+    # (W0 + ΔW) x vs W0 x + ΔW x in float32. Measured 5.8e-6.
+    assert max_diff(logits["merged-xtuner"], expected) < FP32_ATOL
+
+
+# --- hf-llava --------------------------------------------------------------------------------
+
+
+def hf_inputs_and_logits(out: Path, inputs, dtype=torch.float32):
+    """Load an hf-llava export with stock transformers; run the XTuner prompt through it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(out, torch_dtype=dtype).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    batch = processor(images=inputs["image"], text=inputs["prompt"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()})
+    return model, processor, batch, logits.logits.float()
+
+
+def aligned(xtuner_ids: torch.Tensor, image_token_id: int, patches: int) -> torch.Tensor:
+    """XTuner's ids with its one IMAGE_TOKEN_INDEX expanded to `patches` HF image tokens."""
+    ids = []
+    for token in xtuner_ids[0].tolist():
+        ids += [image_token_id] * patches if token == IMAGE_TOKEN_INDEX else [token]
+    return torch.tensor([ids])
+
+
+def test_hf_llava_gives_the_training_models_logits(trained, inputs, tmp_path):
+    _, checkpoint, expected = trained
+    out = tmp_path / "hf"
+    export(checkpoint, TINY_MOSLORA, "hf-llava", out, dtype="float32")
+    model, processor, batch, logits = hf_inputs_and_logits(out, inputs)
+
+    config = model.config
+    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.projector_hidden_act == "gelu" and config.image_seq_length == 16
+    assert processor.tokenizer.convert_ids_to_tokens(config.image_token_index) == "<image>"
+    # Alignment: the processor expands <image> into 16 tokens exactly where XTuner splices its 16
+    # features in place of the one -200 id, and preprocesses the (square) image identically.
+    assert torch.equal(
+        batch["input_ids"], aligned(inputs["input_ids"], config.image_token_index, 16)
+    )
+    assert torch.equal(batch["pixel_values"], inputs["pixel_values"])
+    # The embedding sequences are then the same, so every position is comparable; the vocabulary
+    # grew by the <image> token, a column the training model does not have.
+    vocab = expected.shape[-1]
+    assert logits.shape[:2] == expected.shape[:2] and logits.shape[-1] == vocab + 1
+    is_text = batch["input_ids"][0] != config.image_token_index
+    assert is_text.sum() == inputs["input_ids"].shape[1] - 1
+    # float32, same weights: merged (W0 + ΔW) x vs W0 x + ΔW x, summation order only.
+    # Measured 5.1e-6 on the text positions, 5.8e-6 over all.
+    assert max_diff(logits[0, is_text, :vocab], expected[0, is_text]) < FP32_ATOL
+    assert max_diff(logits[..., :vocab], expected) < FP32_ATOL
+
+    # The saved chat template lays a message out as XTuner's llama3_chat prompt does.
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    ]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == inputs["prompt"]
+    assert read_manifest(out).llm is None and read_manifest(out).visual_encoder is None
+
+
+def test_hf_llava_refuses_a_backbone_llava_cannot_hold():
+    from torch import nn
+
+    from llava_moslora.export.hf_llava import build_hf_llava
+
+    with pytest.raises(ValueError, match="needs a LLaMA-family LLM.*Linear.*--to merged-xtuner"):
+        build_hf_llava(
+            nn.Linear(2, 2), None, None, None, None, visual_select_layer=-2, prompt_template=None
+        )
+
+
+# --- QMoSLoRA ---------------------------------------------------------------------------------
+
+
+def test_qmoslora_exports_to_hf_llava_merged_into_a_dequantized_base(tiny_env, inputs, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    cfg = load_config(TINY_MOSLORA)
+    # configs/internlm2_qmoslora.py's quantization on the tiny LLaMA, float32 compute on CPU.
+    cfg.model.llm.update(
+        torch_dtype=torch.float32,
+        quantization_config=dict(
+            type=BitsAndBytesConfig,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    model = build_model(cfg)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.llm.modules())
+    randomise_trained_tensors(model)
+    expected = llava_model_logits(model, inputs)
+    checkpoint = save_mmengine_checkpoint(model, tmp_path / "iter_1.pth")
+
+    manifest = export(checkpoint, cfg, "hf-llava", tmp_path / "fp32", dtype="float32")
+    assert manifest.quantized_base and manifest.config == cfg.filename
+    _, _, batch, logits = hf_inputs_and_logits(tmp_path / "fp32", inputs)
+    vocab = expected.shape[-1]
+    # CPU bnb 4-bit dequantizes W0 to float32 and multiplies: the dequantized copy + ΔW is the
+    # same weight, up to float32 rounding of W0 + ΔW. Measured 8.9e-6.
+    assert max_diff(logits[..., :vocab], expected) < FP32_ATOL
+
+    export(checkpoint, cfg, "hf-llava", tmp_path / "bf16")  # the default dtype
+    _, _, _, logits_bf16 = hf_inputs_and_logits(tmp_path / "bf16", inputs, torch.bfloat16)
+    # bfloat16 keeps 8 mantissa bits: relative rounding 2^-9 per weight and activation, through
+    # 2 LLM + 3 CLIP layers: allow 5 % of the largest logit. Measured 0.10 (9e-6 in float32).
+    scale = expected.abs().max().item()
+    assert max_diff(logits_bf16[..., :vocab], expected) < 0.05 * scale
+
+
+# --- checkpoints that do not fit the config ---------------------------------------------------
+
+
+def test_lora_checkpoint_with_a_moslora_config_names_the_missing_mixers(tiny_env, tmp_path):
+    lora_model = build_model(load_config(TINY_LORA))
+    checkpoint = save_mmengine_checkpoint(lora_model, tmp_path / "iter_1.pth")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"32 key\(s\) missing from the checkpoint:\n.*lora_mixer"
+    ):
+        export(checkpoint, TINY_MOSLORA, "xtuner", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_mismatch_names_the_shape_mismatched_keys(trained, tmp_path):
+    _, checkpoint, _ = trained
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"(?s)42 key\(s\) shape-mismatched:\n.*up_proj\.lora_A\.default\.weight: "
+        r"checkpoint \(64, 64\) vs model \(16, 64\)",
+    ):
+        export(
+            checkpoint,
+            TINY_MOSLORA,
+            "xtuner",
+            tmp_path / "out",
+            cfg_options={"model.llm_lora.r": 16},
+        )
+
+
+# --- the command line, the output folder, the manifest ---------------------------------------
+
+
+def test_cli_refuses_a_non_empty_folder_unless_overwrite(trained, tmp_path, capsys):
+    from llava_moslora.cli import main
+
+    _, checkpoint, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["export", str(checkpoint), "--config", TINY_MOSLORA, "--to", "xtuner", str(out)]
+    assert main(args) == 1
+    assert "`OUT`" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match=r"is not empty\. Pass `--overwrite`"):
+        export(checkpoint, TINY_MOSLORA, "xtuner", out)
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export(checkpoint, TINY_MOSLORA, "xtuner", out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # nothing of the user's was touched
+
+    fresh = tmp_path / "fresh"
+    assert main([*args[:-1], str(fresh), "--dtype", "float32"]) == 0
+    assert read_manifest(fresh).format == "xtuner"
+    assert main([*args[:-2], "peft-folded", str(fresh), "--overwrite"]) == 0  # replaces it
+    assert read_manifest(fresh).format == "peft-folded" and read_manifest(fresh).dtype == "bfloat16"
+    assert not (fresh / "llm_adapter" / "moslora_config.json").exists()  # no stale files
+
+
+def test_bad_format_and_dtype_name_the_allowed_values(trained, tmp_path):
+    _, checkpoint, _ = trained
+    with pytest.raises(ValueError, match=r"`--to` should be one of xtuner, .* 'onnx'"):
+        export(checkpoint, TINY_MOSLORA, "onnx", tmp_path / "a")
+    with pytest.raises(ValueError, match=r"`--dtype` should be one of bfloat16, .* 'fp8'"):
+        export(checkpoint, TINY_MOSLORA, "xtuner", tmp_path / "a", dtype="fp8")
+    with pytest.raises(FileNotFoundError, match="`CKPT`"):
+        export(tmp_path / "iter_9.pth", TINY_MOSLORA, "xtuner", tmp_path / "a")
+
+
+def test_manifest_contents(trained, tmp_path, tiny_env):
+    _, checkpoint, _ = trained
+    out = tmp_path / "out"
+    export(checkpoint, TINY_MOSLORA, "peft-folded", out)
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    mixer = {"init": "kaiming", "trainable": None, "init_only": False}
+    assert data == {
+        "format": "peft-folded",
+        "llm": f"{tiny_env}/llm",
+        "visual_encoder": f"{tiny_env}/clip",
+        "prompt_template": "llama3_chat",
+        "system": "",
+        "visual_select_layer": -2,
+        "pad_image_to_square": True,
+        "adapter_kind": "moslora",
+        "mixer": {"llm": mixer, "visual_encoder": mixer},
+        "quantized_base": False,
+        "dtype": "bfloat16",
+        "config": TINY_MOSLORA,
+        "checkpoint": str(checkpoint),
+        "seed": 7,  # the config's randomness.seed is None: the checkpoint's meta (mmengine's)
+        "trust_remote_code": True,  # as XTuner's LLaVA recipes set it for the LLM
+    }
+    manifest = read_manifest(out)
+    assert isinstance(manifest, ExportManifest) and manifest.adapter_kind_of("llm") == "moslora"
+    assert not manifest.merged and set(FORMATS) >= {manifest.format}
+
+
+def test_read_manifest_rejects_an_unknown_format_and_missing_fields(tmp_path):
+    good = {
+        "format": "xtuner",
+        "llm": "a",
+        "visual_encoder": "b",
+        "prompt_template": "llama3_chat",
+        "system": "",
+        "visual_select_layer": -2,
+        "pad_image_to_square": True,
+        "adapter_kind": {"llm": "moslora", "visual_encoder": "lora"},
+        "mixer": {"llm": None, "visual_encoder": None},
+        "quantized_base": False,
+        "dtype": "bfloat16",
+        "config": "c.py",
+        "checkpoint": "iter_1.pth",
+        "seed": None,
+        "trust_remote_code": False,
+        "added_by_a_newer_exporter": 1,
+    }
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(good))
+    assert read_manifest(tmp_path).adapter_kind_of("visual_encoder") == "lora"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**good, "format": "onnx"}))
+    with pytest.raises(ValueError, match=r"`format` should be one of xtuner, .* 'onnx'"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(
+        json.dumps({k: v for k, v in good.items() if k != "seed"})
+    )
+    with pytest.raises(ValueError, match="lacks the field.*`seed`"):
+        read_manifest(tmp_path)
+
+
+# --- a real DeepSpeed checkpoint folder -------------------------------------------------------
+
+
+def xtuner_train_deepspeed(tiny_dir: Path, work_dir: Path) -> Path:
+    """Two iterations of `xtuner train configs/tiny_moslora.py --deepspeed deepspeed_zero2`.
+
+    XTuner's tools/train.py is run directly: `xtuner train` would only re-launch it in a second
+    Python process, paying the ~30 s of torch/DeepSpeed/XTuner imports twice.
+    """
+    import importlib.util
+
+    from tests.test_scale import xtuner_env
+
+    train_py = importlib.util.find_spec("xtuner.tools.train").origin
+    options = [
+        "train_cfg.max_epochs=None",
+        "train_cfg.max_iters=2",
+        "param_scheduler.0.end=0.2",  # 2 of the 10 iterations of an epoch of 40 samples / batch 4
+        "param_scheduler.1.begin=0.2",
+        "model.use_activation_checkpointing=False",  # no recomputation: faster on CPU
+        "custom_hooks.1.max_new_tokens=1",  # the chat hook's sample generations
+    ]
+    run = subprocess.run(
+        [sys.executable, train_py, TINY_MOSLORA, "--work-dir", str(work_dir), "--seed", "0"]
+        + ["--deepspeed", "deepspeed_zero2", "--cfg-options", *options],
+        cwd=REPO,
+        env=xtuner_env(tiny_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = run.stdout + run.stderr
+    # (`xtuner train` can exit 0 after a failure: check the checkpoint and the log.)
+    assert (work_dir / "last_checkpoint").exists() and "Traceback" not in output, output[-4000:]
+    from llava_moslora.train.checkpoints import last_checkpoint
+
+    return last_checkpoint(work_dir)
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_folder_exports(tiny_env, inputs, tmp_path):
+    """A real ZeRO-2 iter_N.pth/ folder exports, and reloads to the model it was read into."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model.modules import ProjectorModel
+
+    from llava_moslora.export.model import load_checkpoint
+    from llava_moslora.moslora import load_adapter
+
+    checkpoint = xtuner_train_deepspeed(tiny_env, tmp_path / "work")
+    assert checkpoint.is_dir() and checkpoint.name == "iter_2.pth"
+
+    model = build_model(load_config(TINY_MOSLORA))
+    state = load_checkpoint(model, checkpoint)
+    assert all(t.dtype == torch.float32 for t in state.values())  # DeepSpeed's fp32 master copy
+    assert max(state[k].abs().max() for k in state if "lora_B" in k) > 0  # it trained: B left 0
+    expected = llava_model_logits(model, inputs)
+    out = tmp_path / "out"
+    manifest = export(checkpoint, TINY_MOSLORA, "xtuner", out, dtype="float32")
+    assert manifest.seed == 0  # `--seed 0`, from the DeepSpeed folder's client state
+
+    llm = load_adapter(AutoModelForCausalLM.from_pretrained(manifest.llm), out / "llm_adapter")
+    vit = load_adapter(
+        CLIPVisionModel.from_pretrained(manifest.visual_encoder), out / "visual_encoder_adapter"
+    )
+    projector = ProjectorModel.from_pretrained(out / "projector")
+    assert max_diff(xtuner_style_logits(llm, vit, projector, inputs), expected) < FP32_ATOL

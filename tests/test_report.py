@@ -1,0 +1,156 @@
+"""Table 5 and Figure 5: layout, MME scaling, missing scores, radar normalisation and the PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_moslora.eval.benchmarks import TINY_MMBENCH_CN, TINY_MMBENCH_EN, TINY_MME
+from llava_moslora.eval.report import (
+    MISSING,
+    draw_radar,
+    mmbench_abilities,
+    normalise,
+    table_rows,
+    write_table,
+)
+from llava_moslora.eval.runner import SUMMARY_NAME
+from tests.test_eval import tiny_exports, tiny_runs  # noqa: F401  (session fixtures)
+
+HEADER = [
+    "Run", "Config", "Adapter", "Seed", "Judge",
+    "MMBench EN", "MMBench CN", "SEED", "AI2D", "SciQA", "TextVQA", "MathVista", "MM-Vet", "MME",
+    "Avg", "Avg over",
+]  # fmt: skip
+# The paper's Table 5, LLaMA-3 + ViT with LoRA: MME 58.4 is 1635.2 / 28; its Avg is 56.8.
+PAPER_LORA = {
+    "MMBench_DEV_EN": 72.0, "MMBench_DEV_CN": 67.8, "SEEDBench_IMG": 68.8, "AI2D_TEST": 61.4,
+    "ScienceQA_TEST": 74.8, "TextVQA_VAL": 47.1, "MathVista_MINI": 27.7, "MMVet": 33.1,
+    "MME": 58.4 * 28,
+}  # fmt: skip
+ABILITIES = ("CP", "FP-S", "FP-C", "AR", "RR", "LR")
+
+
+def _fake_run(root: Path, name: str, scores: dict, pending=(), acc: dict | None = None) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    benchmarks = {n: {"status": "scored", "score": s} for n, s in scores.items()}
+    benchmarks.update({n: {"status": "pending", "score": None} for n in pending})
+    for bench, values in (acc or {}).items():
+        # The *_acc.csv VLMEvalKit's report_acc writes: split, Overall, the six abilities, ...
+        path = run / f"{name}_{bench}_exact_matching_acc.csv"
+        path.write_text(
+            "split,Overall,"
+            + ",".join(ABILITIES)
+            + "\n"
+            + "dev,0.5,"
+            + ",".join(map(str, values))
+            + "\n"
+        )
+        benchmarks[bench] = {"status": "scored", "score": 50.0, "files": [path.name]}
+    manifest = {"config": "configs/llama3_lora.py", "adapter_kind": "lora", "seed": 7}
+    summary = {
+        "run": name,
+        "manifest": manifest,
+        "judge": None,
+        "pending": list(pending),
+        "benchmarks": benchmarks,
+    }
+    (run / SUMMARY_NAME).write_text(json.dumps(summary))
+    return run
+
+
+def test_table5_layout_mme_scaling_and_missing_scores(tmp_path):
+    full = _fake_run(tmp_path, "lora", PAPER_LORA)
+    partial = {k: v for k, v in PAPER_LORA.items() if k not in ("MathVista_MINI", "MMVet")}
+    part = _fake_run(tmp_path, "no_judge", partial, pending=("MathVista_MINI",))
+    md_path, csv_path = write_table([full, part], tmp_path / "out" / "table")
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0]) == HEADER and len(rows) == 2
+    assert rows[0]["MME"] == "58.4" and rows[0]["Avg"] == "56.8" and rows[0]["Avg over"] == "9/9"
+    assert (rows[0]["Config"], rows[0]["Adapter"], rows[0]["Seed"]) == ("llama3_lora", "lora", "7")
+    # Missing and pending are "–", never 0; the average of 7 columns is marked, not passed off.
+    assert rows[1]["MathVista"] == rows[1]["MM-Vet"] == MISSING
+    expected = sum(v / (28 if k == "MME" else 1) for k, v in partial.items()) / 7
+    assert rows[1]["Avg"] == f"{expected:.1f}*" and rows[1]["Avg over"] == "7/9"
+    assert "pending: MathVista_MINI" in rows[1]["Judge"]
+    md = md_path.read_text()
+    assert md.splitlines()[0].startswith("| Run | Config | Adapter | Seed | Judge | MMBench EN |")
+    assert "| – | – |" in md and "average over the benchmarks present only" in md
+
+
+def test_radar_normalises_each_ability_by_the_best_run(tmp_path):
+    assert normalise({"CP": [0.5, 0.25], "LR": [0.0, 0.0]}) == {"CP": [1.0, 0.5], "LR": [0.0, 0.0]}
+    runs = [
+        _fake_run(tmp_path, "lora", {}, acc={"MMBench_DEV_EN": [0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "MMBench_DEV_CN": [0.7] * 6}),
+        _fake_run(tmp_path, "moslora", {}, acc={"MMBench_DEV_EN": [0.9, 0.7, 0.5, 0.6, 0.5, 0.4]}),
+    ]  # fmt: skip
+    assert mmbench_abilities(runs[1]) == {
+        "EN": dict(zip(ABILITIES, [0.9, 0.7, 0.5, 0.6, 0.5, 0.4], strict=True))
+    }
+    png = draw_radar(runs, tmp_path / "radar.png")
+    assert Image.open(png).size == (1200, 600)  # 12 x 6 inches at 100 dpi: EN and CN side by side
+
+
+def test_report_errors_name_the_run_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`RUN_DIR` .* has no llava_moslora_results.json"):
+        table_rows([tmp_path])
+    run = _fake_run(tmp_path, "r", {"MME": 1500.0})
+    with pytest.raises(ValueError, match=r"hold no scored MMBench run"):
+        draw_radar([run], tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):  # noqa: F811
+    from llava_moslora.cli import main
+
+    runs = [tiny_runs["work"] / name for name in ("oracle", "constant", "tiny_llava")]
+    out = tmp_path / "tiny_table"
+    assert (
+        main(["report", *map(str, runs), "--out", str(out), "--radar", str(tmp_path / "r.png")])
+        == 0
+    )
+    rows = {row["Run"]: row for row in csv.DictReader(out.with_suffix(".csv").open())}
+    assert list(rows) == ["oracle", "constant", "tiny_llava"]
+    oracle, constant = rows["oracle"], rows["constant"]
+    assert (oracle["MMBench EN"], oracle["MMBench CN"], oracle["TextVQA"]) == (
+        "100.0",
+        "100.0",
+        "100.0",
+    )
+    assert oracle["MME"] == f"{800 / 28:.1f}" and constant["MME"] == f"{200 / 28:.1f}"
+    assert constant["MMBench EN"] == "0.0"  # a real zero is shown as one
+    for column in ("SEED", "AI2D", "SciQA", "MathVista", "MM-Vet"):
+        assert oracle[column] == MISSING  # not in the tiny suite
+    assert oracle["Avg over"] == "4/9" and oracle["Avg"].endswith("*")
+    assert (
+        oracle["Adapter"] == "moslora"
+        and oracle["Seed"] == "0"
+        and oracle["Judge"].startswith("none")
+    )
+    assert "wrote" in capsys.readouterr().out
+
+    assert Image.open(tmp_path / "r.png").size == (1200, 600)
+    abilities = mmbench_abilities(runs[0])
+    assert set(abilities) == {"EN", "CN"} and abilities["EN"] == dict.fromkeys(ABILITIES, 1.0)
+    summary = tiny_runs["summaries"]["tiny_llava"]["benchmarks"]
+    # The radar reads VLMEvalKit's own acc files, which agree with the summary's abilities.
+    tiny = mmbench_abilities(runs[2])
+    for bench, lang in ((TINY_MMBENCH_EN, "EN"), (TINY_MMBENCH_CN, "CN")):
+        assert {a: 100 * v for a, v in tiny[lang].items()} == pytest.approx(
+            summary[bench]["abilities"]
+        )
+    assert summary[TINY_MME]["status"] == "scored"
+
+
+def test_cli_rejects_an_unknown_dataset(tmp_path, capsys):
+    from llava_moslora.cli import main
+
+    assert main(["eval", str(tmp_path), "--datasets", "MMBench_DEV_FR"]) == 2
+    err = capsys.readouterr().err
+    assert "`--datasets` has 'MMBench_DEV_FR'" in err and "MMBench_DEV_EN" in err
