@@ -10,7 +10,9 @@ import sys
 # parser(s) to the `llava-moslora` sub-parsers and sets `func` on them.
 COMMAND_MODULES: tuple[str, ...] = (
     "llava_moslora.export.cli",
+    "llava_moslora.train.cli",
     "llava_moslora.eval.cli",
+    "llava_moslora.ablate.cli",
 )
 
 

@@ -158,6 +158,10 @@ VARIANTS = {
         {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
     ),
     "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+    "tiny_compositional_lora": (
+        "tiny_compositional_moslora",
+        {"model.llm_lora.type", "model.visual_encoder_lora.type"},
+    ),
     # The 4-bit LLM: the NF4 dict of _base_/nf4_quantization.py (also kept at top level) + dtype.
     "tiny_qmoslora": (
         "tiny_moslora",
@@ -182,7 +186,10 @@ VARIANTS = {
 
 def test_every_config_is_checked_here():
     runnable = {p.stem for p in CONFIGS.glob("*.py")}
-    assert runnable == set(VARIANTS) | {"llama3_moslora", "internlm2_qmoslora", "tiny_moslora"}
+    # tiny_compositional_moslora changes the data, ranks and schedule of tiny_moslora; it is run
+    # end to end by tests/test_compositional.py and tests/test_ablate.py.
+    roots = {"llama3_moslora", "internlm2_qmoslora", "tiny_moslora", "tiny_compositional_moslora"}
+    assert runnable == set(VARIANTS) | roots
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -79,14 +79,207 @@ def test_synthetic_data_is_deterministic_and_answers_depend_on_the_image(tmp_pat
 
     records = json.loads(first)
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
-    answers_to = {}
-    for record in records:
-        turns = record["conversations"]
+    assert all("<image>" not in t["value"] for r in records for t in r["conversations"][1:])
+
+
+def _rounds(samples: int = 1500, seed: int = 0):
+    """(scene, prompt, reply) for every round of `samples` conversations, without drawing."""
+    import random
+
+    from llava_moslora.data import synthetic
+
+    rng = random.Random(seed)
+    for _ in range(samples):
+        scene = synthetic.random_scene(rng)
+        turns = synthetic.conversation(scene, rng)
         for question, reply in zip(turns[::2], turns[1::2], strict=True):
-            answers_to.setdefault(question["value"].removeprefix("<image>\n"), set()).add(
-                reply["value"]
-            )
-    assert all(len(replies) > 1 for replies in answers_to.values())  # the text alone can't answer
+            yield scene, question["value"].removeprefix("<image>\n"), reply["value"]
+
+
+def test_synthetic_answers_depend_on_the_image():
+    replies_to = {}
+    for _, prompt, reply in _rounds():
+        replies_to.setdefault(prompt, []).append(reply)
+    asked_often = {p: r for p, r in replies_to.items() if len(r) >= 5}
+    assert len(asked_often) > 100
+    assert all(len(set(r)) > 1 for r in asked_often.values())  # the text alone can't answer
+
+
+def _mcq_parts(prompt: str):
+    """(language, kind, {letter: option text}) of a multiple-choice prompt, else None."""
+    from llava_moslora.data import synthetic
+
+    lines = prompt.split("\n")
+    for lang, instruction in synthetic.MCQ_INSTRUCTION.items():
+        if lines[-1] == instruction:
+            (kind,) = [k for k, q in synthetic.MCQ_QUESTIONS.items() if q[lang] == lines[0]]
+            options = dict(line.split(". ", 1) for line in lines[1:-1])
+            return lang, kind, options
+    return None
+
+
+def test_synthetic_mcq_letter_points_at_the_right_option():
+    from llava_moslora.data import synthetic
+
+    seen, letters = set(), {}
+    for scene, prompt, reply in _rounds():
+        parts = _mcq_parts(prompt)
+        if parts is None:
+            continue
+        lang, kind, options = parts
+        assert list(options) == list(synthetic.LETTERS[: len(options)]), prompt
+        assert len(options) == min(len(synthetic.OPTION_TEXTS[lang][kind]), 4)
+        right = synthetic.OPTION_TEXTS[lang][kind][synthetic.mcq_truth(scene, kind)]
+        assert options[reply] == right, (scene, prompt, reply)
+        assert sum(text == right for text in options.values()) == 1
+        seen.add((lang, kind))
+        letters.setdefault(len(options), []).append(reply)
+    # Every kind in both languages; with n options the right letter is each of the first n about
+    # equally often (no positional shortcut).
+    assert seen == {(lang, kind) for lang in ("en", "cn") for kind in synthetic.MCQ_QUESTIONS}
+    assert sorted(letters) == [2, 3, 4]
+    for n, replies in letters.items():
+        shares = [replies.count(x) / len(replies) for x in "ABCD"[:n]]
+        assert all(abs(share - 1 / n) < 0.08 for share in shares), (n, shares)
+
+
+def _holds(scene, kind: str, value: str) -> bool:
+    """Whether a yes/no question of `kind` about `value` is true of `scene`."""
+    from llava_moslora.data import synthetic
+
+    if kind == "color":
+        return value == scene.colour
+    if kind == "count":
+        return value == synthetic.COUNT_WORDS[scene.count - 1]
+    if kind == "existence":
+        return value == scene.shape
+    return synthetic.CELLS.index(value) in scene.cells  # position
+
+
+def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
+    import re
+
+    from llava_moslora.data import synthetic
+
+    yes_no_tail = synthetic.YES_NO_SUFFIX + "\n" + synthetic.SHORT_ANSWER_INSTRUCTION
+    patterns = {
+        kind: re.compile(re.escape(ask).replace(r"\{\}", "(.+)") + "\n")
+        for kind, ask in synthetic.YES_NO_QUESTIONS.items()
+    }
+    yes_no, kinds = [], set()
+    for scene, prompt, reply in _rounds():
+        if prompt.endswith(yes_no_tail):
+            ((kind, value),) = [
+                (k, m.group(1)) for k, p in patterns.items() if (m := p.match(prompt))
+            ]
+            truth = _holds(scene, kind, value)
+            assert reply == ("Yes" if truth else "No"), (scene, prompt, reply)
+            yes_no.append(reply)
+            kinds.add(kind)
+        elif prompt.endswith("\n" + synthetic.SHORT_ANSWER_INSTRUCTION):
+            question = prompt.split("\n")[0]
+            (kind,) = [k for k, qs in synthetic.QUESTIONS.items() if question in qs]
+            expected = {
+                "colour": scene.colour,
+                "shape": scene.shape,
+                "count": synthetic.COUNT_WORDS[scene.count - 1],
+            }[kind]
+            assert reply == expected, (scene, prompt, reply)
+    assert kinds == set(synthetic.YES_NO_QUESTIONS)
+    assert 0.45 < yes_no.count("Yes") / len(yes_no) < 0.55  # "always Yes" gets half
+
+
+def test_benchmark_images_are_not_training_images(tiny_dir, tmp_path):
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from llava_moslora.eval.tiny_bench import image_key, write_tiny_bench
+
+    write_tiny_bench(tmp_path)
+    bench = {
+        image_key(Image.open(io.BytesIO(base64.b64decode(b64))))
+        for tsv in tmp_path.glob("*.tsv")
+        for b64 in pd.read_csv(tsv, sep="\t")["image"]
+        if len(str(b64)) > 64  # the others name the row holding the image
+    }
+    train = {image_key(Image.open(p)) for p in (tiny_dir / "data" / "images").glob("*.png")}
+    assert len(bench) > 20 and len(train) == 320
+    assert not bench & train
+
+
+def _bench_prompts(lmu_data: Path) -> list[str]:
+    """The text of every tiny benchmark question, laid out as the eval model lays it out."""
+    import pandas as pd
+
+    from llava_moslora.data import synthetic
+    from llava_moslora.eval.benchmarks import TINY, TINY_TYPE
+
+    prompts = []
+    for name in TINY:
+        for row in pd.read_csv(lmu_data / f"{name}.tsv", sep="\t").to_dict("records"):
+            if TINY_TYPE[name] == "MCQ":
+                texts = [row[x] for x in synthetic.LETTERS if x in row and not pd.isna(row[x])]
+                lang = "cn" if name.endswith("_CN") else "en"
+                prompts.append(synthetic.mcq_prompt(row["question"], texts, lang))
+            else:
+                prompts.append(synthetic.short_answer_prompt(row["question"]))
+    return prompts
+
+
+def test_every_benchmark_prompt_is_a_training_prompt_in_whole_tokens_seen_in_training(
+    tiny_dir, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from llava_moslora.eval.tiny_bench import write_tiny_bench
+
+    write_tiny_bench(tmp_path)
+    prompts = _bench_prompts(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "llm")
+    records = json.loads((tiny_dir / "data" / "tiny_llava.json").read_text())
+    train_prompts = {
+        t["value"].removeprefix("<image>\n")
+        for r in records
+        for t in r["conversations"]
+        if t["from"] == "human"
+    }
+    train_ids = {
+        i
+        for r in records
+        for t in r["conversations"]
+        for i in tokenizer.encode(t["value"].replace("<image>", ""), add_special_tokens=False)
+    }
+    # Yes/no and short-answer prompts verbatim; MCQ ones differ from training only in options.
+    plain = [p for p in prompts if "\nA. " not in p]
+    assert len(plain) > 20 and set(plain) <= train_prompts
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        assert tokenizer.decode(ids) == prompt
+        pieces = [tokenizer.decode([i]) for i in ids]
+        assert "\ufffd" not in "".join(pieces), pieces  # no word left as loose UTF-8 bytes
+        assert set(ids) <= train_ids, set(ids) - train_ids  # no embedding training never read
+
+
+@pytest.mark.slow  # imports VLMEvalKit (~50 s)
+def test_training_prompts_are_laid_out_as_the_eval_model_builds_them(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from llava_moslora.eval.benchmarks import TINY
+    from llava_moslora.eval.model import LLaVAMoSLoRA
+    from llava_moslora.eval.tiny_bench import write_tiny_bench
+
+    write_tiny_bench(tmp_path, per_category=1)
+    ours = iter(_bench_prompts(tmp_path))
+    stub = SimpleNamespace(dump_image=lambda line, dataset: ["image.png"])
+    for name in TINY:
+        for _, line in pd.read_csv(tmp_path / f"{name}.tsv", sep="\t").iterrows():
+            message = LLaVAMoSLoRA.build_prompt(stub, line, dataset=name)
+            assert message[-1] == {"type": "text", "value": next(ours)}
 
 
 # --- CPU shims --------------------------------------------------------------------------------

@@ -2,12 +2,19 @@
 
 Each image is a light canvas cut into a 2 x 2 grid; one to four cells hold the same shape in the
 same colour. Questions ask for the colour, the shape, the count or the occupied cells, so a model
-that ignores the image cannot do better than guessing. The JSON has the layout of LLaVA-1.5's
-`llava_v1_5_mix665k.json`, which is what XTuner's `LLaVADataset` + `llava_map_fn` read:
+that ignores the image cannot do better than guessing. As in LLaVA-1.5's 665K mix, free-form
+rounds ("The circles are blue.") are mixed with rounds in the answer formats of the benchmarks
+(tiny_bench.py): multiple choice in English or Chinese answered by the option's letter, yes/no,
+and single-word answers. The JSON has the layout of LLaVA-1.5's `llava_v1_5_mix665k.json`, which
+is what XTuner's `LLaVADataset` + `llava_map_fn` read:
 
     [{"id": "000000", "image": "000000.png",
       "conversations": [{"from": "human", "value": "<image>\\nHow many shapes are there?"},
-                        {"from": "gpt", "value": "There are two circles."}, ...]}, ...]
+                        {"from": "gpt", "value": "There are two circles."},
+                        {"from": "human", "value": "Is there a square in the image? Please
+                                                    answer yes or no.\\nAnswer the question
+                                                    using a single word or phrase."},
+                        {"from": "gpt", "value": "No"}, ...]}, ...]
 
 Everything is drawn with PIL from a seeded `random.Random`: the same seed gives the same files.
 """
@@ -109,23 +116,204 @@ def draw(scene: Scene, rng: random.Random, size: int = 112) -> Image.Image:
     return image
 
 
-def conversation(scene: Scene, rng: random.Random, max_turns: int = 2) -> list[dict[str, str]]:
-    """One to `max_turns` question/answer rounds; the image token opens the first question."""
-    kinds = rng.sample(sorted(QUESTIONS), rng.randint(1, max_turns))
-    turns = []
-    for i, kind in enumerate(kinds):
+# ----------------------------------------------------------------------------- benchmark formats
+# LLaVA-1.5's 665K mix teaches the answer formats its benchmarks ask for: a multiple-choice
+# question answered by the option's letter, a yes/no question answered "Yes"/"No", a question
+# answered by one word. These are the same prompts, laid out character for character as
+# llava_moslora.eval.model.LLaVAMoSLoRA.build_prompt lays out the tiny benchmarks' rows
+# (tests/test_train_tiny.py pins the equality), so that the formats, not only the scenes, are seen
+# in training. The benchmark's images are separate draws (tiny_bench.py's own random stream).
+MCQ_INSTRUCTION = {
+    "en": "Answer with the option's letter from the given choices directly.",
+    "cn": "请直接回答选项字母。",
+}
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+YES_NO_SUFFIX = " Please answer yes or no."
+LANGUAGES = ("en", "cn")
+LETTERS = "ABCD"  # MMBench's: at most four options
+WARM_COLOURS = ("red", "yellow")
+
+# Multiple-choice kinds (MMBench's six abilities, one kind each): the question in each language
+# and the option texts, keyed by the value `mcq_truth` returns. The English colour, shape and count
+# questions are the free-form ones of QUESTIONS.
+MCQ_QUESTIONS = {
+    "colour": {"en": QUESTIONS["colour"][0], "cn": "图中形状是什么颜色？"},
+    "shape": {"en": QUESTIONS["shape"][0], "cn": "图中画的是什么形状？"},
+    "count": {"en": QUESTIONS["count"][0], "cn": "图中有几个形状？"},
+    "warmth": {"en": "Is the colour of the shapes warm or cool?", "cn": "形状的颜色是暖色还是冷色？"},
+    "rows": {"en": "Which row of the grid holds more shapes?", "cn": "网格的哪一行形状更多？"},
+    "parity": {"en": "Is the number of shapes even or odd?", "cn": "形状的数量是偶数还是奇数？"},
+}  # fmt: skip
+OPTION_TEXTS = {
+    "en": {
+        "colour": {c: c for c in COLOURS},
+        "shape": {s: s for s in SHAPES},
+        "count": dict(zip(range(1, 5), COUNT_WORDS, strict=True)),
+        "warmth": {"warm": "warm", "cool": "cool"},
+        "rows": {"top": "the top row", "bottom": "the bottom row", "same": "both rows equally"},
+        "parity": {"even": "even", "odd": "odd"},
+    },
+    "cn": {
+        "colour": {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"},
+        "shape": {"circle": "圆形", "square": "正方形", "triangle": "三角形"},
+        "count": {1: "一个", 2: "两个", 3: "三个", 4: "四个"},
+        "warmth": {"warm": "暖色", "cool": "冷色"},
+        "rows": {"top": "上面一行", "bottom": "下面一行", "same": "两行一样多"},
+        "parity": {"even": "偶数", "odd": "奇数"},
+    },
+}
+# Yes/no kinds (MME's perception category names): the question, filled with a true or false value.
+YES_NO_QUESTIONS = {
+    "color": "Are the shapes {} in the image?" + YES_NO_SUFFIX,
+    "count": "Are there exactly {} shapes in the image?" + YES_NO_SUFFIX,
+    "existence": "Is there a {} in the image?" + YES_NO_SUFFIX,
+    "position": "Is there a shape in the {} cell of the grid?" + YES_NO_SUFFIX,
+}
+# Short-answer kinds (TextVQA-style): answered with the colour, the shape or the count word.
+SHORT_ANSWER_KINDS = ("colour", "shape", "count")
+BENCHMARK_FORMATS = ("mcq", "yes_no", "short")
+# The benchmark-format rounds of each conversation. Two multiple-choice and two yes/no rounds, as
+# answering them means matching the image against the question's text (which option, which
+# value), the slowest skill for the tiny model to learn; a round is cheap next to the image.
+BENCHMARK_ROUNDS = ("mcq", "mcq", "yes_no", "yes_no", "short")
+
+
+def mcq_truth(scene: Scene, kind: str) -> str | int:
+    """The right option of a multiple-choice question of `kind`, as a key of OPTION_TEXTS."""
+    if kind == "colour":
+        return scene.colour
+    if kind == "shape":
+        return scene.shape
+    if kind == "count":
+        return scene.count
+    if kind == "warmth":
+        return "warm" if scene.colour in WARM_COLOURS else "cool"
+    if kind == "rows":
+        top = sum(1 for c in scene.cells if c < 2)  # cells 0 and 1 are the top row
+        bottom = scene.count - top
+        return "top" if top > bottom else "bottom" if bottom > top else "same"
+    if kind == "parity":
+        return "even" if scene.count % 2 == 0 else "odd"
+    raise ValueError(f"`kind` should be one of {list(MCQ_QUESTIONS)}, got {kind!r}")
+
+
+def mcq_options(scene: Scene, kind: str, rng: random.Random) -> list[str | int]:
+    """The right option and up to three wrong ones (MMBench's four at most), in a random order."""
+    truth = mcq_truth(scene, kind)
+    distractors = [c for c in OPTION_TEXTS["en"][kind] if c != truth]
+    rng.shuffle(distractors)
+    options = [truth, *distractors[: len(LETTERS) - 1]]
+    rng.shuffle(options)
+    return options
+
+
+def mcq_prompt(question: str, option_texts: list[str], lang: str) -> str:
+    """`question`, one `X. option` line per option, then LLaVA-1.5's MCQ instruction."""
+    lines = [question, *(f"{LETTERS[i]}. {text}" for i, text in enumerate(option_texts))]
+    return "\n".join([*lines, MCQ_INSTRUCTION[lang]])
+
+
+def short_answer_prompt(question: str) -> str:
+    """`question` then LLaVA-1.5's single-word instruction (also what yes/no questions get)."""
+    return f"{question}\n{SHORT_ANSWER_INSTRUCTION}"
+
+
+def short_answer(scene: Scene, kind: str) -> str:
+    """The one-word answer to the short-answer question of `kind` ("red", "circle", "two")."""
+    if kind not in SHORT_ANSWER_KINDS:
+        raise ValueError(f"`kind` should be one of {list(SHORT_ANSWER_KINDS)}, got {kind!r}")
+    truth = mcq_truth(scene, kind)
+    return COUNT_WORDS[truth - 1] if kind == "count" else truth
+
+
+def yes_no_pair(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
+    """A question about `scene` whose answer is Yes and one whose answer is No."""
+    ask = YES_NO_QUESTIONS.get(kind)
+    if ask is None:
+        raise ValueError(f"`kind` should be one of {list(YES_NO_QUESTIONS)}, got {kind!r}")
+    if kind == "color":
+        other = rng.choice([c for c in COLOURS if c != scene.colour])
+        return ask.format(scene.colour), ask.format(other)
+    if kind == "count":
+        other = rng.choice([n for n in range(1, 5) if n != scene.count])
+        return ask.format(COUNT_WORDS[scene.count - 1]), ask.format(COUNT_WORDS[other - 1])
+    if kind == "existence":
+        other = rng.choice([s for s in SHAPES if s != scene.shape])
+        return ask.format(scene.shape), ask.format(other)
+    empty = [i for i in range(len(CELLS)) if i not in scene.cells]
+    if not empty:
+        raise ValueError("a position pair needs a scene with an empty cell")
+    full = CELLS[rng.choice(scene.cells)]
+    return ask.format(full), ask.format(CELLS[rng.choice(empty)])
+
+
+def benchmark_turn(scene: Scene, fmt: str, rng: random.Random) -> tuple[str, str]:
+    """One (prompt, answer) round in benchmark format `fmt`: "mcq", "yes_no" or "short"."""
+    if fmt == "mcq":
+        kind, lang = rng.choice(list(MCQ_QUESTIONS)), rng.choice(LANGUAGES)
+        options = mcq_options(scene, kind, rng)
+        texts = [OPTION_TEXTS[lang][kind][o] for o in options]
+        prompt = mcq_prompt(MCQ_QUESTIONS[kind][lang], texts, lang)
+        return prompt, LETTERS[options.index(mcq_truth(scene, kind))]
+    if fmt == "yes_no":
+        kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
+        pair = yes_no_pair(scene, rng.choice(kinds), rng)
+        truth = rng.randrange(2)  # half "Yes", half "No"
+        return short_answer_prompt(pair[truth]), ("Yes", "No")[truth]
+    if fmt == "short":
+        kind = rng.choice(SHORT_ANSWER_KINDS)
         question = rng.choice(QUESTIONS[kind])
+        return short_answer_prompt(question), short_answer(scene, kind)
+    raise ValueError(f"`fmt` should be one of {list(BENCHMARK_FORMATS)}, got {fmt!r}")
+
+
+def conversation(scene: Scene, rng: random.Random, max_turns: int = 2) -> list[dict[str, str]]:
+    """One to `max_turns` free-form rounds plus the BENCHMARK_ROUNDS, in a random order.
+
+    The image token opens the first question, whichever format it has: at evaluation every
+    benchmark question comes first, right after the image.
+    """
+    kinds = rng.sample(sorted(QUESTIONS), rng.randint(1, max_turns))
+    rounds = [(rng.choice(QUESTIONS[kind]), answer(scene, kind)) for kind in kinds]
+    rounds += [benchmark_turn(scene, fmt, rng) for fmt in BENCHMARK_ROUNDS]
+    rng.shuffle(rounds)
+    turns = []
+    for i, (question, reply) in enumerate(rounds):
         if i == 0:
             question = f"{IMAGE_TOKEN}\n{question}"
         turns.append({"from": "human", "value": question})
-        turns.append({"from": "gpt", "value": answer(scene, kind)})
+        turns.append({"from": "gpt", "value": reply})
     return turns
+
+
+def prompts() -> Iterator[str]:
+    """Every question text the data asks, benchmark formats laid out in full (options rotated)."""
+    for questions in QUESTIONS.values():
+        yield from questions
+    for lang in LANGUAGES:
+        for kind, question in MCQ_QUESTIONS.items():
+            texts = list(OPTION_TEXTS[lang][kind].values())[: len(LETTERS)]
+            for k in range(len(texts)):  # each option at each letter
+                yield mcq_prompt(question[lang], texts[k:] + texts[:k], lang)
+    for kind, ask in YES_NO_QUESTIONS.items():
+        values = {
+            "color": list(COLOURS),
+            "count": COUNT_WORDS,
+            "existence": SHAPES,
+            "position": CELLS,
+        }[kind]
+        for value in values:
+            yield short_answer_prompt(ask.format(value))
+    for kind in SHORT_ANSWER_KINDS:
+        for question in QUESTIONS[kind]:
+            yield short_answer_prompt(question)
 
 
 def corpus() -> Iterator[str]:
     """Every question and every possible answer: the text a tokenizer for this data must cover."""
-    for questions in QUESTIONS.values():
-        yield from questions
+    yield from prompts()
+    yield from (*LETTERS, "Yes", "No")
+    yield from (*COLOURS, *SHAPES, *COUNT_WORDS)
     for shape in SHAPES:
         for colour in COLOURS:
             for mask in range(1, 2 ** len(CELLS)):

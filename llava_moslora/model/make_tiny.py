@@ -9,6 +9,11 @@
     DIR/data/tiny_llava.json     synthetic LLaVA instructions (llava_moslora.data.synthetic)
     DIR/data/images/*.png
 
+With `task="compositional"` (`make-tiny DIR --task compositional`) the data is instead the
+compositional task of llava_moslora.data.compositional (DIR/data/compositional.json + held-out
+DIR/data/compositional_eval.{json,tsv}), and the tokenizer is trained on that task's text; read it
+with configs/tiny_compositional_*.py.
+
 Every path is what `from_pretrained` / `LLaVADataset` read, so `configs/tiny_moslora.py` is the
 paper config with these paths swapped in. Weights are random (seeded): the point is that every
 code path of the real run executes, in seconds, on a CPU.
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from llava_moslora.data import synthetic
+from llava_moslora.data import compositional, synthetic
 
 # LLaMA-3's special tokens that XTuner's PROMPT_TEMPLATE.llama3_chat writes, plus a pad token
 # (LLaMA-3.1's name for it). The pad token comes first so that it gets id 0, the id XTuner's
@@ -34,15 +39,23 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT
 IMAGE_SIZE = 56
 PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
 MAX_POSITIONS = 512
+SHAPES_VOCAB_SIZE = 768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
 
 
-def chat_texts() -> list[str]:
-    """The synthetic corpus laid out with the llama3_chat template, as the tokenizer will see it."""
+TASKS = ("shapes", "compositional")
+
+
+def chat_texts(task: str = "shapes") -> list[str]:
+    """The task's corpus laid out with the llama3_chat template, as the tokenizer will see it."""
     from xtuner.utils import PROMPT_TEMPLATE
 
     template = PROMPT_TEMPLATE.llama3_chat
-    texts = list(synthetic.corpus())
-    questions = [q for qs in synthetic.QUESTIONS.values() for q in qs]
+    if task == "compositional":
+        texts = compositional.corpus()
+        questions = [t for t in texts if t.endswith("?")]
+    else:
+        texts = list(synthetic.corpus())
+        questions = list(synthetic.prompts())  # benchmark formats included
     texts += [template.INSTRUCTION.format(input=q, round=1) + template.SUFFIX for q in questions]
     texts += [template.SYSTEM.format(system="You are a helpful assistant.")]
     return texts
@@ -147,8 +160,18 @@ def projector_state_dict(visual_hidden_size: int, llm_hidden_size: int, seed: in
     return {f"projector.{k}": v for k, v in projector.state_dict().items()}
 
 
-def make_tiny(out_dir: str | Path, *, seed: int = 0, samples: int = 320) -> dict[str, Path]:
-    """Write the tiny LLaVA setup under `out_dir` (see the module docstring); return its paths."""
+def make_tiny(
+    out_dir: str | Path, *, seed: int = 0, samples: int = 320, task: str = "shapes"
+) -> dict[str, Path]:
+    """Write the tiny LLaVA setup under `out_dir` (see the module docstring); return its paths.
+
+    `task` picks the data: "shapes" (synthetic.py, the default) or "compositional"
+    (compositional.py, `samples` training images plus its held-out evaluation items).
+    """
+    if task not in TASKS:
+        raise ValueError(
+            f"`task` should be one of {', '.join(TASKS)} but the value passed is {task!r}."
+        )
     out_dir = Path(out_dir)
     paths = {
         "llm": out_dir / "llm",
@@ -158,7 +181,11 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0, samples: int = 320) -> dict
         "images": out_dir / "data" / "images",
     }
 
-    tokenizer = build_tokenizer(chat_texts())
+    # The shapes corpus (its benchmark formats' Chinese included) merges down to 705 tokens, one
+    # per word: at 512 the rarer words, every Chinese character among them, would stay split into
+    # UTF-8 bytes that decode to nothing on their own.
+    vocab_size = SHAPES_VOCAB_SIZE if task == "shapes" else 512
+    tokenizer = build_tokenizer(chat_texts(task), vocab_size=vocab_size)
     llm = tiny_llama3(tokenizer, seed)
     tokenizer.save_pretrained(paths["llm"])
     llm.save_pretrained(paths["llm"])
@@ -172,5 +199,9 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0, samples: int = 320) -> dict
     # mmengine's checkpoint layout; xtuner's guess_load_checkpoint reads its "state_dict".
     torch.save({"meta": {"seed": seed}, "state_dict": state}, paths["projector"])
 
+    if task == "compositional":
+        written = compositional.write_task(paths["data"].parent, train_images=samples, seed=seed)
+        paths.update(written)
+        return paths
     synthetic.write_dataset(paths["data"].parent, samples=samples, seed=seed)
     return paths

@@ -1,0 +1,76 @@
+"""`llava-moslora ablate`: the command-line face of runner.py and report.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+    from .runner import parse_evaluator, plan, run_all
+    from .variants import parse_variants
+
+    try:
+        variants = parse_variants(args.variants)
+        parse_evaluator(args.eval)
+        if args.seeds < 1:
+            raise ValueError(f"`--seeds` should be a positive integer, got {args.seeds}")
+        if not Path(args.config).is_file():
+            raise ValueError(f"`--config` {args.config!r} is not a file")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = plan(args.work_dir, variants, seeds)
+    try:
+        results = run_all(
+            runs,
+            args.config,
+            launcher=args.launcher,
+            extra=args.cfg_options or [],
+            evaluator=args.eval,
+        )
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    paths = write_report(results, args.work_dir, title=f"Ablation of {Path(args.config).name}")
+    print(Path(paths["md"]).read_text())
+    for kind, path in paths.items():
+        print(f"{kind:>4}: {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ablate = sub.add_parser(
+        "ablate",
+        help="train and evaluate adapter variants x seeds; mean, 95%% CI, paired tests vs LoRA",
+        description="Finished runs (VARIANT/seed_S/result.json under --work-dir) are not redone; "
+        "rerun the same command to resume an interrupted ablation.",
+    )
+    ablate.add_argument("--config", required=True, help="base XTuner config (any MoSLoRA/LoRA one)")
+    ablate.add_argument(
+        "--variants",
+        default="lora,ts_mixing,moslora_kaiming,moslora_orthogonal,init_only",
+        help="comma-separated: lora, ts_mixing, moslora_kaiming, moslora_orthogonal, init_only, "
+        "dora",
+    )
+    ablate.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
+    ablate.add_argument("--first-seed", type=int, default=0)
+    ablate.add_argument("--work-dir", default="work_dirs/ablation")
+    ablate.add_argument(
+        "--eval",
+        default="heldout",
+        help="heldout (compositional task, option log-likelihood) or suite:NAME (VLMEvalKit)",
+    )
+    ablate.add_argument(
+        "--launcher",
+        help="command that trains, in front of CONFIG (default: `xtuner train`), e.g. "
+        "'srun -p gpu xtuner train'",
+    )
+    ablate.add_argument(
+        "--cfg-options", nargs="+", help="KEY=VALUE overrides for every run (e.g. the rank)"
+    )
+    ablate.set_defaults(func=_ablate)

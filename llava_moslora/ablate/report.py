@@ -1,0 +1,179 @@
+"""The ablation's answer: per variant mean / std / 95% CI, paired differences against LoRA, a plot.
+
+Written as WORK/ablation.md, WORK/ablation.csv (one row per variant) and WORK/ablation.png (every
+seed's score as a dot, the mean with its 95% interval as a bar), from the runs' result.json files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import stats
+from .variants import BASELINE
+
+CSV_COLUMNS = (
+    "variant",
+    "n",
+    "mean",
+    "std",
+    "ci95_low",
+    "ci95_high",
+    "diff_vs_lora",
+    "diff_ci95_low",
+    "diff_ci95_high",
+    "p_paired_t",
+    "p_sign_flip",
+    "wins",
+    "losses",
+)
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant (in first-seen order) with its spread and its paired test vs LoRA."""
+    by_variant: dict[str, dict[int, float]] = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], {})[int(result["seed"])] = float(result["score"])
+    baseline = by_variant.get(BASELINE)
+    rows = []
+    for variant, scores in by_variant.items():
+        spread = stats.spread([scores[s] for s in sorted(scores)])
+        row: dict[str, Any] = {
+            "variant": variant,
+            "n": spread.n,
+            "mean": spread.mean,
+            "std": spread.std,
+            "ci95_low": spread.ci_low,
+            "ci95_high": spread.ci_high,
+            "scores": scores,
+        }
+        if baseline is not None and variant != BASELINE and scores.keys() & baseline.keys():
+            paired = stats.paired(scores, baseline)
+            row.update(
+                diff_vs_lora=paired.mean_diff,
+                diff_ci95_low=paired.ci_low,
+                diff_ci95_high=paired.ci_high,
+                p_paired_t=paired.p_ttest,
+                p_sign_flip=paired.p_signflip,
+                wins=paired.wins,
+                losses=paired.losses,
+            )
+        rows.append(row)
+    return rows
+
+
+def write_report(
+    results: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str = "Ablation"
+) -> dict[str, Path]:
+    """Write ablation.md / .csv / .png under `out_dir`; return their paths."""
+    if not results:
+        raise ValueError("no finished runs to report: train and evaluate at least one run first")
+    out_dir = Path(out_dir)
+    rows = summarise(results)
+    unit = results[0].get("unit", "score")
+    paths = {
+        "md": out_dir / "ablation.md",
+        "csv": out_dir / "ablation.csv",
+        "png": out_dir / "ablation.png",
+    }
+
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow(
+                [row["variant"], row["n"]]
+                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[2:11]]
+                + [row.get("wins", "–"), row.get("losses", "–")]
+            )
+
+    lines = [
+        f"# {title}",
+        "",
+        f"Score: {unit} (higher is better); mean ± std over seeds, 95% CI from Student's t. "
+        f"Paired columns: per-seed difference to `{BASELINE}` (same seed), its 95% CI, the paired "
+        "t-test and the exact sign-flip test p-values, and the seeds won / lost.",
+        "",
+        "| variant | n | mean ± std | 95% CI | Δ vs LoRA | Δ 95% CI | p (t) | p (sign-flip) "
+        "| wins/losses |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        paired = "diff_vs_lora" in row
+        lines.append(
+            f"| {row['variant']} | {row['n']} | {_fmt(row['mean'])} ± {_fmt(row['std'])} "
+            f"| [{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}] "
+            + (
+                f"| {row['diff_vs_lora']:+.2f} | [{_fmt(row['diff_ci95_low'])}, "
+                f"{_fmt(row['diff_ci95_high'])}] | {_fmt(row['p_paired_t'], 3)} "
+                f"| {_fmt(row['p_sign_flip'], 3)} | {row['wins']}/{row['losses']} |"
+                if paired
+                else "| – | – | – | – | – |"
+            )
+        )
+    if any("diff_vs_lora" in row for row in rows):
+        n_min = min(row["n"] for row in rows)
+        lines += [
+            "",
+            f"With {n_min} seed(s) the smallest possible sign-flip p-value is {2 / 2**n_min:.3f}; "
+            "it can reach 0.05 only with 6 or more seeds per variant.",
+        ]
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in _all_seeds(rows)) + " |",
+        "|---|" + "---|" * len(_all_seeds(rows)),
+    ]
+    for row in rows:
+        cells = [_fmt(row["scores"].get(s, math.nan)) for s in _all_seeds(rows)]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    paths["md"].write_text("\n".join(lines) + "\n")
+
+    _plot(rows, unit, title, paths["png"])
+    return paths
+
+
+def _all_seeds(rows: Sequence[dict[str, Any]]) -> list[int]:
+    return sorted({seed for row in rows for seed in row["scores"]})
+
+
+def _plot(rows: Sequence[dict[str, Any]], unit: str, title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4.5), dpi=100)
+    for x, row in enumerate(rows):
+        seeds = sorted(row["scores"])
+        ys = [row["scores"][s] for s in seeds]
+        jitter = [(i - (len(ys) - 1) / 2) * 0.06 for i in range(len(ys))]
+        ax.scatter([x + j for j in jitter], ys, s=18, color="0.45", zorder=3)
+        if not math.isnan(row["ci95_low"]):
+            ax.errorbar(
+                x,
+                row["mean"],
+                yerr=[[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]],
+                fmt="o",
+                color="tab:red" if row["variant"] == BASELINE else "tab:blue",
+                capsize=6,
+                markersize=8,
+                zorder=4,
+            )
+        else:
+            ax.plot(x, row["mean"], "o", color="tab:blue", markersize=8)
+    ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=20)
+    ax.set_ylabel(unit)
+    ax.set_title(f"{title}: each seed (grey), mean and 95% CI")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

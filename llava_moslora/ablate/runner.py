@@ -1,0 +1,251 @@
+"""Train every variant x seed, evaluate each run, and keep what finished.
+
+Layout under the ablation's work dir (one folder per run, so runs are independent and resumable):
+
+    WORK/VARIANT/seed_S/train/          `xtuner train` work dir (checkpoints, logs)
+    WORK/VARIANT/seed_S/train.log       its output
+    WORK/VARIANT/seed_S/result.json     written last: the run counts as finished only with it
+    WORK/ablation.{md,csv,png}          the report (`report.py`)
+
+A run with `result.json` is never redone. A run whose training finished (`last_checkpoint` points
+at the final iteration) but whose evaluation did not is only re-evaluated. Anything else is
+trained again from scratch in a clean folder: mmengine's resume restores optimizer and schedule but
+not the RNG stream, so a resumed run would not be the same seed's run.
+
+Training goes through `xtuner train` (or a user-given launcher command in front of the config, e.g.
+`srun -p gpu xtuner train`; environment variables such as NPROC_PER_NODE pass through). Evaluation is one of:
+
+    heldout      held-out multiple-choice accuracy of the compositional task, each option scored
+                 by its log-likelihood (`llava_moslora.data.compositional.evaluate_run`): exact,
+                 no generation, the offline default
+    suite:NAME   export the checkpoint (`xtuner` format) and run `llava-moslora eval --suite NAME`
+                 through VLMEvalKit; the score is the mean of the suite's benchmark scores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..train.checkpoints import last_checkpoint
+from .variants import cfg_options
+
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    seed: int
+    dir: Path
+
+    @property
+    def train_dir(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def result_path(self) -> Path:
+        return self.dir / RESULT
+
+    def finished(self) -> bool:
+        return self.result_path.is_file()
+
+
+def plan(work_dir: str | Path, variants: Sequence[str], seeds: Sequence[int]) -> list[Run]:
+    """Every variant x seed, seeds outermost: an interrupted ablation has whole seeds done."""
+    return [
+        Run(variant, seed, Path(work_dir) / variant / f"seed_{seed}")
+        for seed in seeds
+        for variant in variants
+    ]
+
+
+def parse_evaluator(text: str) -> tuple[str, str | None]:
+    """`heldout` -> ("heldout", None); `suite:tiny` -> ("suite", "tiny")."""
+    kind, _, suite = text.partition(":")
+    if kind == "heldout" and not suite:
+        return kind, None
+    if kind == "suite" and suite:
+        return kind, suite
+    raise ValueError(
+        f"`--eval` should be `heldout` or `suite:NAME` (e.g. suite:tiny, suite:paper9), got {text!r}"
+    )
+
+
+def _xtuner_launcher() -> list[str]:
+    found = shutil.which("xtuner", path=str(Path(sys.executable).parent)) or shutil.which("xtuner")
+    if found is None:
+        raise FileNotFoundError("the `xtuner` command is not installed in this environment")
+    return [found, "train"]
+
+
+def train_command(
+    run: Run, config: str | Path, launcher: str | None, extra: Sequence[str]
+) -> list[str]:
+    head = shlex.split(launcher) if launcher else _xtuner_launcher()
+    return [
+        *head,
+        str(config),
+        "--work-dir",
+        str(run.train_dir),
+        "--seed",
+        str(run.seed),
+        "--cfg-options",
+        *cfg_options(run.variant),
+        *extra,
+    ]
+
+
+def _final_checkpoint(run: Run) -> Path | None:
+    try:
+        return last_checkpoint(run.train_dir)
+    except FileNotFoundError:
+        return None
+
+
+def train(
+    run: Run,
+    config: str | Path,
+    *,
+    launcher: str | None = None,
+    extra: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train `run` (unless its training already finished); return its final checkpoint.
+
+    `xtuner train` exits 0 even when training crashed, so success is judged by what it leaves: a
+    `last_checkpoint` and a log without a traceback.
+    """
+    marker = run.dir / "trained.json"
+    if marker.is_file():
+        return Path(json.loads(marker.read_text())["checkpoint"])
+    if run.dir.exists():
+        shutil.rmtree(run.dir)  # a half-finished run: start the seed again, cleanly
+    run.dir.mkdir(parents=True)
+    command = train_command(run, config, launcher, extra)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log(f"[{run.variant} seed {run.seed}] training: {shlex.join(command)}")
+    started = time.monotonic()
+    with open(run.dir / "train.log", "w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    output = (run.dir / "train.log").read_text(errors="replace")
+    checkpoint = _final_checkpoint(run)
+    if code != 0 or checkpoint is None or "Traceback (most recent call last)" in output:
+        raise RuntimeError(
+            f"training {run.variant} seed {run.seed} failed (exit {code}); the last lines of "
+            f"{run.dir / 'train.log'}:\n" + "\n".join(output.splitlines()[-15:])
+        )
+    marker.write_text(
+        json.dumps({"checkpoint": str(checkpoint), "seconds": time.monotonic() - started})
+    )
+    return checkpoint
+
+
+def _variant_cfg_options(variant: str) -> dict[str, Any]:
+    from mmengine.config import DictAction
+
+    options = {}
+    for item in cfg_options(variant):
+        key, value = item.split("=", 1)
+        options[key] = DictAction._parse_iterable(value)  # as `xtuner train` parses it
+    return options
+
+
+def _extra_cfg_options(extra: Sequence[str]) -> dict[str, Any]:
+    from mmengine.config import DictAction
+
+    options = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"`--cfg-options` items should be KEY=VALUE, got {item!r}")
+        options[key] = DictAction._parse_iterable(value)
+    return options
+
+
+def evaluate(
+    run: Run,
+    checkpoint: Path,
+    config: str | Path,
+    *,
+    evaluator: str = "heldout",
+    extra: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score `run`'s checkpoint; return {"score": float, "details": {...}}."""
+    kind, suite = parse_evaluator(evaluator)
+    options = {**_variant_cfg_options(run.variant), **_extra_cfg_options(extra)}
+    if kind == "heldout":
+        from ..data.compositional import evaluate_run
+
+        log(f"[{run.variant} seed {run.seed}] held-out accuracy of {checkpoint.name}")
+        details = evaluate_run(config, checkpoint, cfg_options=options)
+        return {"score": 100 * details["overall"], "unit": "% held-out", "details": details}
+
+    from ..eval.benchmarks import resolve_datasets
+    from ..eval.model import LLaVAMoSLoRA
+    from ..eval.runner import run_benchmarks
+    from ..export import export
+
+    export_dir = run.dir / "export"
+    log(f"[{run.variant} seed {run.seed}] export + VLMEvalKit suite {suite!r}")
+    export(checkpoint, config, "xtuner", export_dir, cfg_options=options, overwrite=True)
+    summary = run_benchmarks(
+        resolve_datasets(suite),
+        work_dir=run.dir / "eval",
+        run_name=f"{run.variant}_seed{run.seed}",
+        model_factory=lambda: LLaVAMoSLoRA(str(export_dir)),
+        offline=suite == "tiny",
+        log=log,
+    )
+    scores = {
+        name: entry["score"]
+        for name, entry in summary["benchmarks"].items()
+        if entry.get("score") is not None
+    }
+    if not scores:
+        raise RuntimeError(f"suite {suite!r} gave no score for {run.dir} (all pending?)")
+    return {"score": sum(scores.values()) / len(scores), "unit": "mean", "details": scores}
+
+
+def run_all(
+    runs: Sequence[Run],
+    config: str | Path,
+    *,
+    launcher: str | None = None,
+    extra: Sequence[str] = (),
+    evaluator: str = "heldout",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every unfinished run; return every finished run's result."""
+    parse_evaluator(evaluator)  # refuse a bad --eval before hours of training
+    results = []
+    for index, run in enumerate(runs, 1):
+        if run.finished():
+            log(f"[{index}/{len(runs)}] {run.variant} seed {run.seed}: done already")
+        else:
+            log(f"[{index}/{len(runs)}] {run.variant} seed {run.seed}")
+            checkpoint = train(run, config, launcher=launcher, extra=extra, log=log)
+            result = evaluate(run, checkpoint, config, evaluator=evaluator, extra=extra, log=log)
+            result.update(
+                variant=run.variant,
+                seed=run.seed,
+                checkpoint=str(checkpoint),
+                config=str(config),
+                evaluator=evaluator,
+                train_seconds=json.loads((run.dir / "trained.json").read_text())["seconds"],
+            )
+            tmp = run.result_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(run.result_path)
+        results.append(json.loads(run.result_path.read_text()))
+    return results

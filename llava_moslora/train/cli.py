@@ -1,0 +1,113 @@
+"""Sub-commands for looking into a run: `plot-diagnostics` and `eval-compositional`.
+
+Registered into `llava-moslora` through `COMMAND_MODULES` in llava_moslora/cli.py; each import is
+inside its command so `llava-moslora --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
+TASKS = ("shapes", "compositional")
+
+
+def _plot_diagnostics(args: argparse.Namespace) -> int:
+    from .diagnostics import plot_diagnostics
+
+    try:
+        out = plot_diagnostics(args.work_dir, args.out)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _parse_cfg_options(pairs: list[str]) -> dict:
+    """`key=value` pairs as mmengine's DictAction reads them (values parsed as Python literals)."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"`--cfg-options` takes key=value pairs but the value passed is {pair!r}. "
+                "Write e.g. model.llm_lora.r=2."
+            )
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def _eval_compositional(args: argparse.Namespace) -> int:
+    from ..data.compositional import chance_accuracy, evaluate_run, read_eval_items
+
+    try:
+        options = _parse_cfg_options(args.cfg_options)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    if args.items:
+        result["chance"] = chance_accuracy(read_eval_items(args.items))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _make_tiny_task(args: argparse.Namespace) -> int:
+    from ..model.make_tiny import make_tiny
+
+    paths = make_tiny(args.dir, seed=args.seed, samples=args.samples, task=args.task)
+    for name, path in paths.items():
+        print(f"{name:>11}: {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `plot-diagnostics` and `eval-compositional`, and `--task` to `make-tiny`."""
+    tiny = sub.choices.get("make-tiny")
+    if tiny is not None:
+        # `make-tiny` lives in llava_moslora/cli.py; its data choice lives with the task's code.
+        tiny.add_argument(
+            "--task",
+            choices=TASKS,
+            default=TASKS[0],
+            help="training data: synthetic shapes (default) or the compositional task "
+            "(llava_moslora/data/compositional.py, with held-out evaluation items)",
+        )
+        tiny.set_defaults(func=_make_tiny_task)
+
+    plot = sub.add_parser(
+        "plot-diagnostics",
+        help="plot the mixer diagnostics of a run (distance, condition number, effective rank)",
+        description="Reads WORK_DIR/mixer_diagnostics.jsonl, written by MixerDiagnosticsHook.",
+    )
+    plot.add_argument("work_dir", help="the run's work dir (xtuner train --work-dir)")
+    plot.add_argument("--out", help="PNG to write (default WORK_DIR/mixer_diagnostics.png)")
+    plot.set_defaults(func=_plot_diagnostics)
+
+    evaluate = sub.add_parser(
+        "eval-compositional",
+        help="held-out accuracy on the compositional task (options scored by log-likelihood)",
+        description="Prints per-category and overall accuracy as JSON. Without --checkpoint: "
+        "the untrained model (adapters at init).",
+    )
+    evaluate.add_argument("config", help="e.g. configs/tiny_compositional_moslora.py")
+    evaluate.add_argument("--checkpoint", help="iter_N.pth (file or DeepSpeed folder)")
+    evaluate.add_argument(
+        "--items", help="held-out items JSON (default: compositional_eval.json next to data_path)"
+    )
+    evaluate.add_argument(
+        "--cfg-options",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides the run was trained with, e.g. model.llm_lora.r=2",
+    )
+    evaluate.set_defaults(func=_eval_compositional)

@@ -1,0 +1,211 @@
+"""`llava-moslora ablate`: variants as config overrides, statistics over seeds, the runner."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from llava_moslora.ablate import stats
+from llava_moslora.ablate.variants import VARIANTS, cfg_options, parse_variants
+
+
+def test_spread_is_mean_sample_std_and_t_interval():
+    s = stats.spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (s.n, s.mean) == (5, 3.0)
+    assert s.std == pytest.approx(math.sqrt(2.5))  # ddof=1
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)  # t_{0.975, 4} from any t table
+    assert (s.ci_low, s.ci_high) == pytest.approx((3.0 - half, 3.0 + half), abs=1e-5)
+    one = stats.spread([0.7])
+    assert one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.ci_low)
+    with pytest.raises(ValueError, match="`values` is empty"):
+        stats.spread([])
+
+
+def test_paired_differences_on_shared_seeds():
+    variant = {0: 0.6, 1: 0.7, 2: 0.8, 9: 0.1}  # seed 9 has no baseline run: ignored
+    baseline = {0: 0.5, 1: 0.5, 2: 0.5}
+    p = stats.paired(variant, baseline)
+    assert (p.n, p.wins, p.losses) == (3, 3, 0)
+    assert p.mean_diff == pytest.approx(0.2)
+    # Of the 8 sign patterns of (.1, .2, .3) only +++ and --- reach |sum| >= .6.
+    assert p.p_signflip == pytest.approx(2 / 8)
+    # t = 0.2 / (0.1 / sqrt 3) = sqrt 12, 2 dof: Student's cdf is 1/2 + t / (2 sqrt(2 + t^2)).
+    t = math.sqrt(12)
+    assert p.p_ttest == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), rel=1e-6)
+    assert p.ci_low < 0.2 < p.ci_high
+    with pytest.raises(ValueError, match="no seed has a finished run in both"):
+        stats.paired({1: 0.5}, {2: 0.5})
+
+
+def test_five_seeds_cannot_reach_5_percent_by_sign_flips():
+    assert stats.signflip_p([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
+
+
+def test_variants_become_cfg_options_for_both_towers():
+    assert parse_variants("lora, moslora_kaiming,lora") == ["lora", "moslora_kaiming"]
+    with pytest.raises(ValueError, match=r"`--variants` .* got 'lora,moslra' \(moslra unknown\)"):
+        parse_variants("lora,moslra")
+    assert cfg_options("ts_mixing") == [
+        f"model.{tower}.{k}={v}"
+        for tower in ("llm_lora", "visual_encoder_lora")
+        for k, v in (
+            ("type", "llava_moslora.moslora.moslora_config"),
+            ("mixer_init", "butterfly"),
+            ("mixer_trainable", False),
+        )
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    from mmengine.config import Config
+
+    return Config.fromfile("configs/tiny_moslora.py")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_variant_builds_the_adapter_it_names(variant, tiny_config):
+    """The cfg-options, applied as `xtuner train` applies them, build the intended adapter."""
+    import copy
+
+    from mmengine.config import DictAction
+    from xtuner.registry import BUILDER
+
+    from llava_moslora.moslora import mixer_options_of
+
+    cfg = copy.deepcopy(tiny_config)
+    parsed = {}
+    for item in cfg_options(variant):  # DictAction turns "False" into False, as on the CLI
+        key, value = item.split("=", 1)
+        parsed[key] = DictAction._parse_iterable(value)
+    cfg.merge_from_dict(parsed)
+    for tower in ("llm_lora", "visual_encoder_lora"):
+        config = BUILDER.build(cfg.model[tower])
+        options = mixer_options_of(config)
+        expected = {
+            "lora": (None, False),
+            "dora": (None, True),
+            "ts_mixing": (("butterfly", False, False), False),
+            "moslora_kaiming": (("kaiming", True, False), False),
+            "moslora_orthogonal": (("orthogonal", True, False), False),
+            "init_only": (("kaiming", False, True), False),
+        }[variant]
+        got = None if options is None else (options.init, options.learnable, options.init_only)
+        assert (got, bool(config.use_dora)) == expected
+        assert config.r == cfg.model[tower].r  # the base's rank and targets are kept
+
+
+def _results(scores: dict[str, list[float]]) -> list[dict]:
+    return [
+        {"variant": variant, "seed": seed, "score": score, "unit": "% held-out"}
+        for variant, values in scores.items()
+        for seed, score in enumerate(values)
+    ]
+
+
+def test_report_tables_and_plot(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from llava_moslora.ablate.report import CSV_COLUMNS, write_report
+
+    results = _results(
+        {"lora": [50.0, 52.0, 51.0], "moslora_kaiming": [53.0, 52.0, 55.0], "init_only": [49.0]}
+    )
+    paths = write_report(results, tmp_path, title="t")
+    rows = {row["variant"]: row for row in csv.DictReader(paths["csv"].open())}
+    assert list(rows) == ["lora", "moslora_kaiming", "init_only"]
+    assert tuple(rows["lora"]) == CSV_COLUMNS
+    assert float(rows["moslora_kaiming"]["mean"]) == pytest.approx(160 / 3, abs=1e-4)
+    assert float(rows["moslora_kaiming"]["diff_vs_lora"]) == pytest.approx(7 / 3, abs=1e-4)
+    assert (rows["moslora_kaiming"]["wins"], rows["moslora_kaiming"]["losses"]) == ("2", "0")
+    assert rows["lora"]["diff_vs_lora"] == "–"  # the baseline is not compared with itself
+    assert (
+        rows["init_only"]["std"] == "–" and rows["init_only"]["diff_vs_lora"] == "-1.0000"
+    )  # seed 0: 49 - 50
+    md = paths["md"].read_text()
+    assert "| moslora_kaiming | 3 | 53.33 ± 1.53 |" in md
+    assert "| seed 0 | seed 1 | seed 2 |" in md and "| init_only | 49.00 | – | – |" in md
+    assert "With 1 seed(s) the smallest possible sign-flip p-value is 1.000" in md  # init_only
+    with Image.open(paths["png"]) as image:
+        assert image.size[0] >= 600 and image.size[1] == 450
+    with pytest.raises(ValueError, match="no finished runs to report"):
+        write_report([], tmp_path)
+
+
+def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
+    from llava_moslora.ablate.runner import parse_evaluator, plan
+
+    runs = plan(tmp_path, ["lora", "init_only"], [3, 4])
+    assert [(r.variant, r.seed) for r in runs] == [
+        ("lora", 3),
+        ("init_only", 3),
+        ("lora", 4),
+        ("init_only", 4),
+    ]
+    assert runs[1].dir == tmp_path / "init_only" / "seed_3"
+    assert parse_evaluator("suite:tiny") == ("suite", "tiny")
+    with pytest.raises(ValueError, match=r"`--eval` should be `heldout` or `suite:NAME`.*'suit'"):
+        parse_evaluator("suit")
+
+
+@pytest.mark.slow
+def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
+    """2 variants x 2 seeds on the compositional task through `llava-moslora ablate`, then again:
+    finished runs are not redone."""
+    import csv
+
+    from llava_moslora.cli import main
+    from llava_moslora.model.make_tiny import make_tiny
+    from llava_moslora.train.checkpoints import load_trained_state
+
+    # 80 images / batch 4 = 20 iterations per epoch, 2 epochs: a few steps, with a warm-up >= 1.
+    make_tiny(tmp_path / "tiny", samples=80, task="compositional")
+    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "tiny"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: no oversubscription
+    work = tmp_path / "ablation"
+    args = [
+        "ablate",
+        "--config",
+        "configs/tiny_compositional_moslora.py",
+        "--variants",
+        "lora,moslora_kaiming",
+        "--seeds",
+        "2",
+        "--work-dir",
+        str(work),
+    ]
+    assert main(args) == 0
+
+    results = {
+        (v, s): json.loads((work / v / f"seed_{s}" / "result.json").read_text())
+        for v in ("lora", "moslora_kaiming")
+        for s in (0, 1)
+    }
+    for (variant, seed), result in results.items():
+        assert (result["variant"], result["seed"]) == (variant, seed)
+        details = result["details"]
+        assert 0 <= result["score"] <= 100
+        assert result["score"] == pytest.approx(100 * details["overall"])
+        # The variant reached the model: only MoSLoRA checkpoints hold mixers, in both towers.
+        state = load_trained_state(result["checkpoint"])
+        mixers = {k.split(".")[0] for k in state if "lora_mixer" in k}
+        assert mixers == ({"llm", "visual_encoder"} if variant == "moslora_kaiming" else set())
+    rows = {row["variant"]: row for row in csv.DictReader((work / "ablation.csv").open())}
+    scores = [results["moslora_kaiming", s]["score"] - results["lora", s]["score"] for s in (0, 1)]
+    assert float(rows["moslora_kaiming"]["diff_vs_lora"]) == pytest.approx(
+        sum(scores) / 2, abs=1e-4
+    )
+    assert rows["lora"]["n"] == rows["moslora_kaiming"]["n"] == "2"
+    assert (work / "ablation.png").is_file() and (work / "ablation.md").is_file()
+
+    # Resume: nothing is trained again, the report is rebuilt from the same results.
+    logs = {p: p.stat().st_mtime_ns for p in work.glob("*/seed_*/train.log")}
+    assert len(logs) == 4
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+    rerun = {row["variant"]: row for row in csv.DictReader((work / "ablation.csv").open())}
+    assert rerun == rows
