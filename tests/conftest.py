@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +49,12 @@ def copy_lora_weights(src, dst, adapter: str = "default") -> None:
 
 def moslora_layers(model, adapter: str = "default"):
     return [m for m in model.modules() if hasattr(m, "lora_mixer") and adapter in m.lora_mixer]
+
+
+@pytest.fixture(autouse=True)
+def _autograd_stays_on():
+    """`import vlmeval.vlm` switches autograd off process-wide (see llava_moslora.eval's
+    import_vlmeval); tests that import VLMEvalKit directly must not leak that into later tests."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

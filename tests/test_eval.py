@@ -536,3 +536,16 @@ def test_offline_refusals_are_immediate_and_explain_themselves(tmp_path, monkeyp
 
     with no_network(), pytest.raises(OfflineError, match=r"network connection to 192.0.2.1"):
         urllib.request.urlopen("http://192.0.2.1/", timeout=30)  # TEST-NET-1: would hang, not fail
+
+
+def test_importing_the_model_class_keeps_autograd_on():
+    """`vlmeval/vlm/__init__.py` runs torch.set_grad_enabled(False); our import undoes it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, llava_moslora.eval.model\n"
+        "print('vlmeval.vlm' in sys.modules, torch.is_grad_enabled())"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]

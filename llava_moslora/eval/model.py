@@ -31,10 +31,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from vlmeval.vlm.base import BaseModel
 
+from . import import_vlmeval
 from .benchmarks import benchmark_type
 from .manifest import read_export_manifest
+
+BaseModel = import_vlmeval("vlmeval.vlm.base").BaseModel
 
 # LLaVA-1.5's evaluation instructions (its MMBench / short-answer prompts), which the model saw in
 # the 665K instruction data; VLMEvalKit's generic "Please select the correct answer" is not.

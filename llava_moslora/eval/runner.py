@@ -224,7 +224,9 @@ def run_benchmarks(
     """
     import contextlib
 
-    from vlmeval.inference import infer_data_job
+    from . import import_vlmeval
+
+    infer_data_job = import_vlmeval("vlmeval.inference").infer_data_job
     from vlmeval.smp import get_pred_file_path
 
     from .offline import check_local_tsv, data_root, no_network
