@@ -70,16 +70,13 @@ def test_each_variant_builds_the_adapter_it_names(variant, tiny_config):
     """The cfg-options, applied as `xtuner train` applies them, build the intended adapter."""
     import copy
 
-    from mmengine.config import DictAction
     from xtuner.registry import BUILDER
 
+    from llava_moslora.ablate.runner import parse_cfg_options
     from llava_moslora.moslora import mixer_options_of
 
     cfg = copy.deepcopy(tiny_config)
-    parsed = {}
-    for item in cfg_options(variant):  # DictAction turns "False" into False, as on the CLI
-        key, value = item.split("=", 1)
-        parsed[key] = DictAction._parse_iterable(value)
+    parsed = parse_cfg_options(cfg_options(variant))  # "False" -> False, as on the CLI
     cfg.merge_from_dict(parsed)
     for tower in ("llm_lora", "visual_encoder_lora"):
         config = BUILDER.build(cfg.model[tower])

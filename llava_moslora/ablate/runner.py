@@ -150,21 +150,12 @@ def train(
     return checkpoint
 
 
-def _variant_cfg_options(variant: str) -> dict[str, Any]:
+def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items as a dict, each value parsed as `xtuner train --cfg-options` parses it."""
     from mmengine.config import DictAction
 
     options = {}
-    for item in cfg_options(variant):
-        key, value = item.split("=", 1)
-        options[key] = DictAction._parse_iterable(value)  # as `xtuner train` parses it
-    return options
-
-
-def _extra_cfg_options(extra: Sequence[str]) -> dict[str, Any]:
-    from mmengine.config import DictAction
-
-    options = {}
-    for item in extra:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"`--cfg-options` items should be KEY=VALUE, got {item!r}")
@@ -183,7 +174,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score `run`'s checkpoint; return {"score": float, "details": {...}}."""
     kind, suite = parse_evaluator(evaluator)
-    options = {**_variant_cfg_options(run.variant), **_extra_cfg_options(extra)}
+    options = parse_cfg_options([*cfg_options(run.variant), *extra])
     if kind == "heldout":
         from ..data.compositional import evaluate_run
 
@@ -227,7 +218,8 @@ def run_all(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished run; return every finished run's result."""
-    parse_evaluator(evaluator)  # refuse a bad --eval before hours of training
+    parse_evaluator(evaluator)  # refuse a bad --eval or --cfg-options before hours of training
+    parse_cfg_options(extra)
     results = []
     for index, run in enumerate(runs, 1):
         if run.finished():
