@@ -188,7 +188,15 @@ def test_every_config_is_checked_here():
     runnable = {p.stem for p in CONFIGS.glob("*.py")}
     # tiny_compositional_moslora changes the data, ranks and schedule of tiny_moslora; it is run
     # end to end by tests/test_compositional.py and tests/test_ablate.py.
-    roots = {"llama3_moslora", "internlm2_qmoslora", "tiny_moslora", "tiny_compositional_moslora"}
+    # tiny_ablation changes the ranks, rates and schedule of tiny_moslora; tests/test_train_tiny.py
+    # builds its optimizer.
+    roots = {
+        "llama3_moslora",
+        "internlm2_qmoslora",
+        "tiny_moslora",
+        "tiny_compositional_moslora",
+        "tiny_ablation",
+    }
     assert runnable == set(VARIANTS) | roots
 
 

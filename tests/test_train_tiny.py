@@ -82,6 +82,63 @@ def test_synthetic_data_is_deterministic_and_answers_depend_on_the_image(tmp_pat
     assert all("<image>" not in t["value"] for r in records for t in r["conversations"][1:])
 
 
+def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_dir, tmp_path):
+    """make-tiny writes the ablation's held-out set: answers balanced (chance = 1/options), each
+    answer what the scene gives, and pictures that are not training pictures."""
+    from collections import Counter
+
+    from llava_moslora.data import compositional, synthetic
+
+    items = compositional.read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
+    assert len(items) == 144
+    by_kind = Counter(item.category for item in items)
+    assert by_kind == {"colour": 48, "shape": 48, "count": 48}
+    answers = Counter((item.category, item.answer) for item in items)
+    for item in items:
+        # every option equally often: a model that ignores the image scores exactly chance
+        assert answers[item.category, item.answer] == 48 // len(item.options)
+        objects = item.scene
+        scene = synthetic.Scene(
+            objects[0].shape, objects[0].colour, tuple(obj.cell for obj in objects)
+        )
+        assert item.answer == synthetic.short_answer(scene, item.category)
+        assert item.options[compositional.OPTION_LETTERS.index(item.answer_letter)] == item.answer
+        assert item.question.endswith(synthetic.SHORT_ANSWER_INSTRUCTION)
+    training = {p.read_bytes() for p in (tiny_dir / "data" / "images").glob("*.png")}
+    held_out = [(tiny_dir / "data" / item.image).read_bytes() for item in items]
+    assert not training.intersection(held_out)
+    # same seed, same items; the set does not depend on how much training data was drawn
+    again = synthetic.write_heldout(tmp_path, seed=0).read_text()
+    assert again == (tiny_dir / "data" / synthetic.HELDOUT_JSON).read_text()
+    with pytest.raises(ValueError, match="`items` should be an integer >= 3"):
+        synthetic.write_heldout(tmp_path, items=2)
+
+
+def test_ablation_config_trains_projector_and_vit_adapters_at_a_twentieth_of_the_rate(
+    tiny_dir, monkeypatch
+):
+    """configs/tiny_ablation.py: the optimizer mmengine builds from it gives every trainable
+    parameter the rate its tower should have (a key that matched nothing would leave all at lr)."""
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from xtuner.registry import BUILDER
+
+    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny_dir))  # read when the config is parsed
+    cfg = Config.fromfile(str(REPO / "configs" / "tiny_ablation.py"))
+    model = BUILDER.build(cfg.model)
+    rate_of = {}
+    for group in build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups:
+        for param in group["params"]:
+            rate_of[id(param)] = group["lr"]
+    rates: dict[str, set[float]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            rates.setdefault(name.split(".")[0], set()).add(round(rate_of[id(param)], 12))
+    assert rates == {"llm": {2e-3}, "visual_encoder": {1e-4}, "projector": {1e-4}}
+    assert cfg.model.llm_lora.r == 8 and cfg.model.visual_encoder_lora.r == 8
+    assert Path(cfg.heldout_eval_path).is_file()
+
+
 def _rounds(samples: int = 1500, seed: int = 0):
     """(scene, prompt, reply) for every round of `samples` conversations, without drawing."""
     import random

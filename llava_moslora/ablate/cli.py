@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ablate.add_argument(
         "--eval",
         default="heldout",
-        help="heldout (compositional task, option log-likelihood) or suite:NAME (VLMEvalKit)",
+        help="heldout (held-out items of the config, option log-likelihood) or suite:NAME (VLMEvalKit)",
     )
     ablate.add_argument(
         "--launcher",

@@ -15,9 +15,11 @@ not the RNG stream, so a resumed run would not be the same seed's run.
 Training goes through `xtuner train` (or a user-given launcher command in front of the config, e.g.
 `srun -p gpu xtuner train`; environment variables such as NPROC_PER_NODE pass through). Evaluation is one of:
 
-    heldout      held-out multiple-choice accuracy of the compositional task, each option scored
-                 by its log-likelihood (`llava_moslora.data.compositional.evaluate_run`): exact,
-                 no generation, the offline default
+    heldout      held-out multiple-choice accuracy on the config's `heldout_eval_path` items
+                 (tiny_ablation.py: colour / shape / count on new images) or, without it, the
+                 compositional task's; each option scored by its log-likelihood
+                 (`llava_moslora.data.compositional.evaluate_run`): exact, no generation, the
+                 offline default
     suite:NAME   export the checkpoint (`xtuner` format) and run `llava-moslora eval --suite NAME`
                  through VLMEvalKit; the score is the mean of the suite's benchmark scores
 """

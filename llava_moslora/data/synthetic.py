@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -321,6 +321,60 @@ def corpus() -> Iterator[str]:
                 scene = Scene(shape=shape, colour=colour, cells=cells)
                 for kind in QUESTIONS:
                     yield answer(scene, kind)
+
+
+HELDOUT_JSON = "heldout_eval.json"
+
+
+def write_heldout(
+    out_dir: str | Path, *, items: int = 144, seed: int = 0, image_size: int = 112
+) -> Path:
+    """Held-out short-answer items (colour, shape, count) on new images: `out_dir/heldout_eval.json`.
+
+    The items are `compositional.EvalItem`s, so `compositional.evaluate_run` scores them the same
+    way (each option by its log-likelihood): the kind and its answer cycle first, then a scene with
+    that answer is drawn from the seed's own held-out stream, so every answer of a kind is equally
+    frequent and a model that ignores the image scores chance (1/4, 1/3, 1/4). The images are new
+    draws (position and size jitter), not new scenes: this task has only 4 x 3 x 15 = 180 scenes,
+    so the items test reading the image on unseen pictures, not generalising to unseen scenes
+    (that is what the compositional task's disjoint held-out scenes are for).
+    """
+    from .compositional import OPTION_LETTERS, EvalItem, Obj
+
+    if not isinstance(items, int) or isinstance(items, bool) or items < len(SHORT_ANSWER_KINDS):
+        raise ValueError(
+            f"`items` should be an integer >= {len(SHORT_ANSWER_KINDS)} (one per kind) but the "
+            f"value passed is {items!r}."
+        )
+    options_of = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNT_WORDS}
+    out_dir = Path(out_dir)
+    (out_dir / "heldout_images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-heldout")  # not the training stream: more data, same items
+    rows = []
+    for index in range(items):
+        kind = SHORT_ANSWER_KINDS[index % len(SHORT_ANSWER_KINDS)]
+        options = options_of[kind]
+        truth = options[(index // len(SHORT_ANSWER_KINDS)) % len(options)]
+        scene = random_scene(rng)
+        while short_answer(scene, kind) != truth:
+            scene = random_scene(rng)
+        image = f"heldout_images/{index:06d}.png"
+        draw(scene, rng, image_size).save(out_dir / image)
+        item = EvalItem(
+            index=index,
+            image=image,
+            question=short_answer_prompt(QUESTIONS[kind][index % len(QUESTIONS[kind])]),
+            answer=truth,
+            answer_letter=OPTION_LETTERS[options.index(truth)],
+            options=options,
+            category=kind,
+            l2_category="attribute" if kind != "count" else "counting",
+            scene=tuple(Obj(cell, scene.shape, scene.colour) for cell in scene.cells),
+        )
+        rows.append(asdict(item))
+    path = out_dir / HELDOUT_JSON
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
 
 
 def write_dataset(

@@ -204,4 +204,5 @@ def make_tiny(
         paths.update(written)
         return paths
     synthetic.write_dataset(paths["data"].parent, samples=samples, seed=seed)
+    paths["heldout"] = synthetic.write_heldout(paths["data"].parent, seed=seed)
     return paths
