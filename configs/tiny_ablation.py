@@ -36,7 +36,7 @@ batch_size = 8
 accumulative_counts = 1
 lr = 2e-3
 slow_lr_mult = 0.05  # projector and ViT adapters
-max_epochs = 2
+max_epochs = 3  # 2,000 images / 8 per step x 3 = 750 optimizer steps
 diagnostics_interval = 50
 
 #######################################################################

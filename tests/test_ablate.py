@@ -206,3 +206,19 @@ def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
     rerun = {row["variant"]: row for row in csv.DictReader((work / "ablation.csv").open())}
     assert rerun == rows
+
+
+def test_eval_compositional_refuses_a_malformed_cfg_option_before_building(capsys):
+    """One parser for every `--cfg-options` of ours: the error names the item and the fix."""
+    from llava_moslora.ablate.runner import parse_cfg_options
+    from llava_moslora.cli import main
+
+    assert parse_cfg_options(["model.llm_lora.r=2", "a.b=[1, 2]", "c=False"]) == {
+        "model.llm_lora.r": 2,
+        "a.b": [1, 2],
+        "c": False,
+    }
+    code = main(["eval-compositional", "configs/tiny_ablation.py", "--cfg-options", "rank2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'rank2'" in err and "KEY=VALUE" in err and "model.llm_lora.r=2" in err

@@ -549,3 +549,16 @@ def test_importing_the_model_class_keeps_autograd_on():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]
+
+
+def test_limit_never_cuts_an_mme_pair_in_half():
+    """VLMEvalKit's `limit` takes the first rows; MME scores acc+ per image (both questions)."""
+    import pandas as pd
+
+    from llava_moslora.eval.runner import whole_pair_limit
+
+    mme = pd.DataFrame({"image_path": ["a", "a", "b", "b", "c", "c"], "answer": list("YNYNYN")})
+    assert [whole_pair_limit(mme, n) for n in (1, 2, 3, 5, 6, 9)] == [2, 2, 4, 6, 6, 9]
+    assert whole_pair_limit(mme, None) is None
+    mcq = pd.DataFrame({"index": range(5), "answer": list("ABCDA")})  # no pairs: as given
+    assert whole_pair_limit(mcq, 3) == 3

@@ -160,7 +160,10 @@ def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"`--cfg-options` items should be KEY=VALUE, got {item!r}")
+            raise ValueError(
+                f"`--cfg-options` items should be KEY=VALUE but the value passed is {item!r}. "
+                "Write e.g. model.llm_lora.r=2."
+            )
         options[key] = DictAction._parse_iterable(value)
     return options
 

@@ -148,7 +148,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--judge-api-key-env", help="environment variable holding the judge key (OPENAI_API_KEY)"
     )
-    ev.add_argument("--limit", type=int, help="first N questions per benchmark (smoke tests)")
+    ev.add_argument(
+        "--limit",
+        type=int,
+        help="first N questions per benchmark (smoke tests; MME rounded up to whole pairs)",
+    )
     ev.add_argument("--score-only", action="store_true", help="score saved predictions only")
     ev.add_argument(
         "--offline",

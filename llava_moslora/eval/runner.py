@@ -173,6 +173,21 @@ def headline(name: str, result: Any) -> dict[str, Any]:
     return {"score": _number(row["Overall"]), "unit": "%"}
 
 
+def whole_pair_limit(data: Any, limit: int | None) -> int | None:
+    """`limit` moved forward so that it never cuts an MME question pair in half.
+
+    MME asks two questions per image (one "Yes", one "No") and scores acc+ per image, rows of a
+    pair sharing `image_path`; VLMEvalKit's `limit` takes the first `limit` rows, so an odd limit
+    would leave the last image with one question. Other benchmarks are taken as they are.
+    """
+    if limit is None or "image_path" not in getattr(data, "columns", ()):
+        return limit
+    paths = data["image_path"]
+    while limit < len(paths) and paths.iloc[limit] == paths.iloc[limit - 1]:
+        limit += 1
+    return limit
+
+
 def _run_files(run_dir: Path, run_name: str, benchmark: str) -> list[str]:
     prefix = f"{run_name}_{benchmark}"
     return sorted(
@@ -272,10 +287,11 @@ def run_benchmarks(
                         raise ValueError("`model` or `model_factory` is needed to run inference.")
                     model = model_factory()
                 log(f"[{name}] inference -> {pred_file}")
+                asked = whole_pair_limit(dataset.data, limit)
                 infer_data_job(
-                    model, work_dir=str(run_dir), model_name=run_name, dataset=dataset, limit=limit
+                    model, work_dir=str(run_dir), model_name=run_name, dataset=dataset, limit=asked
                 )
-                entry["limit"] = limit
+                entry["limit"] = asked
             entry["questions"] = len(dataset.data)
 
             if name in SUBMIT_ONLY:

@@ -26,30 +26,12 @@ def _plot_diagnostics(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_cfg_options(pairs: list[str]) -> dict:
-    """`key=value` pairs as mmengine's DictAction reads them (values parsed as Python literals)."""
-    import ast
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(
-                f"`--cfg-options` takes key=value pairs but the value passed is {pair!r}. "
-                "Write e.g. model.llm_lora.r=2."
-            )
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return options
-
-
 def _eval_compositional(args: argparse.Namespace) -> int:
+    from ..ablate.runner import parse_cfg_options
     from ..data.compositional import chance_accuracy, evaluate_run, read_eval_items
 
     try:
-        options = _parse_cfg_options(args.cfg_options)
+        options = parse_cfg_options(args.cfg_options)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -94,14 +76,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     evaluate = sub.add_parser(
         "eval-compositional",
-        help="held-out accuracy on the compositional task (options scored by log-likelihood)",
+        help="held-out accuracy of a run (options scored by log-likelihood): the config's "
+        "heldout_eval_path items, else the compositional task's",
         description="Prints per-category and overall accuracy as JSON. Without --checkpoint: "
         "the untrained model (adapters at init).",
     )
     evaluate.add_argument("config", help="e.g. configs/tiny_compositional_moslora.py")
     evaluate.add_argument("--checkpoint", help="iter_N.pth (file or DeepSpeed folder)")
     evaluate.add_argument(
-        "--items", help="held-out items JSON (default: compositional_eval.json next to data_path)"
+        "--items",
+        help="held-out items JSON (default: the config's heldout_eval_path, else "
+        "compositional_eval.json next to its data_path)",
     )
     evaluate.add_argument(
         "--cfg-options",
