@@ -151,23 +151,23 @@ def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
 
 @pytest.mark.slow
 def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
-    """2 variants x 2 seeds on the compositional task through `llava-moslora ablate`, then again:
-    finished runs are not redone."""
+    """2 variants x 2 seeds of the README's ablation (configs/tiny_ablation.py, held-out items)
+    through `llava-moslora ablate`, then again: finished runs are not redone."""
     import csv
 
     from llava_moslora.cli import main
     from llava_moslora.model.make_tiny import make_tiny
     from llava_moslora.train.checkpoints import load_trained_state
 
-    # 80 images / batch 4 = 20 iterations per epoch, 2 epochs: a few steps, with a warm-up >= 1.
-    make_tiny(tmp_path / "tiny", samples=80, task="compositional")
+    # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a few steps, with a warm-up >= 1.
+    make_tiny(tmp_path / "tiny", samples=160)
     monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "tiny"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: no oversubscription
     work = tmp_path / "ablation"
     args = [
         "ablate",
         "--config",
-        "configs/tiny_compositional_moslora.py",
+        "configs/tiny_ablation.py",
         "--variants",
         "lora,moslora_kaiming",
         "--seeds",
@@ -185,6 +185,7 @@ def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
     for (variant, seed), result in results.items():
         assert (result["variant"], result["seed"]) == (variant, seed)
         details = result["details"]
+        assert set(details) == {"colour", "shape", "count", "overall"}  # the config's items
         assert 0 <= result["score"] <= 100
         assert result["score"] == pytest.approx(100 * details["overall"])
         # The variant reached the model: only MoSLoRA checkpoints hold mixers, in both towers.

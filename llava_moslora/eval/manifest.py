@@ -1,18 +1,17 @@
 """Reading an export folder's `llava_moslora_export.json` (written by `llava-moslora export`).
 
-The exporter owns the schema (`llava_moslora.export.manifest.read_manifest`); this module uses it
-when it is importable and otherwise reads the same JSON itself, checking the fields evaluation
-needs, so the evaluator never guesses how to load a folder.
+The exporter owns the schema and its checks (`llava_moslora.export.manifest.read_manifest`: every
+field present, a known `format`); this module adds what evaluation needs on top, so the evaluator
+never guesses how to load a folder.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-MANIFEST_NAME = "llava_moslora_export.json"
-FORMATS: tuple[str, ...] = ("xtuner", "peft-folded", "hf-llava", "merged-xtuner")
+from ..export.manifest import MANIFEST_NAME, read_manifest
+
 # Fields the summary and report copy from the manifest (what identifies a row of Table 5).
 RECORDED_FIELDS: tuple[str, ...] = (
     "format",
@@ -41,18 +40,8 @@ def read_export_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"`MODEL_DIR` {str(model_dir)!r} has no {MANIFEST_NAME}; pass a folder written by "
             "`llava-moslora export`, which records how to load it."
         )
-    try:
-        from llava_moslora.export.manifest import read_manifest
-    except ImportError:  # the exporter is not installed alongside: read the JSON ourselves
-        manifest = json.loads(path.read_text())
-    else:
-        manifest = read_manifest(model_dir).to_dict()
-    fmt = manifest.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(
-            f"`format` in {path} should be one of {list(FORMATS)}, got {fmt!r}; re-export the "
-            "checkpoint with `llava-moslora export --to FORMAT`."
-        )
+    manifest = read_manifest(model_dir).to_dict()
+    fmt = manifest["format"]
     if fmt in ("xtuner", "peft-folded"):
         for field in ("llm", "visual_encoder"):
             if not manifest.get(field):
