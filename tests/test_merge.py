@@ -117,3 +117,26 @@ def test_mixed_adapter_merge_order_unmerges_exactly():
             torch.testing.assert_close(
                 w, b, atol=1e-6, rtol=0
             )  # plain LoRA part: PEFT's subtraction
+
+
+def test_dequantized_merge_of_dora_equals_peft_merge():
+    """DoRA is not W + ΔW: each row is rescaled to its magnitude. The dense-base path must give
+    what PEFT's own merge gives (and the unmerged model's outputs)."""
+    from peft import LoraConfig
+
+    from llava_moslora.moslora.merge import merge_and_unload_dequantized
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    dora = get_peft_model(make_mlp(), config)
+    with torch.no_grad():  # trained-looking adapters: B != 0, magnitudes moved
+        for name, param in dora.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    x = torch.randn(5, dora.base_model.model.lin0.in_features)
+    with torch.no_grad():
+        expected = dora(x)
+        peft_merged = copy.deepcopy(dora).merge_and_unload()(x)
+        ours = merge_and_unload_dequantized(dora, torch.float32)(x)
+    torch.testing.assert_close(peft_merged, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)

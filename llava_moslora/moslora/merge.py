@@ -56,7 +56,15 @@ def merge_and_unload_dequantized(
         weight = dequantize_module_weight(base).float()  # (out, in)
         for adapter in module.active_adapters:
             if adapter in module.lora_A and adapter not in module.merged_adapters:
-                weight = weight + module.get_delta_weight(adapter).float()
+                delta = module.get_delta_weight(adapter).float()
+                if module.use_dora.get(adapter, False):
+                    # DoRA rescales each output row of W + ΔW to its learned magnitude, as PEFT's
+                    # own merge does: W' = m / ||W + ΔW||_row * (W + ΔW).
+                    magnitude = module.lora_magnitude_vector[adapter].weight.float()
+                    norm = torch.linalg.norm(weight + delta, dim=1)
+                    weight = (magnitude / norm).view(-1, 1) * (weight + delta)
+                else:
+                    weight = weight + delta
         module.base_layer = _dense_copy(base, weight, dtype)
         module.merged_adapters = []
     model = peft_model.unload()
