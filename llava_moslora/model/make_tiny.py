@@ -8,6 +8,8 @@
                                  LLaVAModel(pretrained_pth=...) loads (keys `projector.model.*`)
     DIR/data/tiny_llava.json     synthetic LLaVA instructions (llava_moslora.data.synthetic)
     DIR/data/images/*.png
+    DIR/data/heldout_eval.json   held-out colour / shape / count items on new images
+                                 (synthetic.write_heldout; `--eval heldout` of the ablation)
 
 With `task="compositional"` (`make-tiny DIR --task compositional`) the data is instead the
 compositional task of llava_moslora.data.compositional (DIR/data/compositional.json + held-out
