@@ -14,6 +14,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llava_moslora.eval.cli",
     "llava_moslora.ablate.cli",
 )
+# make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
+TASKS = ("shapes", "compositional")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,9 +33,20 @@ def _demo(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .model.make_tiny import make_tiny
 
-    paths = make_tiny(args.dir, seed=args.seed, samples=args.samples)
+    rounds = tuple(fmt for fmt in args.benchmark_rounds.split(",") if fmt)
+    try:
+        paths = make_tiny(
+            args.dir,
+            seed=args.seed,
+            samples=args.samples,
+            task=args.task,
+            benchmark_rounds=rounds,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for name, path in paths.items():
-        print(f"{name:>9}: {path}")
+        print(f"{name:>11}: {path}")
     return 0
 
 
@@ -106,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
+    from .data.synthetic import BENCHMARK_ROUNDS
+
     tiny = sub.add_parser(
         "make-tiny",
         help="write a tiny LLaVA (LLaMA-3-shaped LLM, CLIP ViT, projector, synthetic data) to DIR",
@@ -113,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output folder (configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--samples", type=int, default=320, help="synthetic training samples")
+    tiny.add_argument(
+        "--task",
+        default="shapes",
+        choices=TASKS,
+        help="training data: synthetic shapes (default) or the compositional task "
+        "(llava_moslora/data/compositional.py, with held-out evaluation items)",
+    )
+    tiny.add_argument(
+        "--benchmark-rounds",
+        default=",".join(BENCHMARK_ROUNDS),
+        metavar="FORMATS",
+        help="benchmark-format rounds per shapes conversation, comma-separated from mcq, yes_no, "
+        "short ('' for none); default: %(default)s",
+    )
     tiny.set_defaults(func=_make_tiny)
 
     check = sub.add_parser(

@@ -160,7 +160,8 @@ def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
     from llava_moslora.train.checkpoints import load_trained_state
 
     # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a few steps, with a warm-up >= 1.
-    make_tiny(tmp_path / "tiny", samples=160)
+    # The README's data: two short-answer rounds per image besides the free-form ones.
+    make_tiny(tmp_path / "tiny", samples=160, benchmark_rounds=("short", "short"))
     monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "tiny"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: no oversubscription
     work = tmp_path / "ablation"

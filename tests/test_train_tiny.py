@@ -82,6 +82,50 @@ def test_synthetic_data_is_deterministic_and_answers_depend_on_the_image(tmp_pat
     assert all("<image>" not in t["value"] for r in records for t in r["conversations"][1:])
 
 
+def _format_of(prompt: str) -> str:
+    """The round format of a training prompt: mcq, yes_no, short or free (free-form)."""
+    from llava_moslora.data import synthetic
+
+    if prompt.split("\n")[-1] in synthetic.MCQ_INSTRUCTION.values():
+        return "mcq"
+    if synthetic.YES_NO_SUFFIX in prompt:
+        return "yes_no"
+    return "short" if prompt.endswith(synthetic.SHORT_ANSWER_INSTRUCTION) else "free"
+
+
+@pytest.mark.parametrize("rounds", [("short", "short"), ("mcq", "yes_no"), ()])
+def test_benchmark_rounds_set_each_conversations_formats(tmp_path, rounds):
+    """make-tiny --benchmark-rounds: every conversation gets exactly those benchmark rounds (the
+    ablation's data: two short-answer rounds) besides its one or two free-form ones."""
+    from collections import Counter
+
+    from llava_moslora.data import synthetic
+
+    path = synthetic.write_dataset(tmp_path, samples=30, seed=2, benchmark_rounds=rounds)
+    for record in json.loads(path.read_text()):
+        formats = Counter(_format_of(turn["value"]) for turn in record["conversations"][::2])
+        assert 1 <= formats.pop("free") <= 2
+        assert formats == Counter(rounds)
+    default = synthetic.write_dataset(tmp_path / "default", samples=30, seed=2)
+    for record in json.loads(default.read_text()):
+        formats = Counter(_format_of(turn["value"]) for turn in record["conversations"][::2])
+        assert formats.pop("free") >= 1 and formats == Counter(synthetic.BENCHMARK_ROUNDS)
+
+
+def test_bad_benchmark_rounds_are_refused_before_anything_is_written(tmp_path):
+    from llava_moslora.cli import main
+    from llava_moslora.data import synthetic
+    from llava_moslora.model.make_tiny import make_tiny
+
+    expected = r"`benchmark_rounds` \(make-tiny --benchmark-rounds\) should be formats from mcq"
+    with pytest.raises(ValueError, match=expected + r".*\('short', 'vqa'\)"):
+        make_tiny(tmp_path / "tiny", benchmark_rounds=("short", "vqa"))
+    with pytest.raises(ValueError, match=expected + r".*'short'"):
+        synthetic.write_dataset(tmp_path / "data", benchmark_rounds="short")  # not a tuple
+    assert main(["make-tiny", str(tmp_path / "cli"), "--benchmark-rounds", "short,mcqs"]) == 2
+    assert not any(tmp_path.iterdir())
+
+
 def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_dir, tmp_path):
     """make-tiny writes the ablation's held-out set: answers balanced (chance = 1/options), each
     answer what the scene gives, and pictures that are not training pictures."""

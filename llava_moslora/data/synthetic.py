@@ -5,7 +5,7 @@ same colour. Questions ask for the colour, the shape, the count or the occupied 
 that ignores the image cannot do better than guessing. As in LLaVA-1.5's 665K mix, free-form
 rounds ("The circles are blue.") are mixed with rounds in the answer formats of the benchmarks
 (tiny_bench.py): multiple choice in English or Chinese answered by the option's letter, yes/no,
-and single-word answers. The JSON has the layout of LLaVA-1.5's `llava_v1_5_mix665k.json`, which
+and single-word answers; which of them each conversation gets is `benchmark_rounds`. The JSON has the layout of LLaVA-1.5's `llava_v1_5_mix665k.json`, which
 is what XTuner's `LLaVADataset` + `llava_map_fn` read:
 
     [{"id": "000000", "image": "000000.png",
@@ -172,9 +172,12 @@ YES_NO_QUESTIONS = {
 # Short-answer kinds (TextVQA-style): answered with the colour, the shape or the count word.
 SHORT_ANSWER_KINDS = ("colour", "shape", "count")
 BENCHMARK_FORMATS = ("mcq", "yes_no", "short")
-# The benchmark-format rounds of each conversation. Two multiple-choice and two yes/no rounds, as
-# answering them means matching the image against the question's text (which option, which
-# value), the slowest skill for the tiny model to learn; a round is cheap next to the image.
+# The benchmark-format rounds of each conversation (make-tiny's default; `--benchmark-rounds`
+# picks others). Two multiple-choice and two yes/no rounds, as answering them means matching the
+# image against the question's text (which option, which value), the slowest skill for the tiny
+# model to learn; a round is cheap next to the image. The ablation (configs/tiny_ablation.py)
+# instead uses ("short", "short"): with this mix its rank-8 LoRA stayed at chance on the held-out
+# short-answer items.
 BENCHMARK_ROUNDS = ("mcq", "mcq", "yes_no", "yes_no", "short")
 
 
@@ -267,15 +270,20 @@ def benchmark_turn(scene: Scene, fmt: str, rng: random.Random) -> tuple[str, str
     raise ValueError(f"`fmt` should be one of {list(BENCHMARK_FORMATS)}, got {fmt!r}")
 
 
-def conversation(scene: Scene, rng: random.Random, max_turns: int = 2) -> list[dict[str, str]]:
-    """One to `max_turns` free-form rounds plus the BENCHMARK_ROUNDS, in a random order.
+def conversation(
+    scene: Scene,
+    rng: random.Random,
+    max_turns: int = 2,
+    benchmark_rounds: tuple[str, ...] = BENCHMARK_ROUNDS,
+) -> list[dict[str, str]]:
+    """One to `max_turns` free-form rounds plus one round per `benchmark_rounds` format, shuffled.
 
     The image token opens the first question, whichever format it has: at evaluation every
     benchmark question comes first, right after the image.
     """
     kinds = rng.sample(sorted(QUESTIONS), rng.randint(1, max_turns))
     rounds = [(rng.choice(QUESTIONS[kind]), answer(scene, kind)) for kind in kinds]
-    rounds += [benchmark_turn(scene, fmt, rng) for fmt in BENCHMARK_ROUNDS]
+    rounds += [benchmark_turn(scene, fmt, rng) for fmt in benchmark_rounds]
     rng.shuffle(rounds)
     turns = []
     for i, (question, reply) in enumerate(rounds):
@@ -377,12 +385,34 @@ def write_heldout(
     return path
 
 
+def check_benchmark_rounds(benchmark_rounds: tuple[str, ...]) -> None:
+    """Raise ValueError unless `benchmark_rounds` is a tuple of BENCHMARK_FORMATS (may be empty)."""
+    if not isinstance(benchmark_rounds, tuple) or any(
+        fmt not in BENCHMARK_FORMATS for fmt in benchmark_rounds
+    ):
+        raise ValueError(
+            f"`benchmark_rounds` (make-tiny --benchmark-rounds) should be formats from "
+            f"{', '.join(BENCHMARK_FORMATS)} but the value passed is {benchmark_rounds!r}; "
+            f"e.g. ('short',), or --benchmark-rounds short,yes_no."
+        )
+
+
 def write_dataset(
-    out_dir: str | Path, *, samples: int = 320, seed: int = 0, image_size: int = 112
+    out_dir: str | Path,
+    *,
+    samples: int = 320,
+    seed: int = 0,
+    image_size: int = 112,
+    benchmark_rounds: tuple[str, ...] = BENCHMARK_ROUNDS,
 ) -> Path:
-    """Write `out_dir/tiny_llava.json` and `out_dir/images/*.png`; return the JSON's path."""
+    """Write `out_dir/tiny_llava.json` and `out_dir/images/*.png`; return the JSON's path.
+
+    `benchmark_rounds` are the benchmark-format rounds each conversation gets besides its
+    free-form ones (formats of BENCHMARK_FORMATS, repeats allowed, empty for none).
+    """
     if samples < 1:
         raise ValueError(f"`samples` should be a positive integer, got {samples}")
+    check_benchmark_rounds(benchmark_rounds)
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +423,11 @@ def write_dataset(
         name = f"{index:06d}.png"
         draw(scene, rng, image_size).save(image_dir / name)
         records.append(
-            {"id": f"{index:06d}", "image": name, "conversations": conversation(scene, rng)}
+            {
+                "id": f"{index:06d}",
+                "image": name,
+                "conversations": conversation(scene, rng, benchmark_rounds=benchmark_rounds),
+            }
         )
     json_path = out_dir / "tiny_llava.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")

@@ -163,17 +163,25 @@ def projector_state_dict(visual_hidden_size: int, llm_hidden_size: int, seed: in
 
 
 def make_tiny(
-    out_dir: str | Path, *, seed: int = 0, samples: int = 320, task: str = "shapes"
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    samples: int = 320,
+    task: str = "shapes",
+    benchmark_rounds: tuple[str, ...] = synthetic.BENCHMARK_ROUNDS,
 ) -> dict[str, Path]:
     """Write the tiny LLaVA setup under `out_dir` (see the module docstring); return its paths.
 
     `task` picks the data: "shapes" (synthetic.py, the default) or "compositional"
     (compositional.py, `samples` training images plus its held-out evaluation items).
+    `benchmark_rounds` are the benchmark-format rounds of each shapes conversation
+    (synthetic.write_dataset); the tokenizer covers every format whichever are picked.
     """
     if task not in TASKS:
         raise ValueError(
             f"`task` should be one of {', '.join(TASKS)} but the value passed is {task!r}."
         )
+    synthetic.check_benchmark_rounds(benchmark_rounds)  # before anything is written
     out_dir = Path(out_dir)
     paths = {
         "llm": out_dir / "llm",
@@ -205,6 +213,8 @@ def make_tiny(
         written = compositional.write_task(paths["data"].parent, train_images=samples, seed=seed)
         paths.update(written)
         return paths
-    synthetic.write_dataset(paths["data"].parent, samples=samples, seed=seed)
+    synthetic.write_dataset(
+        paths["data"].parent, samples=samples, seed=seed, benchmark_rounds=benchmark_rounds
+    )
     paths["heldout"] = synthetic.write_heldout(paths["data"].parent, seed=seed)
     return paths

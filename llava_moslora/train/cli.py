@@ -10,9 +10,6 @@ import argparse
 import json
 import sys
 
-# make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
-TASKS = ("shapes", "compositional")
-
 
 def _plot_diagnostics(args: argparse.Namespace) -> int:
     from .diagnostics import plot_diagnostics
@@ -42,29 +39,8 @@ def _eval_compositional(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_tiny_task(args: argparse.Namespace) -> int:
-    from ..model.make_tiny import make_tiny
-
-    paths = make_tiny(args.dir, seed=args.seed, samples=args.samples, task=args.task)
-    for name, path in paths.items():
-        print(f"{name:>11}: {path}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `plot-diagnostics` and `eval-compositional`, and `--task` to `make-tiny`."""
-    tiny = sub.choices.get("make-tiny")
-    if tiny is not None:
-        # `make-tiny` lives in llava_moslora/cli.py; its data choice lives with the task's code.
-        tiny.add_argument(
-            "--task",
-            choices=TASKS,
-            default=TASKS[0],
-            help="training data: synthetic shapes (default) or the compositional task "
-            "(llava_moslora/data/compositional.py, with held-out evaluation items)",
-        )
-        tiny.set_defaults(func=_make_tiny_task)
-
+    """Add `plot-diagnostics` and `eval-compositional`."""
     plot = sub.add_parser(
         "plot-diagnostics",
         help="plot the mixer diagnostics of a run (distance, condition number, effective rank)",
