@@ -158,6 +158,32 @@ def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_d
         synthetic.write_heldout(tmp_path, items=2)
 
 
+def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir):
+    """The same 144 items for VLMEvalKit: its MCQ columns, the bare question (VLMEvalKit's prompt
+    adds the options and its own instruction), the answer letter pointing at the answer."""
+    import base64
+
+    pd = pytest.importorskip("pandas")
+    from llava_moslora.data import compositional, synthetic
+
+    items = compositional.read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
+    frame = pd.read_csv(tiny_dir / "data" / synthetic.HELDOUT_TSV, sep="\t")
+    assert list(frame.columns) == [
+        "index", "image", "question", "A", "B", "C", "D", "answer", "category", "l2-category",
+        "split",
+    ]  # fmt: skip
+    assert len(frame) == len(items)
+    for (_, row), item in zip(frame.iterrows(), items, strict=True):
+        assert row["index"] == item.index and row["category"] == item.category
+        assert row["question"] == item.question.split("\n")[0]
+        assert synthetic.SHORT_ANSWER_INSTRUCTION not in row["question"]
+        assert str(row[row["answer"]]) == item.answer
+        png = (tiny_dir / "data" / item.image).read_bytes()
+        assert base64.b64decode(row["image"]) == png
+    shape_rows = frame[frame["category"] == "shape"]
+    assert shape_rows["D"].isna().all()  # three shapes: VLMEvalKit drops the NaN option
+
+
 def test_ablation_config_trains_projector_and_vit_adapters_at_a_twentieth_of_the_rate(
     tiny_dir, monkeypatch
 ):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -332,12 +332,14 @@ def corpus() -> Iterator[str]:
 
 
 HELDOUT_JSON = "heldout_eval.json"
+HELDOUT_TSV = "heldout_eval.tsv"  # a name VLMEvalKit does not know: read as a custom MCQ set
 
 
 def write_heldout(
     out_dir: str | Path, *, items: int = 144, seed: int = 0, image_size: int = 112
 ) -> Path:
-    """Held-out short-answer items (colour, shape, count) on new images: `out_dir/heldout_eval.json`.
+    """Held-out short-answer items (colour, shape, count) on new images, `out_dir/HELDOUT_JSON`,
+    and the same items as a VLMEvalKit multiple-choice set, `out_dir/HELDOUT_TSV`.
 
     The items are `compositional.EvalItem`s, so `compositional.evaluate_run` scores them the same
     way (each option by its log-likelihood): the kind and its answer cycle first, then a scene with
@@ -347,7 +349,7 @@ def write_heldout(
     so the items test reading the image on unseen pictures, not generalising to unseen scenes
     (that is what the compositional task's disjoint held-out scenes are for).
     """
-    from .compositional import OPTION_LETTERS, EvalItem, Obj
+    from .compositional import OPTION_LETTERS, EvalItem, Obj, write_mcq_tsv
 
     if not isinstance(items, int) or isinstance(items, bool) or items < len(SHORT_ANSWER_KINDS):
         raise ValueError(
@@ -382,6 +384,12 @@ def write_heldout(
         rows.append(asdict(item))
     path = out_dir / HELDOUT_JSON
     path.write_text(json.dumps(rows, indent=1) + "\n")
+    # The same items for VLMEvalKit, as a multiple-choice set: the bare question (its MCQ prompt
+    # adds the options and the answer-with-a-letter instruction, not a single-word one).
+    bare = [
+        replace(EvalItem.from_dict(row), question=row["question"].split("\n")[0]) for row in rows
+    ]
+    write_mcq_tsv(bare, out_dir, out_dir / HELDOUT_TSV)
     return path
 
 

@@ -10,6 +10,7 @@
     DIR/data/images/*.png
     DIR/data/heldout_eval.json   held-out colour / shape / count items on new images
                                  (synthetic.write_heldout; `--eval heldout` of the ablation)
+    DIR/data/heldout_eval.tsv    the same items as a VLMEvalKit multiple-choice TSV
 
 With `task="compositional"` (`make-tiny DIR --task compositional`) the data is instead the
 compositional task of llava_moslora.data.compositional (DIR/data/compositional.json + held-out
@@ -217,4 +218,5 @@ def make_tiny(
         paths["data"].parent, samples=samples, seed=seed, benchmark_rounds=benchmark_rounds
     )
     paths["heldout"] = synthetic.write_heldout(paths["data"].parent, seed=seed)
+    paths["heldout_tsv"] = paths["heldout"].with_name(synthetic.HELDOUT_TSV)
     return paths
