@@ -133,6 +133,42 @@ def test_report_tables_and_plot(tmp_path):
         write_report([], tmp_path)
 
 
+def test_report_averages_score_parts_and_final_diagnostics_over_seeds(tmp_path):
+    """The md's two extra tables: each `details` part and each tower's last logged diagnostics
+    (from the jsonl next to the run's checkpoint), averaged over seeds; absent keys are "–"."""
+    from llava_moslora.ablate.report import final_diagnostics, write_report
+    from llava_moslora.train.diagnostics import JSONL_NAME
+
+    results = _results({"lora": [60.0, 70.0], "moslora_kaiming": [65.0, 75.0]})
+    for i, result in enumerate(results):  # lora seeds 0, 1, then moslora_kaiming 0, 1
+        result["details"] = {"colour": 0.5 + 0.1 * i, "count": 0.2 * i, "overall": 0.6}
+        train = tmp_path / result["variant"] / f"seed_{result['seed']}" / "train"
+        train.mkdir(parents=True)
+        result["checkpoint"] = str(train / "iter_10.pth")
+        rows = []
+        for step, scale in ((0, 0.0), (10, 1.0)):  # only the last step counts
+            for group, erank in (("llm/q_proj", 2.0), ("llm/v_proj", 4.0), ("vit/fc1", 1.0)):
+                row = {"iter": step, "group": group, "delta_erank_mean": scale * (erank + i)}
+                if result["variant"] != "lora":  # LoRA has no mixer: no distance logged
+                    row["distance_mean"] = scale * 0.1 * (i + 1)
+                rows.append(row)
+        (train / JSONL_NAME).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    assert final_diagnostics(results[3]) == pytest.approx(
+        {"llm_erank": 6.0, "llm_distance": 0.4, "vit_erank": 4.0, "vit_distance": 0.4}
+    )
+    assert final_diagnostics({"checkpoint": str(tmp_path / "none" / "iter_1.pth")}) == {}
+    md = write_report(results, tmp_path, title="t")["md"].read_text()
+    assert "| variant | colour | count | overall |" in md
+    # lora: i = 0, 1 -> colour (0.5 + 0.6) / 2, count (0 + 0.2) / 2
+    assert "| lora | 0.550 | 0.100 | 0.600 |" in md
+    assert "| moslora_kaiming | 0.750 | 0.500 | 0.600 |" in md
+    assert "| variant | llm_erank | vit_erank | llm_distance | vit_distance |" in md
+    # lora: llm erank mean of (2, 4) + i -> 3 and 4, over seeds 3.5; vit 1 + i -> 1.5
+    assert "| lora | 3.500 | 1.500 | – | – |" in md
+    assert "| moslora_kaiming | 5.500 | 3.500 | 0.350 | 0.350 |" in md
+
+
 def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
     from llava_moslora.ablate.runner import parse_evaluator, plan
 

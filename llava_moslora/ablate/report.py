@@ -36,11 +36,48 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def final_diagnostics(result: dict[str, Any]) -> dict[str, float]:
+    """Per tower, the last logged mixer distance and ΔW effective rank of `result`'s run, averaged
+    over its module groups: {"llm_erank": .., "llm_distance": .., "vit_erank": ..}; {} when the
+    run logged no MixerDiagnosticsHook rows (its train dir is the checkpoint's parent).
+    """
+    from ..train.diagnostics import read_diagnostics
+
+    try:
+        rows = read_diagnostics(Path(result["checkpoint"]).parent)
+    except (FileNotFoundError, KeyError):
+        return {}
+    if not rows:
+        return {}
+    last = max(row["iter"] for row in rows)
+    found: dict[str, list[float]] = {}
+    for row in rows:
+        if row["iter"] != last:
+            continue
+        tower = row["group"].split("/")[0]
+        for name, key in (("erank", "delta_erank_mean"), ("distance", "distance_mean")):
+            if key in row:  # plain LoRA logs no mixer distance
+                found.setdefault(f"{tower}_{name}", []).append(float(row[key]))
+    return {name: _mean(values) for name, values in found.items()}
+
+
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant (in first-seen order) with its spread and its paired test vs LoRA."""
+    """One row per variant (in first-seen order) with its spread and its paired test vs LoRA,
+    plus the mean over seeds of each part of the runs' `details` and of their final diagnostics."""
     by_variant: dict[str, dict[int, float]] = {}
+    parts: dict[str, dict[str, list[float]]] = {}
+    diagnostics: dict[str, dict[str, list[float]]] = {}
     for result in results:
         by_variant.setdefault(result["variant"], {})[int(result["seed"])] = float(result["score"])
+        for key, value in (result.get("details") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                parts.setdefault(result["variant"], {}).setdefault(key, []).append(value)
+        for key, value in final_diagnostics(result).items():
+            diagnostics.setdefault(result["variant"], {}).setdefault(key, []).append(value)
     baseline = by_variant.get(BASELINE)
     rows = []
     for variant, scores in by_variant.items():
@@ -53,6 +90,8 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "ci95_low": spread.ci_low,
             "ci95_high": spread.ci_high,
             "scores": scores,
+            "parts": {k: _mean(v) for k, v in parts.get(variant, {}).items()},
+            "diagnostics": {k: _mean(v) for k, v in diagnostics.get(variant, {}).items()},
         }
         if baseline is not None and variant != BASELINE and scores.keys() & baseline.keys():
             paired = stats.paired(scores, baseline)
@@ -135,10 +174,35 @@ def write_report(
     for row in rows:
         cells = [_fmt(row["scores"].get(s, math.nan)) for s in _all_seeds(rows)]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    lines += _mean_table(
+        rows,
+        "parts",
+        "Parts of the score, mean over seeds (each run's result.json `details`):",
+    )
+    lines += _mean_table(
+        rows,
+        "diagnostics",
+        "At the end of training, mean over seeds (MixerDiagnosticsHook): per tower, the effective "
+        "rank of ΔW (`erank`) and the mixer's relative distance from its init (`distance`), "
+        "averaged over the tower's module groups:",
+    )
     paths["md"].write_text("\n".join(lines) + "\n")
 
     _plot(rows, unit, title, paths["png"])
     return paths
+
+
+def _mean_table(rows: Sequence[dict[str, Any]], field: str, caption: str) -> list[str]:
+    """A Markdown table of each row's `field` dict (columns in first-seen order); [] if empty."""
+    columns = list(dict.fromkeys(key for row in rows for key in row[field]))
+    if not columns:
+        return []
+    lines = ["", caption, "", "| variant | " + " | ".join(columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    for row in rows:
+        cells = [_fmt(row[field].get(key, math.nan), 3) for key in columns]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _all_seeds(rows: Sequence[dict[str, Any]]) -> list[int]:
