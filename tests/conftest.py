@@ -58,3 +58,24 @@ def _autograd_stays_on():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
+
+
+def vlmevalkit_mcq_prompts(tsv, tmp_path, monkeypatch) -> list[str]:
+    """Build `tsv` with VLMEvalKit itself (its name unknown, so read as a custom MCQ set, from a
+    copy in a fresh $LMUData) and return the text of every row's prompt."""
+    import shutil
+
+    from llava_moslora.eval import import_vlmeval
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    shutil.copy(tsv, root / "my_mcq_set.tsv")
+    monkeypatch.setenv("LMUData", str(root))
+    dataset = import_vlmeval("vlmeval.dataset").build_dataset("my_mcq_set")
+    assert type(dataset).__name__ == "CustomMCQDataset"
+    prompts = []
+    for _, row in dataset.data.iterrows():
+        message = dataset.build_prompt(row)
+        assert [part["type"] for part in message] == ["image", "text"]
+        prompts.append(message[1]["value"])
+    return prompts

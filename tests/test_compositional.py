@@ -15,6 +15,7 @@ import pytest
 
 from llava_moslora.data import compositional as comp
 from llava_moslora.data.synthetic import CELLS, COLOURS, SHAPES
+from tests.conftest import vlmevalkit_mcq_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,12 +139,20 @@ def test_mcq_tsv_has_vlmevalkit_columns(task):
         assert base64.b64decode(row["image"]) == png
 
 
-def test_vlmevalkit_reads_the_tsv_as_a_multiple_choice_set(task):
-    pd = pytest.importorskip("pandas")
-    frame = pd.read_csv(task["eval_tsv"], sep="\t")
-    shape_rows = frame[frame["category"] == "shape_at"]
-    assert shape_rows["D"].isna().all()  # VLMEvalKit drops NaN options from the prompt
-    assert set(frame["answer"]) <= set("ABCD")
+def test_vlmevalkit_reads_the_tsv_as_a_multiple_choice_set(task, tmp_path, monkeypatch):
+    """VLMEvalKit's own loader takes the TSV as a custom MCQ set and prompts with each row's
+    options only (a question with three options gets no empty "D.")."""
+    items = comp.read_eval_items(task["eval"])
+    prompts = vlmevalkit_mcq_prompts(task["eval_tsv"], tmp_path, monkeypatch)
+    assert len(prompts) == len(items)
+    for prompt, item in zip(prompts, items, strict=True):
+        assert prompt.startswith(f"Question: {item.question}")
+        listed = [
+            f"{letter}. {option}" for letter, option in zip("ABCD", item.options, strict=False)
+        ]
+        assert [
+            line for line in prompt.split("\n") if line[:3] in {"A. ", "B. ", "C. ", "D. "}
+        ] == listed
 
 
 def test_bad_sizes_name_the_field(tmp_path):

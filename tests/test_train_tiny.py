@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llava_moslora.train import cpu_shims
+from tests.conftest import vlmevalkit_mcq_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
@@ -158,7 +159,7 @@ def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_d
         synthetic.write_heldout(tmp_path, items=2)
 
 
-def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir):
+def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir, tmp_path, monkeypatch):
     """The same 144 items for VLMEvalKit: its MCQ columns, the bare question (VLMEvalKit's prompt
     adds the options and its own instruction), the answer letter pointing at the answer."""
     import base64
@@ -180,8 +181,12 @@ def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir):
         assert str(row[row["answer"]]) == item.answer
         png = (tiny_dir / "data" / item.image).read_bytes()
         assert base64.b64decode(row["image"]) == png
-    shape_rows = frame[frame["category"] == "shape"]
-    assert shape_rows["D"].isna().all()  # three shapes: VLMEvalKit drops the NaN option
+    prompts = vlmevalkit_mcq_prompts(
+        tiny_dir / "data" / synthetic.HELDOUT_TSV, tmp_path, monkeypatch
+    )
+    for prompt, item in zip(prompts, items, strict=True):
+        assert prompt.startswith(f"Question: {item.question.split(chr(10))[0]}\nOptions:\n")
+        assert ("\nD. " in prompt) == (item.category != "shape")  # three shapes: no empty "D."
 
 
 def test_ablation_config_trains_projector_and_vit_adapters_at_a_twentieth_of_the_rate(
