@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from llava_moslora.ablate import stats
 from llava_moslora.ablate.variants import VARIANTS, cfg_options, parse_variants
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_spread_is_mean_sample_std_and_t_interval():
@@ -183,6 +186,63 @@ def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
     assert parse_evaluator("suite:tiny") == ("suite", "tiny")
     with pytest.raises(ValueError, match=r"`--eval` should be `heldout` or `suite:NAME`.*'suit'"):
         parse_evaluator("suit")
+
+
+def test_a_work_dir_resumes_only_with_the_settings_it_was_made_with(tmp_path, capsys):
+    """Finished runs record their config, `--cfg-options` and evaluator; a resume that passes
+    other ones is refused before anything trains, so one report never mixes two settings."""
+    from llava_moslora.ablate.runner import plan, settings, train
+    from llava_moslora.cli import main
+
+    work = tmp_path / "ablation"
+    (run,) = plan(work, ["lora"], [0])
+    run.dir.mkdir(parents=True)
+    record = {
+        "score": 50.0,
+        "unit": "% held-out",
+        "details": {"overall": 0.5},
+        "variant": "lora",
+        "seed": 0,
+        "checkpoint": str(run.train_dir / "iter_9.pth"),
+        "config": "configs/tiny_ablation.py",
+        "cfg_options": ["model.llm_lora.r=64"],
+        "evaluator": "heldout",
+    }
+    run.result_path.write_text(json.dumps(record))
+    base = ["ablate", "--variants", "lora", "--seeds", "1", "--work-dir", str(work)]
+    same = ["--config", str(REPO / "configs" / "tiny_ablation.py")]  # same file, other path
+
+    assert main([*base, *same, "--cfg-options", "model.llm_lora.r=64"]) == 0
+    assert (
+        (work / "ablation.md")
+        .read_text()
+        .startswith("# Ablation of tiny_ablation.py with model.llm_lora.r=64\n")
+    )
+    capsys.readouterr()
+    refused = {
+        "`--cfg-options` ['model.llm_lora.r=64'] but this command passes []": same,
+        "`--eval` 'heldout' but this command passes 'suite:tiny'": [
+            *same, "--eval", "suite:tiny", "--cfg-options", "model.llm_lora.r=64",
+        ],
+        "`--config` 'tiny_ablation.py' but this command passes 'tiny_lora.py'": [
+            "--config", str(REPO / "configs" / "tiny_lora.py"),
+            "--cfg-options", "model.llm_lora.r=64",
+        ],
+    }  # fmt: skip
+    for message, args in refused.items():
+        assert main([*base, *args]) == 1
+        error = capsys.readouterr().err
+        assert str(run.result_path) in error and message in error
+        assert "give these settings their own `--work-dir`" in error
+    assert json.loads(run.result_path.read_text()) == record  # nothing was overwritten
+
+    # Trained but not evaluated: the training record is checked the same way.
+    run.result_path.unlink()
+    marker = run.dir / "trained.json"
+    marker.write_text(json.dumps({"checkpoint": "x", **settings("configs/tiny_ablation.py", [])}))
+    with pytest.raises(ValueError, match=r"trained.json was made with `--cfg-options` \[\]"):
+        train(run, "configs/tiny_ablation.py", extra=["model.llm_lora.r=64"])
+    assert marker.is_file()
 
 
 @pytest.mark.slow

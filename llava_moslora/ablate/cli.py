@@ -36,7 +36,10 @@ def _ablate(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    paths = write_report(results, args.work_dir, title=f"Ablation of {Path(args.config).name}")
+    title = f"Ablation of {Path(args.config).name}"
+    if args.cfg_options:
+        title += f" with {' '.join(args.cfg_options)}"
+    paths = write_report(results, args.work_dir, title=title)
     print(Path(paths["md"]).read_text())
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")

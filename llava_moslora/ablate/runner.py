@@ -8,7 +8,9 @@ Layout under the ablation's work dir (one folder per run, so runs are independen
     WORK/ablation.{md,csv,png}          the report (`report.py`)
 
 A run with `result.json` is never redone. A run whose training finished (`last_checkpoint` points
-at the final iteration) but whose evaluation did not is only re-evaluated. Anything else is
+at the final iteration) but whose evaluation did not is only re-evaluated. Both files record the
+config and the `--cfg-options` they were made with (`result.json` also the evaluator), and a work
+dir holds one setting: resuming with other ones is refused, so a report never mixes two settings. Anything else is
 trained again from scratch in a clean folder: mmengine's resume restores optimizer and schedule but
 not the RNG stream, so a resumed run would not be the same seed's run.
 
@@ -60,6 +62,33 @@ class Run:
 
     def finished(self) -> bool:
         return self.result_path.is_file()
+
+
+def settings(config: str | Path, extra: Sequence[str], evaluator: str | None = None) -> dict:
+    """What must match for a finished run to be reused: the config (by file name, so a resume
+    from another directory still matches), the extra `--cfg-options` and, for a result, the
+    evaluator."""
+    found = {"config": Path(config).name, "cfg_options": list(extra)}
+    if evaluator is not None:
+        found["evaluator"] = evaluator
+    return found
+
+
+def check_settings(path: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Read the JSON record at `path`; refuse it if it was made with other `settings`."""
+    record = json.loads(path.read_text())
+    recorded = dict(record)
+    if "config" in recorded:
+        recorded["config"] = Path(recorded["config"]).name
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            flag = {"cfg_options": "--cfg-options", "evaluator": "--eval"}.get(key, "--config")
+            raise ValueError(
+                f"{path} was made with `{flag}` {recorded.get(key)!r} but this command passes "
+                f"{value!r}. A work dir holds one setting: pass the same `{flag}` to resume it, "
+                "or give these settings their own `--work-dir`."
+            )
+    return record
 
 
 def plan(work_dir: str | Path, variants: Sequence[str], seeds: Sequence[int]) -> list[Run]:
@@ -129,7 +158,7 @@ def train(
     """
     marker = run.dir / "trained.json"
     if marker.is_file():
-        return Path(json.loads(marker.read_text())["checkpoint"])
+        return Path(check_settings(marker, settings(config, extra))["checkpoint"])
     if run.dir.exists():
         shutil.rmtree(run.dir)  # a half-finished run: start the seed again, cleanly
     run.dir.mkdir(parents=True)
@@ -147,7 +176,13 @@ def train(
             f"{run.dir / 'train.log'}:\n" + "\n".join(output.splitlines()[-15:])
         )
     marker.write_text(
-        json.dumps({"checkpoint": str(checkpoint), "seconds": time.monotonic() - started})
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint),
+                "seconds": time.monotonic() - started,
+                **settings(config, extra),
+            }
+        )
     )
     return checkpoint
 
@@ -225,6 +260,10 @@ def run_all(
     """Train and evaluate every unfinished run; return every finished run's result."""
     parse_evaluator(evaluator)  # refuse a bad --eval or --cfg-options before hours of training
     parse_cfg_options(extra)
+    wanted = settings(config, extra, evaluator)
+    for run in runs:  # all of them before any training: a mismatch is found in seconds
+        if run.finished():
+            check_settings(run.result_path, wanted)
     results = []
     for index, run in enumerate(runs, 1):
         if run.finished():
@@ -238,6 +277,7 @@ def run_all(
                 seed=run.seed,
                 checkpoint=str(checkpoint),
                 config=str(config),
+                cfg_options=list(extra),
                 evaluator=evaluator,
                 train_seconds=json.loads((run.dir / "trained.json").read_text())["seconds"],
             )
