@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -106,8 +107,6 @@ def _results(scores: dict[str, list[float]]) -> list[dict]:
 
 
 def test_report_tables_and_plot(tmp_path):
-    import csv
-
     from PIL import Image
 
     from llava_moslora.ablate.report import CSV_COLUMNS, write_report
@@ -170,6 +169,17 @@ def test_report_averages_score_parts_and_final_diagnostics_over_seeds(tmp_path):
     # lora: llm erank mean of (2, 4) + i -> 3 and 4, over seeds 3.5; vit 1 + i -> 1.5
     assert "| lora | 3.500 | 1.500 | – | – |" in md
     assert "| moslora_kaiming | 5.500 | 3.500 | 0.350 | 0.350 |" in md
+    # The same means in the CSV, one column each after the paired test's.
+    with open(tmp_path / "ablation.csv", newline="") as f:
+        table = {row["variant"]: row for row in csv.DictReader(f)}
+    assert list(table["lora"])[-7:] == [
+        "part_colour", "part_count", "part_overall",
+        "diag_llm_erank", "diag_vit_erank", "diag_llm_distance", "diag_vit_distance",
+    ]  # fmt: skip
+    assert table["moslora_kaiming"]["part_colour"] == "0.7500"
+    assert table["moslora_kaiming"]["diag_vit_distance"] == "0.3500"
+    assert table["lora"]["diag_llm_erank"] == "3.5000"
+    assert table["lora"]["diag_llm_distance"] == "–"
 
 
 def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
@@ -249,7 +259,6 @@ def test_a_work_dir_resumes_only_with_the_settings_it_was_made_with(tmp_path, ca
 def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
     """2 variants x 2 seeds of the README's ablation (configs/tiny_ablation.py, held-out items)
     through `llava-moslora ablate`, then again: finished runs are not redone."""
-    import csv
 
     from llava_moslora.cli import main
     from llava_moslora.model.make_tiny import make_tiny

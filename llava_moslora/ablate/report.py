@@ -123,14 +123,21 @@ def write_report(
         "png": out_dir / "ablation.png",
     }
 
+    # The md's two mean tables as extra columns: `part_<detail>`, then `diag_<tower>_<measure>`.
+    extra = [
+        (field, prefix, key)
+        for field, prefix in (("parts", "part_"), ("diagnostics", "diag_"))
+        for key in dict.fromkeys(key for row in rows for key in row[field])
+    ]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow([*CSV_COLUMNS, *(prefix + key for _, prefix, key in extra)])
         for row in rows:
             writer.writerow(
                 [row["variant"], row["n"]]
                 + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[2:11]]
                 + [row.get("wins", "–"), row.get("losses", "–")]
+                + [_fmt(row[field].get(key, math.nan), 4) for field, _, key in extra]
             )
 
     lines = [
