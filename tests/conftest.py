@@ -28,8 +28,13 @@ def make_mlp(seed: int = 0, **kwargs) -> MLP:
     return MLP(**kwargs)
 
 
-def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
-    return tiny_llama(seed, dtype=dtype)
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 32):
+    return tiny_llama(seed, dtype=dtype, hidden_size=hidden_size)
+
+
+# Layer widths 64 and 128: bitsandbytes' AVX512 CPU kernel mis-dequantizes rows that are a multiple
+# of 16 but not of its 64-wide blocks (llava_moslora.moslora.layers_bnb), so 4-bit tests use these.
+HIDDEN_4BIT = 64
 
 
 def make_tiny_clip_vision(seed: int = 0):

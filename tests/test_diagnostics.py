@@ -145,10 +145,10 @@ def test_zero3_partitioned_weights_are_gathered_before_reading(monkeypatch):
 
 def test_layer_stats_on_a_4bit_base(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    from tests.conftest import make_tiny_llama
+    from tests.conftest import HIDDEN_4BIT, make_tiny_llama
     from tests.test_qmoslora import qmoslora
 
-    make_tiny_llama(0).save_pretrained(tmp_path)
+    make_tiny_llama(0, hidden_size=HIDDEN_4BIT).save_pretrained(tmp_path)
     model = qmoslora(tmp_path)
     summary = group_stats(model)
     assert len(summary) == 7 and all(s["mixer"] == 1 for s in summary.values())

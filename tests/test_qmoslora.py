@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
 from llava_moslora.moslora import merge_and_unload_dequantized, moslora_config
-from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers
+from tests.conftest import HIDDEN_4BIT, LLAMA_TARGETS, make_tiny_llama, moslora_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -17,7 +17,7 @@ IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 12]])
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_llama(0).save_pretrained(path)
+    make_tiny_llama(0, hidden_size=HIDDEN_4BIT).save_pretrained(path)
     return path
 
 
@@ -101,3 +101,47 @@ def test_merge_into_dequantized_copy(llama_dir, dtype, tol):
         got = plain(input_ids=IDS).logits.float()
     assert (expected - load_4bit(llama_dir)(input_ids=IDS).logits).abs().max() > 5 * tol
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_4bit_layers_stay_in_the_standard_layout_that_merges_dequantize(llama_dir):
+    """bitsandbytes repacks a CPU Linear4bit's weight in place on an AVX512-BF16 CPU at its first
+    eval forward without grad, into a layout `dequantize_4bit` does not read. Wrapping switches
+    that off and undoes a repacking that already happened (forced here, so any CPU runs it)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+
+    from llava_moslora.moslora.layers_bnb import keep_standard_4bit_layout
+
+    base = load_4bit(llama_dir).model.layers[0].mlp.up_proj  # 64 -> 128
+    packed_bytes = base.weight.data.clone()
+    weight = dequantize_4bit(base.weight.data, base.weight.quant_state)
+    base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(
+        base.weight.data, base.weight.quant_state
+    )
+    base.support_avx512bf16_for_cpu = True
+    keep_standard_4bit_layout(base)
+    assert base.support_avx512bf16_for_cpu is False
+    assert not base.weight.quant_state.packing_format_for_cpu
+    assert torch.equal(base.weight.data, packed_bytes)
+    torch.testing.assert_close(
+        dequantize_4bit(base.weight.data, base.weight.quant_state), weight, atol=1e-2, rtol=0
+    )  # absmax went through bf16 in the packed layout
+
+    model = qmoslora(llama_dir)
+    assert all(
+        m.get_base_layer().support_avx512bf16_for_cpu is False for m in moslora_layers(model)
+    )
+
+
+def test_a_4bit_layer_the_cpu_kernel_dequantizes_wrongly_is_refused(llama_dir, monkeypatch):
+    """Which widths bitsandbytes' CPU kernel gets wrong depends on the CPU (AVX512: multiples of
+    16 that are not of 64); the probe is exact where the kernel is right, and a layer it flags is
+    refused at wrapping with the width, the block size and the fixes."""
+    from llava_moslora.moslora import layers_bnb
+
+    for width in (64, 128, 192):  # whole blocks per row: right on every CPU
+        assert layers_bnb.cpu_dequantizes_rows_of(width, 64, "nf4")
+        assert layers_bnb.cpu_dequantizes_rows_of(width, 64, "fp4")
+    monkeypatch.setattr(layers_bnb, "cpu_dequantizes_rows_of", lambda w, b, q: w != 128)
+    with pytest.raises(RuntimeError, match=r"`in_features` = 128 wrongly .* block size 64") as err:
+        qmoslora(llama_dir)  # down_proj reads the 128-wide MLP
+    assert "llm_int8_skip_modules" in str(err.value) and "GPU" in str(err.value)

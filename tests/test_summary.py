@@ -11,7 +11,7 @@ from llava_moslora.train.summary import (
     summary_lines,
     trainable_by_group,
 )
-from tests.conftest import make_tiny_llama
+from tests.conftest import HIDDEN_4BIT, make_tiny_llama
 from tests.test_xtuner_llava import build_llava
 
 
@@ -59,7 +59,7 @@ def test_base_weights_reports_4bit_storage_as_built(tmp_path, storage):
 
     from llava_moslora.moslora import moslora_config
 
-    make_tiny_llama().save_pretrained(tmp_path)
+    make_tiny_llama(hidden_size=HIDDEN_4BIT).save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
