@@ -259,7 +259,6 @@ def test_a_work_dir_resumes_only_with_the_settings_it_was_made_with(tmp_path, ca
 def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
     """2 variants x 2 seeds of the README's ablation (configs/tiny_ablation.py, held-out items)
     through `llava-moslora ablate`, then again: finished runs are not redone."""
-
     from llava_moslora.cli import main
     from llava_moslora.model.make_tiny import make_tiny
     from llava_moslora.train.checkpoints import load_trained_state

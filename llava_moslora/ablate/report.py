@@ -127,7 +127,7 @@ def write_report(
     extra = [
         (field, prefix, key)
         for field, prefix in (("parts", "part_"), ("diagnostics", "diag_"))
-        for key in dict.fromkeys(key for row in rows for key in row[field])
+        for key in _keys(rows, field)
     ]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
@@ -199,9 +199,14 @@ def write_report(
     return paths
 
 
+def _keys(rows: Sequence[dict[str, Any]], field: str) -> list[str]:
+    """The keys of every row's `field` dict, in first-seen order: the columns of its table."""
+    return list(dict.fromkeys(key for row in rows for key in row[field]))
+
+
 def _mean_table(rows: Sequence[dict[str, Any]], field: str, caption: str) -> list[str]:
     """A Markdown table of each row's `field` dict (columns in first-seen order); [] if empty."""
-    columns = list(dict.fromkeys(key for row in rows for key in row[field]))
+    columns = _keys(rows, field)
     if not columns:
         return []
     lines = ["", caption, "", "| variant | " + " | ".join(columns) + " |"]

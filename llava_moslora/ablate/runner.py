@@ -8,11 +8,12 @@ Layout under the ablation's work dir (one folder per run, so runs are independen
     WORK/ablation.{md,csv,png}          the report (`report.py`)
 
 A run with `result.json` is never redone. A run whose training finished (`last_checkpoint` points
-at the final iteration) but whose evaluation did not is only re-evaluated. Both files record the
-config and the `--cfg-options` they were made with (`result.json` also the evaluator), and a work
-dir holds one setting: resuming with other ones is refused, so a report never mixes two settings. Anything else is
+at the final iteration) but whose evaluation did not is only re-evaluated. Anything else is
 trained again from scratch in a clean folder: mmengine's resume restores optimizer and schedule but
-not the RNG stream, so a resumed run would not be the same seed's run.
+not the RNG stream, so a resumed run would not be the same seed's run. `trained.json` and
+`result.json` record the config and the `--cfg-options` they were made with (`result.json` also
+the evaluator): a work dir holds one setting, and resuming it with other ones is refused, so a
+report never mixes two settings.
 
 Training goes through `xtuner train` (or a user-given launcher command in front of the config, e.g.
 `srun -p gpu xtuner train`; environment variables such as NPROC_PER_NODE pass through). Evaluation is one of:
@@ -261,13 +262,13 @@ def run_all(
     parse_evaluator(evaluator)  # refuse a bad --eval or --cfg-options before hours of training
     parse_cfg_options(extra)
     wanted = settings(config, extra, evaluator)
-    for run in runs:  # all of them before any training: a mismatch is found in seconds
-        if run.finished():
-            check_settings(run.result_path, wanted)
+    # Every finished run is checked before any training: a mismatch is found in seconds.
+    done = {run: check_settings(run.result_path, wanted) for run in runs if run.finished()}
     results = []
     for index, run in enumerate(runs, 1):
-        if run.finished():
+        if run in done:
             log(f"[{index}/{len(runs)}] {run.variant} seed {run.seed}: done already")
+            results.append(done[run])
         else:
             log(f"[{index}/{len(runs)}] {run.variant} seed {run.seed}")
             checkpoint = train(run, config, launcher=launcher, extra=extra, log=log)
@@ -284,5 +285,5 @@ def run_all(
             tmp = run.result_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=1) + "\n")
             tmp.replace(run.result_path)
-        results.append(json.loads(run.result_path.read_text()))
+            results.append(json.loads(run.result_path.read_text()))
     return results

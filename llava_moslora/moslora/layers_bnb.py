@@ -53,15 +53,15 @@ def cpu_dequantizes_rows_of(width: int, blocksize: int, quant_type: str) -> bool
 
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, width, generator=generator)
+    n = probe.numel()
     packed, state = F.quantize_4bit(probe, blocksize=blocksize, quant_type=quant_type)
     flat = packed.view(torch.uint8).flatten()
-    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).flatten()[: probe.numel()].long()
-    scale = state.absmax.float().repeat_interleave(blocksize)[: probe.numel()]
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).flatten()[:n].long()
+    scale = state.absmax.float().repeat_interleave(blocksize)[:n]
     expected = F.get_4bit_type(quant_type, device="cpu")[codes] * scale
     restored = F.dequantize_4bit(packed, state).flatten()
-    pad = (-probe.numel()) % blocksize
-    blocks = torch.nn.functional.pad(probe.flatten(), (0, pad)).view(-1, blocksize)
-    block_max = blocks.abs().amax(dim=1).repeat_interleave(blocksize)[: probe.numel()]
+    blocks = torch.nn.functional.pad(probe.flatten(), (0, (-n) % blocksize)).view(-1, blocksize)
+    block_max = blocks.abs().amax(dim=1).repeat_interleave(blocksize)[:n]
     close = ((restored - probe.flatten()).abs() <= block_max / 4).all()
     return torch.equal(restored, expected) and bool(close)
 
@@ -76,8 +76,8 @@ def check_cpu_dequantization(layer: torch.nn.Module) -> None:
     if not cpu_dequantizes_rows_of(width, blocksize, state.quant_type):
         raise RuntimeError(
             f"bitsandbytes' CPU 4-bit kernel dequantizes this machine's rows of `in_features` "
-            f"= {width} wrongly (a multiple of 16 but not of the block size {blocksize}: its "
-            "AVX512 kernel assumes whole blocks per row), so this layer would train and merge "
+            f"= {width} wrongly (seen on AVX512 CPUs for widths that are a multiple of 16 but "
+            f"not of the block size {blocksize}), so this layer would train and merge "
             f"on wrong weights. Use layer widths that are multiples of {blocksize} (every real "
             "LLaMA / InternLM2 / CLIP layer is), keep this module out of the 4-bit "
             "quantization (`llm_int8_skip_modules`), or run the 4-bit model on a GPU."
