@@ -105,12 +105,18 @@ def assert_both_towers_have_mixers(state: dict[str, torch.Tensor]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_xtuner_deepspeed_on_cpu(preset, small_tiny_dir, tmp_path):
-    """XTuner's own presets, unchanged: the CPU shims make one process and float32 work."""
+    """XTuner's own presets, unchanged: the CPU shims make one process work, in float32 where
+    this CPU cannot run DeepSpeed's fp16 and in fp16 where it can (AVX512-FP16/AMX)."""
+    from llava_moslora.train.cpu_shims import deepspeed_supports_fp16
+
     work_dir = tmp_path / "work"
     output = xtuner_train(
         small_tiny_dir, work_dir, "--deepspeed", preset, "--cfg-options", "train_cfg.max_epochs=1"
     )
-    assert "training in float32" in output  # deepspeed_fp32_on_cpu turned the preset's fp16 off
+    # deepspeed_fp32_on_cpu turns the preset's fp16 off exactly where this machine lacks it (both
+    # branches are forced in test_train_tiny.py); DeepSpeed logs the dtype its optimizer runs in.
+    fp16 = deepspeed_supports_fp16()
+    assert ("training in float32" in output) is not fp16, output[-4000:]
 
     losses = logged_losses(work_dir)  # every 5 of 40 iterations
     assert len(losses) >= 8 and losses[-1] < 0.7 * losses[0], losses  # ~6.0 -> ~3.1 measured

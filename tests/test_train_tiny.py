@@ -483,18 +483,8 @@ def test_shim_deepspeed_single_process_group(monkeypatch):
 
 @needs_no_cuda
 @pytest.mark.slow  # imports DeepSpeed (~30 s)
-def test_shim_deepspeed_fp32_on_cpu(monkeypatch):
-    from deepspeed.accelerator import get_accelerator
-    from xtuner.configs import cfgs_name_path
+def test_shim_deepspeed_fp32_on_cpu_wraps_xtuners_strategy_once(monkeypatch):
     from xtuner.engine._strategy import deepspeed as xtuner_deepspeed
-    from xtuner.tools.utils import auto_dtype_of_deepspeed_config
-
-    if get_accelerator().is_fp16_supported():
-        pytest.skip("this CPU runs fp16 in DeepSpeed: nothing to fix")
-    cpu_shims.cpu_is_bf16_supported()
-    preset = json.loads(Path(cfgs_name_path["deepspeed_zero2"]).read_text())
-    config = auto_dtype_of_deepspeed_config(preset)  # what `xtuner train --deepspeed` does
-    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
 
     strategy = xtuner_deepspeed.DeepSpeedStrategy
     unpatched = getattr(strategy.__init__, "__wrapped__", strategy.__init__)
@@ -503,10 +493,37 @@ def test_shim_deepspeed_fp32_on_cpu(monkeypatch):
     cpu_shims.deepspeed_fp32_on_cpu()  # idempotent: wraps once
     assert strategy.__init__.__wrapped__ is unpatched
     # (mmengine registers DeepSpeed's optimizers in every DeepSpeedStrategy.__init__ and refuses
-    # to do it twice: one strategy per process.)
-    fixed = strategy(config=config).config
-    assert fixed["fp16"] == {"enabled": False, "initial_scale_power": 16}
-    assert fixed["zero_optimization"] == preset["zero_optimization"]  # nothing else changed
+    # to do it twice: one strategy per process; the branches are tested below, without it.)
+
+
+@pytest.mark.parametrize("cpu_has_fp16", [False, True], ids=["cpu_without_fp16", "cpu_with_fp16"])
+def test_shim_deepspeed_fp32_on_cpu_turns_fp16_off_only_where_unsupported(
+    monkeypatch, cpu_has_fp16
+):
+    """Both branches on any CPU: DeepSpeed's CPU accelerator runs fp16 only on AVX512-FP16/AMX
+    CPUs, so its answer is forced here, and the config XTuner's preset gives is checked."""
+    from xtuner.configs import cfgs_name_path
+    from xtuner.tools.utils import auto_dtype_of_deepspeed_config
+
+    monkeypatch.setattr(torch.cpu, "is_bf16_supported", lambda **_: False, raising=False)
+    preset = json.loads(Path(cfgs_name_path["deepspeed_zero2"]).read_text())
+    config = auto_dtype_of_deepspeed_config(preset)  # what `xtuner train --deepspeed` does
+    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
+
+    monkeypatch.setattr(cpu_shims, "deepspeed_supports_fp16", lambda: cpu_has_fp16)
+    seen = {}
+
+    def original(self, *args, config=None, **kwargs):
+        seen["config"] = config
+
+    cpu_shims.fp32_where_fp16_unsupported(original)(object(), config=config)
+    if cpu_has_fp16:
+        assert seen["config"] is config  # left as XTuner made it: this CPU trains in fp16
+    else:
+        assert seen["config"]["fp16"] == {"enabled": False, "initial_scale_power": 16}
+        assert {k: v for k, v in seen["config"].items() if k != "fp16"} == {
+            k: v for k, v in config.items() if k != "fp16"
+        }  # nothing else changed
     assert config["fp16"]["enabled"] is True  # the caller's dict is left alone
 
 

@@ -25,6 +25,7 @@ def _error(message: str) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .benchmarks import resolve_datasets
     from .manifest import read_export_manifest
+    from .offline import LMU_ENV
 
     try:
         datasets = resolve_datasets(args.suite, args.datasets)
@@ -33,7 +34,7 @@ def _eval(args: argparse.Namespace) -> int:
             if args.suite != "tiny" and not root.is_dir():
                 return _error(f"`--data-root` {str(root)!r} is not a folder.")
             root.mkdir(parents=True, exist_ok=True)
-            os.environ["LMUDATA"] = str(root.resolve())
+            os.environ[LMU_ENV] = str(root.resolve())
         manifest = read_export_manifest(args.model_dir)
     except (ValueError, FileNotFoundError) as error:
         return _error(str(error))

@@ -1,4 +1,5 @@
-"""Sub-commands for looking into a run: `plot-diagnostics` and `eval-compositional`.
+"""Sub-commands for training and looking into a run: `train`, `plot-diagnostics`,
+`eval-compositional`.
 
 Registered into `llava-moslora` through `COMMAND_MODULES` in llava_moslora/cli.py; each import is
 inside its command so `llava-moslora --help` stays fast.
@@ -9,6 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .launch import train
+
+    return train([args.config, *args.xtuner_args])
 
 
 def _plot_diagnostics(args: argparse.Namespace) -> int:
@@ -40,7 +47,22 @@ def _eval_compositional(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `plot-diagnostics` and `eval-compositional`."""
+    """Add `train`, `plot-diagnostics` and `eval-compositional`."""
+    train = sub.add_parser(
+        "train",
+        help="`xtuner train` that returns the training's exit code (non-zero when it fails)",
+        description="Takes the arguments of `xtuner train` (--work-dir, --deepspeed, --resume, "
+        "--seed, --cfg-options, --launcher) and its environment variables (NPROC_PER_NODE, "
+        "NNODES, NODE_RANK, ADDR, PORT). Exit code: 0 when training finished, 2 for an input to "
+        "fix (bad samples, a missing data file, config or model path; one `error:` line), "
+        "anything else for a crash.",
+    )
+    train.add_argument("config", help="an XTuner config, e.g. configs/llama3_moslora.py")
+    train.add_argument(
+        "xtuner_args", nargs=argparse.REMAINDER, help="the rest of `xtuner train`'s arguments"
+    )
+    train.set_defaults(func=_train)
+
     plot = sub.add_parser(
         "plot-diagnostics",
         help="plot the mixer diagnostics of a run (distance, condition number, effective rank)",

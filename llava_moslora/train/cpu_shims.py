@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+from collections.abc import Callable
 
 
 def cpu_is_bf16_supported() -> None:
@@ -125,6 +126,14 @@ def deepspeed_single_process_group() -> None:
     comm.mpi_discovery = mpi_discovery
 
 
+def deepspeed_supports_fp16() -> bool:
+    """Whether DeepSpeed's accelerator (its CPU one here) runs fp16: on a CPU, only with oneDNN
+    fp16, i.e. AVX512-FP16/AMX. The one place the shim asks, so a test can force either answer."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def deepspeed_fp32_on_cpu() -> None:
     """Train in float32 where XTuner's DeepSpeed presets would ask a CPU for fp16.
 
@@ -145,14 +154,18 @@ def deepspeed_fp32_on_cpu() -> None:
     """
     if torch.cuda.is_available() or "deepspeed" not in sys.modules:
         return
-    from deepspeed.accelerator import get_accelerator
-    from mmengine.logging import print_log
     from xtuner.engine._strategy import deepspeed as xtuner_deepspeed
 
     strategy = xtuner_deepspeed.DeepSpeedStrategy
     if getattr(strategy.__init__, "_cpu_shim", False):
         return
-    original = strategy.__init__
+    strategy.__init__ = fp32_where_fp16_unsupported(strategy.__init__)
+
+
+def fp32_where_fp16_unsupported(original: Callable) -> Callable:
+    """`original` (a DeepSpeedStrategy.__init__) with `fp16.enabled` turned off in its `config`
+    when `deepspeed_supports_fp16()` says no; the caller's dict is never changed."""
+    from mmengine.logging import print_log
 
     @functools.wraps(original)
     def __init__(self, *args, config=None, **kwargs):
@@ -160,11 +173,10 @@ def deepspeed_fp32_on_cpu() -> None:
             with open(config) as f:
                 config = json.load(f)
         fp16 = (config or {}).get("fp16") or {}
-        if fp16.get("enabled") is True and not get_accelerator().is_fp16_supported():
+        if fp16.get("enabled") is True and not deepspeed_supports_fp16():
             print_log(
-                f"DeepSpeed's {get_accelerator().device_name()} accelerator does not support "
-                "fp16 on this machine: training in float32 (`fp16.enabled` was True, which is "
-                'how XTuner reads "auto" on a CPU).',
+                "DeepSpeed's accelerator does not support fp16 on this machine: training in "
+                'float32 (`fp16.enabled` was True, which is how XTuner reads "auto" on a CPU).',
                 logger="current",
                 level=logging.WARNING,
             )
@@ -172,7 +184,7 @@ def deepspeed_fp32_on_cpu() -> None:
         original(self, *args, config=config, **kwargs)
 
     __init__._cpu_shim = True
-    strategy.__init__ = __init__
+    return __init__
 
 
 SHIMS = (
