@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import torch
-from collections.abc import Callable
 
 
 def cpu_is_bf16_supported() -> None:
