@@ -158,6 +158,17 @@ VARIANTS = {
         {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
     ),
     "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+    "tiny_quickstart_lora": (
+        "tiny_quickstart_moslora",
+        {"model.llm_lora.type", "model.visual_encoder_lora.type"},
+    ),
+    # rank 8 of 64 (the paper's scales kept) and the mixer diagnostics hook; nothing else
+    "tiny_ablation": (
+        "tiny_quickstart_moslora",
+        {"llm_rank", "llm_alpha", "visual_encoder_rank", "visual_encoder_alpha"}
+        | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
+        | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
+    ),
     "tiny_compositional_lora": (
         "tiny_compositional_moslora",
         {"model.llm_lora.type", "model.visual_encoder_lora.type"},
@@ -189,14 +200,14 @@ def test_every_config_is_checked_here():
     runnable = {p.stem for p in CONFIGS.glob("*.py")}
     # tiny_compositional_moslora changes the data, ranks and schedule of tiny_moslora; it is run
     # end to end by tests/test_compositional.py and tests/test_ablate.py.
-    # tiny_ablation changes the ranks, rates and schedule of tiny_moslora; tests/test_train_tiny.py
-    # builds its optimizer.
+    # tiny_quickstart_moslora (the main job's) changes the rates and schedule of tiny_moslora;
+    # tests/test_train_tiny.py builds its optimizer (tiny_ablation's, which inherits them).
     roots = {
         "llama3_moslora",
         "internlm2_qmoslora",
         "tiny_moslora",
         "tiny_compositional_moslora",
-        "tiny_ablation",
+        "tiny_quickstart_moslora",
     }
     assert runnable == set(VARIANTS) | roots
 

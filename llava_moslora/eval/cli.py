@@ -95,14 +95,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_table
+    from .report import versus_chance, write_table
 
     try:
-        md_path, csv_path = write_table(args.run_dirs, args.out)
+        chance = None
+        if args.chance_from is not None:
+            from .tiny_bench import chance_scores
+
+            chance = chance_scores(args.chance_from)
+        md_path, csv_path = write_table(args.run_dirs, args.out, chance)
     except (ValueError, FileNotFoundError) as error:
         return _error(str(error))
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
+    if chance is not None:
+        print("\n".join(versus_chance(args.run_dirs, chance)))
     if args.radar:
         return _radar(argparse.Namespace(run_dirs=args.run_dirs, out=args.radar))
     return 0
@@ -168,6 +175,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("run_dirs", nargs="+", help="WORK_DIR/RUN_NAME folders")
     rep.add_argument("--out", default="table", help="writes OUT.md and OUT.csv")
     rep.add_argument("--radar", help="also draw the MMBench radar to this PNG")
+    rep.add_argument(
+        "--chance-from",
+        metavar="DATA_ROOT",
+        help="the tiny benchmarks' folder: add a row with a random guesser's scores on them",
+    )
     rep.set_defaults(func=_report)
 
     rad = sub.add_parser("radar", help="MMBench ability radar (Figure 5) from eval runs")

@@ -86,9 +86,37 @@ def table_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, str]]:
     return rows
 
 
-def write_table(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """Write OUT.md and OUT.csv (Table 5 layout); return their paths."""
-    rows = table_rows(run_dirs)
+def chance_row(chance: dict[str, float]) -> dict[str, str]:
+    """A table row for a uniform random guesser's scores (Table 5 column -> score)."""
+    row = dict.fromkeys(ID_COLUMNS, MISSING) | {"Run": "chance"}
+    for column in TABLE_COLUMNS:
+        row[column] = f"{chance[column]:.1f}" if column in chance else MISSING
+    row["Avg"], row["Avg over"] = MISSING, MISSING
+    return row
+
+
+def versus_chance(run_dirs: Sequence[str | Path], chance: dict[str, float]) -> list[str]:
+    """One plain line per run: each score it has, next to chance and as a multiple of it."""
+    lines = []
+    for run_dir in run_dirs:
+        summary = load_summary(run_dir)
+        scores = run_scores(summary)
+        parts = [
+            f"{column} {scores[column]:.1f} (chance {chance[column]:.1f}, "
+            f"{scores[column] / chance[column]:.1f}x)"
+            for column in TABLE_COLUMNS
+            if column in scores and column in chance
+        ]
+        lines.append(f"{summary.get('run') or Path(run_dir).name}: " + "; ".join(parts))
+    return lines
+
+
+def write_table(
+    run_dirs: Sequence[str | Path], out: str | Path, chance: dict[str, float] | None = None
+) -> tuple[Path, Path]:
+    """Write OUT.md and OUT.csv (Table 5 layout); return their paths. With `chance` (column ->
+    a random guesser's score), a last row "chance" shows it next to the runs."""
+    rows = table_rows(run_dirs) + ([chance_row(chance)] if chance else [])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = [*ID_COLUMNS, *TABLE_COLUMNS, "Avg", "Avg over"]

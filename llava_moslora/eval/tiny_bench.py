@@ -197,3 +197,39 @@ def has_tiny_bench(data_root: str | Path) -> bool:
     from .benchmarks import TINY
 
     return all((Path(data_root) / f"{name}.tsv").is_file() for name in TINY)
+
+
+def chance_scores(data_root: str | Path) -> dict[str, float]:
+    """Table 5 column -> the expected score of a uniform random guesser on the tiny TSVs in
+    `data_root`, on the table's scale (MME: total / MME_SCALE), computed from the rows themselves:
+
+    * MMBench (circular): a question counts only if every rotation is right, so a guesser among
+      n options scores (1/n) ** rotations on it (1/4 for two options, 1/256 for four);
+    * MME: each category's score is acc + acc+ (both questions of an image right): 50 + 25;
+    * TextVQA: one over the number of answers the question's kind has (4 colours, 3 shapes, 4
+      counts).
+    """
+    from .benchmarks import COLUMN_OF, MME_SCALE
+
+    root = Path(data_root)
+    chance: dict[str, float] = {}
+    for name in (TINY_MMBENCH_EN, TINY_MMBENCH_CN):
+        rows = pd.read_csv(root / f"{name}.tsv", sep="\t")
+        per_question = []
+        for _, group in rows.groupby(rows["index"] % CIRCULAR_OFFSET):
+            options = group.iloc[0][list(synthetic.LETTERS)].notna().sum()
+            per_question.append((1 / options) ** len(group))
+        chance[COLUMN_OF[name]] = float(100 * sum(per_question) / len(per_question))
+    mme = pd.read_csv(root / f"{TINY_MME}.tsv", sep="\t")
+    chance[COLUMN_OF[TINY_MME]] = (50 + 25) * mme["category"].nunique() / MME_SCALE
+    answers = {
+        "colour": synthetic.COLOURS,
+        "shape": synthetic.SHAPES,
+        "count": synthetic.COUNT_WORDS,
+    }
+    answers_of = {question: len(answers[kind]) for kind, question in _VQA_KINDS}
+    vqa = pd.read_csv(root / f"{TINY_TEXTVQA}.tsv", sep="\t")
+    chance[COLUMN_OF[TINY_TEXTVQA]] = (
+        100 * sum(1 / answers_of[q] for q in vqa["question"]) / len(vqa)
+    )
+    return chance
