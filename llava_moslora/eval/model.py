@@ -32,7 +32,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..export.manifest import MANIFEST_NAME
 from ..moslora.safety import require_finite
 from . import import_vlmeval
 from .benchmarks import benchmark_type
@@ -98,13 +97,8 @@ class LLaVAMoSLoRA(BaseModel):
         super().__init__()
         self.model_dir = Path(model_dir)
         self.manifest = read_export_manifest(self.model_dir)
-        if self.manifest["trust_remote_code"] and not trust_remote_code:
-            raise ValueError(
-                f"{self.model_dir / MANIFEST_NAME} says the model needs `trust_remote_code` (its "
-                "LLM's code ships with the model files), and that code would run in this process. "
-                "Pass `--trust-remote-code` (`trust_remote_code=True`) only if you trust "
-                f"{self.model_dir} and the base model it names."
-            )
+        # Code shipped with the export or its base model (a config's auto_map) runs only when the
+        # user says so: the manifest's flag records the training config, it grants nothing.
         self.trust_remote_code = trust_remote_code
         require_export_files(self.model_dir, self.manifest)
         self.generation = generation or GenerationSettings()

@@ -280,6 +280,7 @@ def write_hf_llava(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
         BUILDER.build(cfg.image_processor),
         visual_select_layer=int(cfg.model.get("visual_select_layer", -2)),
         prompt_template=prompt_template_of(cfg)[1],
+        pad_image_to_square=bool(_dataset_cfg(cfg).get("pad_image_to_square", False)),
     )
     assert_finite(hf_model)
     stage("saving the model and processor")
