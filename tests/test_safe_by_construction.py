@@ -473,3 +473,23 @@ def test_stock_transformers_answers_a_non_square_image_like_the_training_model(
         "input_ids",
         "attention_mask",
     ]
+
+
+def test_check_data_with_a_hub_tokenizer_and_no_network_fails_fast_in_one_line(
+    tiny_dir, monkeypatch, capsys
+):
+    import time
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
+    data = tiny_dir / "data"
+    start = time.monotonic()
+    code = main(
+        ["check-data", "--data", str(data / "tiny_llava.json"), "--images", str(data / "images")]
+        + ["--tokenizer", "someorg/not-cached-tokenizer", "--max-length", "100"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 30
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "`--tokenizer` 'someorg/not-cached-tokenizer' is not a local folder nor in the" in err

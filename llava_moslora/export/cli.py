@@ -26,7 +26,9 @@ def _export(args: argparse.Namespace) -> int:
             cfg_options=args.cfg_options,
             overwrite=args.overwrite,
         )
-    except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as error:
+    # OSError: FileExistsError, FileNotFoundError, and transformers' "couldn't connect" for a
+    # config whose base models are hub ids that are not cached, offline.
+    except (CheckpointMismatchError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote a {manifest.format} export ({manifest.dtype}) to {args.out}")
