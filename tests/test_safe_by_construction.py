@@ -302,18 +302,26 @@ def test_load_adapter_refuses_a_non_finite_mixer_naming_key_and_file(tmp_path, b
         load_adapter(base, tmp_path)
 
 
-def test_eval_refuses_an_export_with_a_non_finite_adapter(trained, tmp_path):
+@pytest.mark.parametrize(
+    ("fmt", "file", "part"),
+    [
+        ("xtuner", "llm_adapter/adapter_model.safetensors", "lora_B"),
+        ("merged-xtuner", "llm/model.safetensors", "q_proj.weight"),
+    ],
+)
+def test_eval_refuses_an_export_with_non_finite_weights(trained, tmp_path, fmt, file, part):
     from llava_moslora.eval.model import LLaVAMoSLoRA
 
     _, checkpoint, _ = trained
     out = tmp_path / "out"
-    export(checkpoint, TINY_MOSLORA, "xtuner", out, dtype="float32")
-    file = out / "llm_adapter" / "adapter_model.safetensors"
-    tensors = load_file(file)
-    key = next(k for k in tensors if "lora_B" in k)
+    export(checkpoint, TINY_MOSLORA, fmt, out, dtype="float32")
+    tensors = load_file(out / file)
+    key = next(k for k in tensors if part in k)
     tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(file))
-    with pytest.raises(NonFiniteTensorError, match=rf"{file}: .*non-finite.*`{key}`"):
+    save_file(tensors, str(out / file), metadata={"format": "pt"})
+    # The adapter is refused as its file is read; merged weights once loaded, naming the folder.
+    source = out / file if fmt == "xtuner" else out
+    with pytest.raises(NonFiniteTensorError, match=rf"{source}: .*non-finite.*`{key}`"):
         LLaVAMoSLoRA(out, device="cpu")
 
 

@@ -71,5 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action=DictAction,
         help="override config settings as in `xtuner train`, e.g. model.llm_lora.r=16",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in OUT: only if OUT holds nothing but the files its "
+        "manifest lists (never the checkpoint, config or files you added); swapped in atomically",
+    )
     parser.set_defaults(func=_export)
