@@ -226,7 +226,7 @@ def test_swap_keeps_the_old_export_until_the_new_one_is_in_place(tmp_path, monke
     (staging / "a.txt").write_text("new")
     real_replace, calls = os.replace, []
 
-    def replace(src, dst):  # the process dies at the second rename
+    def replace(src, dst):  # the new export cannot be moved in (an interrupt, a full disk)
         calls.append((Path(src).name, Path(dst).name))
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -235,9 +235,15 @@ def test_swap_keeps_the_old_export_until_the_new_one_is_in_place(tmp_path, monke
     monkeypatch.setattr(out_dir.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         out_dir.move_into_place(staging, out)
-    old = tmp_path / f".out.old-{os.getpid()}"
-    assert calls[0] == ("out", old.name) and calls[1] == (staging.name, "out")
-    assert (old / "a.txt").read_text() == "old"  # nothing was deleted before the new one was in
+    old = f".out.old-{os.getpid()}"
+    # Rename old aside, rename new in (failed), rename old back: nothing was deleted on the way.
+    assert calls == [("out", old), (staging.name, "out"), (old, "out")]
+    assert all_files(out) == {"a.txt": b"old"}
+
+    monkeypatch.setattr(out_dir.os, "replace", real_replace)
+    out_dir.move_into_place(staging, out)
+    assert all_files(out) == {"a.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_stale_partial_folders_are_cleaned_when_ours_and_named_otherwise(tmp_path, caplog):

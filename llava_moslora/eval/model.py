@@ -125,9 +125,9 @@ class LLaVAMoSLoRA(BaseModel):
         }[fmt]
         loader()
         for module in (self.llm, self.visual_encoder, self.projector):
+            module.to(self.device).eval()
             # A diverged export is refused rather than scored (it would answer garbage, exit 0).
             require_finite(dict(module.named_parameters()), self.model_dir)
-            module.to(self.device).eval()
 
     def _llm_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

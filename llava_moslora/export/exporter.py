@@ -322,8 +322,10 @@ def export(
             f"`--dtype` should be one of {', '.join(DTYPES)} but the value passed is {dtype!r}."
         )
     out = Path(out_dir)
-    config_file = getattr(config, "filename", None) or (None if hasattr(config, "copy") else config)
-    inputs = [checkpoint, config_file]
+    from mmengine.config import Config
+
+    # What replacing OUT must never delete (a Config object may have been read from a file).
+    inputs = [checkpoint, config.filename if isinstance(config, Config) else config]
     clean_stale(out)
     check_out_dir(out, overwrite, inputs)
     if not Path(checkpoint).exists():

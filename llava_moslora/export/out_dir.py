@@ -150,13 +150,22 @@ def make_staging(out: Path) -> Path:
 
 
 def move_into_place(staging: Path, out: Path) -> None:
-    """Swap the finished `staging` folder in as `out`: rename old aside, rename new in, delete old."""
-    (staging / MARKER_NAME).unlink()
-    if not out.exists():
-        os.replace(staging, out)
-        return
+    """Swap the finished `staging` folder in as `out`: rename old aside, rename new in, delete old.
+
+    The marker moves in with the new export and is removed right after (check_out_dir ignores one
+    left by a kill in between).
+    """
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    _mark(out)  # an empty folder or an earlier export, checked by check_out_dir
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old)
+    if out.exists():
+        _mark(out)  # an empty folder or an earlier export, checked by check_out_dir
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:  # put the earlier export back (a kill instead: see clean_stale)
+        if old.exists():
+            os.replace(old, out)
+            (out / MARKER_NAME).unlink()
+        raise
+    (out / MARKER_NAME).unlink()
+    if old.exists():
+        shutil.rmtree(old)
