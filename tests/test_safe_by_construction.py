@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -253,21 +254,26 @@ def test_stale_partial_folders_are_cleaned_when_ours_and_named_otherwise(tmp_pat
     pid = dead_pid()
     ours = tmp_path / f".out.partial-{pid}"
     ours.mkdir()
-    (ours / out_dir.MARKER_NAME).write_text(f"{pid}\n")
+    (ours / out_dir.MARKER_NAME).write_text(f"{pid} {socket.gethostname()}\n")
     (ours / "model.safetensors").write_text("half")
     old = tmp_path / f".out.old-{pid}"  # killed between the two renames: OUT is missing
     old.mkdir()
-    (old / out_dir.MARKER_NAME).write_text(f"{pid}\n")
+    (old / out_dir.MARKER_NAME).write_text(f"{pid} {socket.gethostname()}\n")
     (old / MANIFEST_NAME).write_text("{}")
     unmarked = tmp_path / ".out.partial-12345"
     unmarked.mkdir()
     (unmarked / "precious.txt").write_text("not an export's")
+    other_pid = dead_pid()
+    remote = tmp_path / f".out.partial-{other_pid}"  # another machine's export, shared disk
+    remote.mkdir()
+    (remote / out_dir.MARKER_NAME).write_text(f"{other_pid} another-host\n")
     with caplog.at_level("WARNING", logger="llava_moslora.export"):
         out_dir.clean_stale(out)
     assert not ours.exists()
     assert (out / MANIFEST_NAME).is_file() and not (out / out_dir.MARKER_NAME).exists()
     assert (unmarked / "precious.txt").read_text() == "not an export's"
     assert f"{unmarked} looks like an unfinished export's folder" in caplog.text
+    assert remote.is_dir() and f"{remote} looks like an unfinished export's folder" in caplog.text
     assert f"restored the earlier export {out}" in caplog.text
 
 

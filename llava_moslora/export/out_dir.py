@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -100,14 +101,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _marked_pid(folder: Path) -> int | None:
+    """The PID in `folder`'s marker when it was written on this machine, else None."""
     try:
-        return int((folder / MARKER_NAME).read_text().strip())
+        pid, host = (folder / MARKER_NAME).read_text().split()
+        return int(pid) if host == socket.gethostname() else None
     except (OSError, ValueError):
         return None
 
 
 def _mark(folder: Path) -> None:
-    (folder / MARKER_NAME).write_text(f"{os.getpid()}\n")
+    # The host too: on a shared file system another machine's PIDs mean nothing here.
+    (folder / MARKER_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")
 
 
 def clean_stale(out: Path) -> None:
@@ -120,7 +124,7 @@ def clean_stale(out: Path) -> None:
         if pid is None or str(pid) != suffix:
             logger.warning(
                 "%s looks like an unfinished export's folder but has no %s marker naming its "
-                "process: not an export's, left alone. Remove it yourself if it is not needed.",
+                "process on this machine: left alone. Remove it yourself if it is not needed.",
                 folder,
                 MARKER_NAME,
             )
