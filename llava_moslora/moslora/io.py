@@ -86,8 +86,8 @@ def save_folded(peft_model: PeftModel, out_dir: str | Path) -> None:
         config.save_pretrained(str(target))
 
 
-def read_adapter_weights(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """(tensors, file) of a local adapter folder: safetensors, else PEFT's .bin read as data.
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local adapter folder: safetensors, else PEFT's .bin read as data.
 
     Unlike PEFT's `load_peft_weights`, a folder without weights is an error naming the file, never
     a download from the hub; NaN/inf tensors are refused, naming the key and the file.
@@ -110,7 +110,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> tuple[dict[str, torch.Tenso
             "read from local files only. Copy the whole adapter folder, or re-export it."
         )
     require_finite(tensors, path)
-    return tensors, path
+    return tensors
 
 
 def load_adapter(
@@ -138,7 +138,7 @@ def load_adapter(
             f"`adapter_dir` should hold a LoRA/MoSLoRA adapter but {adapter_dir} holds a "
             f"{type(config).__name__}."
         )
-    saved, _ = read_adapter_weights(adapter_dir)
+    saved = read_adapter_weights(adapter_dir)
     official = any(k.endswith(OFFICIAL_MIXER_KEY) for k in saved)  # always a learned mixer
     saved = {k.replace(OFFICIAL_MIXER_KEY, MIXER_KEY): v for k, v in saved.items()}
     has_mixer = any(k.endswith(MIXER_KEY) for k in saved)
