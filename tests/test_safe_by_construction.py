@@ -337,6 +337,26 @@ def test_eval_refuses_an_export_with_non_finite_weights(trained, tmp_path, fmt, 
         LLaVAMoSLoRA(out, device="cpu")
 
 
+def test_eval_cli_exits_non_zero_on_a_non_finite_adapter_instead_of_scoring_it(
+    trained, tmp_path, capsys
+):
+    _, checkpoint, _ = trained
+    out = tmp_path / "out"
+    export(checkpoint, TINY_MOSLORA, "xtuner", out, dtype="float32")
+    file = out / "llm_adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if "lora_mixer" in k)
+    tensors[key].fill_(float("inf"))
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    code = main(
+        ["eval", str(out), "--suite", "tiny", "--datasets", "TinyShapes_MMBench_EN", "--limit", "2"]
+        + ["--data-root", str(tmp_path / "bench"), "--work-dir", str(tmp_path / "eval")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {file}: ") and "non-finite" in err
+    assert not list((tmp_path / "eval").rglob("*.xlsx"))  # nothing was scored
+
+
 FROZEN = {
     "model.llm_lora.mixer_trainable": False,
     "model.visual_encoder_lora.mixer_trainable": False,
