@@ -533,3 +533,23 @@ def test_check_data_with_a_hub_tokenizer_and_no_network_fails_fast_in_one_line(
     assert code == 2 and time.monotonic() - start < 30
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "`--tokenizer` 'someorg/not-cached-tokenizer' is not a local folder nor in the" in err
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy-pickle"])
+def test_safe_loader_refuses_a_payload_in_either_torch_format(tmp_path, zipfile):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "x.pth"
+    torch.save({"x": Payload(marker)}, path, _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{path} asks to load `{SYSTEM_GLOBAL}`"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_named_as_corrupt(trained, tmp_path):
+    from llava_moslora.moslora.safety import CorruptCheckpointError
+
+    _, checkpoint, _ = trained
+    path = tmp_path / "iter_1.pth"
+    path.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(CorruptCheckpointError, match=rf"{path} is not a readable torch checkpoint"):
+        load_checkpoint_file(path)
