@@ -62,9 +62,10 @@ def _check_data(args: argparse.Namespace) -> int:
         return 2
     if args.tokenizer is not None:
         import transformers
-        from transformers import AutoTokenizer
         from xtuner.dataset.map_fns import template_map_fn_factory
         from xtuner.utils import PROMPT_TEMPLATE
+
+        from .hub import HubUnreachableError, load_tokenizer
 
         if args.template not in PROMPT_TEMPLATE:
             print(
@@ -73,9 +74,11 @@ def _check_data(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer, trust_remote_code=args.trust_remote_code
-        )
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
+        except HubUnreachableError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         template_map_fn = template_map_fn_factory(PROMPT_TEMPLATE[args.template])
         # The check encodes untruncated on purpose; transformers' "longer than the specified
         # maximum sequence length" warning would only confuse its report.

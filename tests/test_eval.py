@@ -147,7 +147,7 @@ def _build_exports(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny["llm"])
     processor = CLIPImageProcessor.from_pretrained(tiny["clip"])
     projector = ProjectorModel(ProjectorConfig(visual_hidden_size=64, llm_hidden_size=64, depth=2))
-    state = torch.load(tiny["projector"], weights_only=False)["state_dict"]
+    state = torch.load(tiny["projector"], weights_only=True)["state_dict"]
     projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
 
     torch.manual_seed(0)
@@ -194,6 +194,7 @@ def _build_exports(tmp_path_factory):
         processor,
         visual_select_layer=-2,
         prompt_template=PROMPT_TEMPLATE.llama3_chat,
+        pad_image_to_square=True,
     )
     out["hf-llava"] = root / "hf-llava"
     hf_model.save_pretrained(out["hf-llava"])

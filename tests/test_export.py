@@ -345,7 +345,14 @@ def test_hf_llava_refuses_a_backbone_llava_cannot_hold():
 
     with pytest.raises(ValueError, match="needs a LLaMA-family LLM.*Linear.*--to merged-xtuner"):
         build_hf_llava(
-            nn.Linear(2, 2), None, None, None, None, visual_select_layer=-2, prompt_template=None
+            nn.Linear(2, 2),
+            None,
+            None,
+            None,
+            None,
+            visual_select_layer=-2,
+            prompt_template=None,
+            pad_image_to_square=True,
         )
 
 
@@ -480,6 +487,17 @@ def test_manifest_contents(trained, tmp_path, tiny_env):
         "checkpoint": str(checkpoint),
         "seed": 7,  # the config's randomness.seed is None: the checkpoint's meta (mmengine's)
         "trust_remote_code": True,  # as XTuner's LLaVA recipes set it for the LLM
+        # every file the export wrote, for `--overwrite` and for evaluators to check
+        "files": [
+            "llm_adapter/adapter_config.json",
+            "llm_adapter/adapter_model.safetensors",
+            "projector/config.json",
+            "projector/configuration_projector.py",
+            "projector/model.safetensors",
+            "projector/modeling_projector.py",
+            "visual_encoder_adapter/adapter_config.json",
+            "visual_encoder_adapter/adapter_model.safetensors",
+        ],
     }
     manifest = read_manifest(out)
     assert isinstance(manifest, ExportManifest) and manifest.adapter_kind_of("llm") == "moslora"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llava_moslora.train import cpu_shims
+from llava_moslora.train.checkpoints import load_checkpoint_file
 from tests.conftest import vlmevalkit_mcq_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -578,7 +579,7 @@ def test_xtuner_train_tiny_moslora(tiny_dir, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # ~6.0 -> ~1.7 measured
 
     checkpoint = Path(last.read_text().strip())
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint_file(checkpoint)["state_dict"]  # read as data: no code runs
     mixers = {k: v for k, v in state.items() if "lora_mixer" in k}
     llm_mixers = [k for k in mixers if k.startswith("llm.")]
     vit_mixers = [k for k in mixers if k.startswith("visual_encoder.")]
@@ -588,7 +589,7 @@ def test_xtuner_train_tiny_moslora(tiny_dir, tmp_path):
 
     # The mixers were learned: they moved between the last two checkpoints.
     earlier = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))[-2]
-    before = torch.load(earlier, map_location="cpu", weights_only=False)["state_dict"]
+    before = load_checkpoint_file(earlier)["state_dict"]
     moved = {k for k in mixers if not torch.equal(before[k], mixers[k])}
     # All of the LLM's; the ViT's below its last layer, whose output LLaVA never reads
     # (visual_select_layer=-2), so its adapters get no gradient.

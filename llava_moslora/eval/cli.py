@@ -70,7 +70,9 @@ def _eval(args: argparse.Namespace) -> int:
             datasets,
             work_dir=args.work_dir,
             run_name=run_name,
-            model_factory=lambda: LLaVAMoSLoRA(args.model_dir, generation=generation),
+            model_factory=lambda: LLaVAMoSLoRA(
+                args.model_dir, generation=generation, trust_remote_code=args.trust_remote_code
+            ),
             manifest=manifest,
             generation=generation.as_dict() if not args.score_only else None,
             judge=judge,
@@ -166,6 +168,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--offline",
         action="store_true",
         help="any download or network use is an error (always on for --suite tiny)",
+    )
+    ev.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running model code shipped with the export or its base model (needed for "
+        "backbones transformers does not include, e.g. InternLM2); only for folders you trust",
     )
     ev.add_argument("--max-new-tokens", type=int, default=512)
     ev.add_argument("--short-max-new-tokens", type=int, default=32, help="MCQ, yes/no, TextVQA")

@@ -57,6 +57,22 @@ def read_export_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def require_export_files(model_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Raise FileNotFoundError "export incomplete: <file> missing" for a file the export wrote.
+
+    The manifest lists every file of the export (`files`); one that is gone must be an error
+    naming it, never a fall back to a hub download of the same name. Manifests older than the
+    `files` list are not checked.
+    """
+    for name in manifest.get("files") or ():
+        path = Path(model_dir, name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"export incomplete: {path} missing. Copy the whole export folder, or export the "
+                "checkpoint again."
+            )
+
+
 def recorded_fields(manifest: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest fields copied into a results summary (missing ones as None)."""
     manifest = manifest or {}

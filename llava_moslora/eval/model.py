@@ -32,9 +32,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..moslora.safety import require_finite
 from . import import_vlmeval
 from .benchmarks import benchmark_type
-from .manifest import read_export_manifest
+from .manifest import read_export_manifest, require_export_files
 
 BaseModel = import_vlmeval("vlmeval.vlm.base").BaseModel
 
@@ -91,10 +92,15 @@ class LLaVAMoSLoRA(BaseModel):
         generation: GenerationSettings | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.model_dir = Path(model_dir)
         self.manifest = read_export_manifest(self.model_dir)
+        # Code shipped with the export or its base model (a config's auto_map) runs only when the
+        # user says so: the manifest's flag records the training config, it grants nothing.
+        self.trust_remote_code = trust_remote_code
+        require_export_files(self.model_dir, self.manifest)
         self.generation = generation or GenerationSettings()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -120,11 +126,13 @@ class LLaVAMoSLoRA(BaseModel):
         loader()
         for module in (self.llm, self.visual_encoder, self.projector):
             module.to(self.device).eval()
+            # A diverged export is refused rather than scored (it would answer garbage, exit 0).
+            require_finite(dict(module.named_parameters()), self.model_dir)
 
     def _llm_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "torch_dtype": self.dtype,
-            "trust_remote_code": bool(self.manifest["trust_remote_code"]),
+            "trust_remote_code": self.trust_remote_code,
         }
         if self.manifest.get("quantized_base") and self.manifest["format"] in ADAPTER_FORMATS:
             # The adapters were trained on a 4-bit NF4 base (QMoSLoRA): evaluate on the same base.
@@ -139,7 +147,8 @@ class LLaVAMoSLoRA(BaseModel):
             )
         return kwargs
 
-    def _load_towers(self, llm_path: str | Path, vit_path: str | Path) -> None:
+    def _load_towers(self, llm_path: str | Path, vit_path: str | Path, local: bool = False) -> None:
+        """The towers; `local`: they are in the export folder, so never look on the hub."""
         from transformers import (
             AutoModelForCausalLM,
             AutoTokenizer,
@@ -147,17 +156,24 @@ class LLaVAMoSLoRA(BaseModel):
             CLIPVisionModel,
         )
 
-        trust = bool(self.manifest["trust_remote_code"])
-        self.llm = AutoModelForCausalLM.from_pretrained(str(llm_path), **self._llm_kwargs())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(llm_path), trust_remote_code=trust)
-        self.visual_encoder = CLIPVisionModel.from_pretrained(str(vit_path), torch_dtype=self.dtype)
-        self.image_processor = CLIPImageProcessor.from_pretrained(str(vit_path))
+        trust = self.trust_remote_code
+        llm_path, vit_path = str(llm_path), str(vit_path)
+        self.llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, local_files_only=local, **self._llm_kwargs()
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            llm_path, trust_remote_code=trust, local_files_only=local
+        )
+        self.visual_encoder = CLIPVisionModel.from_pretrained(
+            vit_path, torch_dtype=self.dtype, local_files_only=local
+        )
+        self.image_processor = CLIPImageProcessor.from_pretrained(vit_path, local_files_only=local)
 
     def _load_projector(self) -> None:
         from xtuner.model.modules import ProjectorModel
 
         self.projector = ProjectorModel.from_pretrained(
-            str(self.model_dir / "projector"), torch_dtype=self.dtype
+            str(self.model_dir / "projector"), torch_dtype=self.dtype, local_files_only=True
         )
 
     def _load_adapters(self) -> None:
@@ -179,19 +195,22 @@ class LLaVAMoSLoRA(BaseModel):
         self._load_projector()
 
     def _load_merged_xtuner(self) -> None:
-        self._load_towers(self.model_dir / "llm", self.model_dir / "visual_encoder")
+        self._load_towers(self.model_dir / "llm", self.model_dir / "visual_encoder", local=True)
         self._load_projector()
 
     def _load_hf_llava(self) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
         root = str(self.model_dir)
-        llava = LlavaForConditionalGeneration.from_pretrained(root, **self._llm_kwargs())
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            root, local_files_only=True, **self._llm_kwargs()
+        )
         self.llm = llava  # generates from inputs_embeds like any causal LM
         self.visual_encoder = llava.model.vision_tower
         self.projector = llava.model.multi_modal_projector
-        self.tokenizer = AutoTokenizer.from_pretrained(root)
-        self.image_processor = CLIPImageProcessor.from_pretrained(root)
+        self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        # The XTuner path pads to square itself (prepare_inputs), then only resizes/normalises.
+        self.image_processor = CLIPImageProcessor.from_pretrained(root, local_files_only=True)
 
     def _build_template(self) -> None:
         from transformers import StoppingCriteriaList

@@ -26,7 +26,9 @@ def _export(args: argparse.Namespace) -> int:
             cfg_options=args.cfg_options,
             overwrite=args.overwrite,
         )
-    except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as error:
+    # OSError: FileExistsError, FileNotFoundError, and transformers' "couldn't connect" for a
+    # config whose base models are hub ids that are not cached, offline.
+    except (CheckpointMismatchError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote a {manifest.format} export ({manifest.dtype}) to {args.out}")
@@ -69,5 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action=DictAction,
         help="override config settings as in `xtuner train`, e.g. model.llm_lora.r=16",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in OUT: only if OUT holds nothing but the files its "
+        "manifest lists (never the checkpoint, config or files you added); swapped in atomically",
+    )
     parser.set_defaults(func=_export)

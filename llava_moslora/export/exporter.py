@@ -11,13 +11,14 @@
                    `xtuner chat --llava` read it too (they look for llm/ and visual_encoder/).
 
 Each also writes OUT/llava_moslora_export.json (manifest.py). The export is written to a hidden
-sibling folder and moved into place at the end, so OUT never holds half an export.
+sibling folder and moved into place at the end, so OUT never holds half an export; `--overwrite`
+replaces only an earlier export's own files (out_dir.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,12 +38,19 @@ from llava_moslora.moslora import (
 from .manifest import (
     DTYPES,
     FORMATS,
-    MANIFEST_NAME,
     MERGED_FORMATS,
     ExportManifest,
     write_manifest,
 )
 from .model import build_model, checkpoint_seed, load_checkpoint, load_config
+from .out_dir import (
+    MARKER_NAME,
+    check_out_dir,
+    clean_stale,
+    list_files,
+    make_staging,
+    move_into_place,
+)
 
 logger = logging.getLogger("llava_moslora.export")
 
@@ -272,6 +280,7 @@ def write_hf_llava(model, cfg, out: Path, dtype: torch.dtype, stage) -> None:
         BUILDER.build(cfg.image_processor),
         visual_select_layer=int(cfg.model.get("visual_select_layer", -2)),
         prompt_template=prompt_template_of(cfg)[1],
+        pad_image_to_square=bool(_dataset_cfg(cfg).get("pad_image_to_square", False)),
     )
     assert_finite(hf_model)
     stage("saving the model and processor")
@@ -285,33 +294,6 @@ WRITERS: dict[str, Callable[..., None]] = {
     "hf-llava": write_hf_llava,
     "merged-xtuner": write_merged_xtuner,
 }
-
-
-# --- the output folder ------------------------------------------------------------------------
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a folder unless it is an earlier export and `overwrite` is set."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"`OUT` {out} is a file; give a folder path.")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"`OUT` {out} is not empty. Pass `--overwrite` to replace an earlier export there, or "
-            "choose another folder."
-        )
-    if not (out / MANIFEST_NAME).is_file():
-        raise FileExistsError(
-            f"`OUT` {out} holds files but no {MANIFEST_NAME}: it is not an earlier export, so "
-            "`--overwrite` does not delete it. Remove it yourself or choose another folder."
-        )
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.is_dir():
-        shutil.rmtree(out)  # empty, or an earlier export (checked by _check_out_dir)
-    os.replace(staging, out)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -340,7 +322,12 @@ def export(
             f"`--dtype` should be one of {', '.join(DTYPES)} but the value passed is {dtype!r}."
         )
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    from mmengine.config import Config
+
+    # What replacing OUT must never delete (a Config object may have been read from a file).
+    inputs = [checkpoint, config.filename if isinstance(config, Config) else config]
+    clean_stale(out)
+    check_out_dir(out, overwrite, inputs)
     if not Path(checkpoint).exists():
         raise FileNotFoundError(
             f"`CKPT` {checkpoint}: no iter_N.pth file or DeepSpeed checkpoint folder there."
@@ -358,16 +345,15 @@ def export(
         cfg, model, fmt, dtype, checkpoint, str(getattr(cfg, "filename", None) or config)
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = make_staging(out)
     try:
         with torch.no_grad():
             WRITERS[fmt](model, cfg, staging, getattr(torch, dtype), stage)
+        files = [name for name in list_files(staging) if name != MARKER_NAME]
+        manifest = dataclasses.replace(manifest, files=tuple(files))
         write_manifest(staging, manifest)
-        _move_into_place(staging, out)
+        check_out_dir(out, overwrite, inputs)  # again: OUT may have changed during the export
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
+
+from llava_moslora.moslora.safety import non_finite_keys
 
 IMAGE_TOKEN = "<image>"  # xtuner.utils.DEFAULT_IMAGE_TOKEN, LlavaProcessor's default
 
@@ -105,6 +106,45 @@ def _add_image_token(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+# CLIPImageProcessor settings that LlavaImageProcessor takes as they are.
+_IMAGE_PROCESSOR_FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+# What LlavaForConditionalGeneration.forward / generate take from the tokenizer: a LLaMA tokenizer
+# that also returns token_type_ids makes the standard `generate(**processor(...))` call fail.
+TOKENIZER_INPUTS = ["input_ids", "attention_mask"]
+
+
+def llava_image_processor(clip_processor, *, pad_to_square: bool):
+    """transformers' LlavaImageProcessor with `clip_processor`'s settings, padding as training did.
+
+    With `pad_to_square` (the dataset's `pad_image_to_square`), `do_pad=True` pads a non-square
+    image to a square of its long side, centred, in the colour int(255 * image_mean), before the
+    CLIP resize and crop: LLaVA's / XTuner's `expand2square(image, mean)` exactly. A plain
+    CLIPImageProcessor would centre-crop instead and cut off what training saw.
+    """
+    from transformers import LlavaImageProcessor
+
+    settings = {k: v for k, v in clip_processor.to_dict().items() if k in _IMAGE_PROCESSOR_FIELDS}
+    return LlavaImageProcessor(do_pad=pad_to_square, **settings)
+
+
+def _generate_ready(tokenizer) -> None:
+    """Make the tokenizer (and its saved config) return only what the model's generate takes."""
+    tokenizer.model_input_names = list(TOKENIZER_INPUTS)
+    tokenizer.init_kwargs["model_input_names"] = list(TOKENIZER_INPUTS)  # saved with it
+
+
 def build_hf_llava(
     llm: nn.Module,
     visual_encoder: nn.Module,
@@ -114,11 +154,14 @@ def build_hf_llava(
     *,
     visual_select_layer: int,
     prompt_template: dict[str, Any] | None,
+    pad_image_to_square: bool,
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor) from merged towers and XTuner's projector.
 
     `llm` must be a LlamaForCausalLM-like model with `.model` and `.lm_head` (plain, merged), and
     `visual_encoder` a CLIPVisionModel; `tokenizer` gets `<image>` added if it lacks it.
+    `image_processor` (XTuner's CLIPImageProcessor) becomes a LlavaImageProcessor that pads to
+    square when training did (`pad_image_to_square`).
     """
     from accelerate import init_empty_weights
     from transformers import (
@@ -189,8 +232,9 @@ def build_hf_llava(
     model.eval()
 
     template = chat_template(prompt_template) if prompt_template else None
+    _generate_ready(tokenizer)
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=llava_image_processor(image_processor, pad_to_square=pad_image_to_square),
         tokenizer=tokenizer,
         patch_size=vconfig.patch_size,
         vision_feature_select_strategy="default",
@@ -203,7 +247,7 @@ def build_hf_llava(
 
 def assert_finite(model: nn.Module) -> None:
     """Refuse to write a model with NaN/inf weights (a diverged run, a bad merge)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite_keys(dict(model.named_parameters()))
     if bad:
         raise ValueError(
             f"{len(bad)} merged weight(s) are not finite, e.g. {bad[:3]}: the checkpoint diverged "

@@ -16,7 +16,7 @@ The schema is shared with the evaluation code: change it only together with its 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class ExportManifest:
     checkpoint: str
     seed: int | None
     trust_remote_code: bool
+    # Every file the export wrote, relative to OUT, the manifest itself excepted: what `--overwrite`
+    # may replace and what an evaluator must find. None in manifests older than this field.
+    files: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -110,10 +113,14 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
         )
     data = json.loads(path.read_text())
     names = [f.name for f in fields(ExportManifest)]
-    missing = [name for name in names if name not in data]
+    optional = {f.name for f in fields(ExportManifest) if f.default is not MISSING}
+    missing = [name for name in names if name not in data and name not in optional]
     if missing:
         raise ValueError(
             f"{path} lacks the field(s) {', '.join(f'`{m}`' for m in missing)}; re-export the "
             "checkpoint with this version of `llava-moslora export`."
         )
-    return ExportManifest(**{name: data[name] for name in names})
+    values = {name: data[name] for name in names if name in data}
+    if values.get("files") is not None:
+        values["files"] = tuple(values["files"])
+    return ExportManifest(**values)

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava_moslora.train.checkpoints import load_trained_state
+from llava_moslora.moslora.options import FIXED_PATTERN_INITS
+from llava_moslora.moslora.safety import require_finite
+from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
 
 logger = logging.getLogger("llava_moslora.export")
 
@@ -92,13 +94,50 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: s
     )
 
 
+def _frozen_pattern_mixers(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """{state key: (init, matrix)} of every mixer the config fixes to a known matrix.
+
+    A frozen identity (vanilla LoRA, init-only) or butterfly (TS-Mixing) mixer is built as that
+    exact matrix, so a checkpoint of this run holds it unchanged.
+    """
+    built = model.state_dict()
+    fixed = {}
+    for name, module in model.named_modules():
+        for adapter, options in getattr(module, "mixer_options", {}).items():
+            if options.learnable or not (options.init in FIXED_PATTERN_INITS or options.init_only):
+                continue
+            key = f"{name}.lora_mixer.{adapter}.weight"
+            if key in built:  # (LLaVAModel.state_dict keeps every lora_ key: always true)
+                init = "identity (init-only)" if options.init_only else options.init
+                fixed[key] = (init, built[key].clone())
+    return fixed
+
+
+def check_frozen_mixers(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a checkpoint whose mixer is not the fixed matrix the config says it is.
+
+    Otherwise a learned (e.g. Kaiming) mixer loaded under an identity/butterfly config would be
+    exported, and labelled in the manifest, as vanilla LoRA / TS-Mixing.
+    """
+    for key, (init, matrix) in _frozen_pattern_mixers(model).items():
+        if key in state and not torch.equal(state[key].to(matrix.dtype), matrix):
+            raise CheckpointMismatchError(
+                f"The config builds a frozen `mixer_init={init!r}` mixer, but `{key}` in "
+                f"{source} is not that matrix: the checkpoint was trained with another mixer "
+                "(e.g. a learned one). Pass the `--config` it was trained with."
+            )
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Load an iter_N.pth file or DeepSpeed iter_N.pth/ folder into `model`; return the state.
 
     Strict on the trained tensors (see `check_state_fits`); the frozen base weights stay as built.
+    Non-finite tensors and mixers that contradict a frozen-mixer config are refused.
     """
     state = load_trained_state(checkpoint)
+    require_finite(state, checkpoint)
     check_state_fits(model, state, str(checkpoint))
+    check_frozen_mixers(model, state, str(checkpoint))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:  # check_state_fits makes this impossible; keep it loud anyway
         raise CheckpointMismatchError(f"Unexpected keys while loading: {result.unexpected_keys}")
@@ -110,10 +149,11 @@ def checkpoint_seed(checkpoint: str | Path) -> int | None:
     checkpoint = Path(checkpoint)
     files = sorted(checkpoint.glob("*mp_rank_00_model_states.pt")) if checkpoint.is_dir() else []
     path = files[0] if files else checkpoint
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("meta", {})
+    try:  # read as data: an unsafe file was refused by load_trained_state already
+        saved = load_checkpoint_file(path, mmap=True)
     except Exception as error:  # noqa: BLE001 - the seed is informative only
         logger.warning("could not read the seed from %s: %s", path, error)
         return None
+    meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
     seed = meta.get("seed") if isinstance(meta, dict) else None
     return int(seed) if isinstance(seed, int) else None

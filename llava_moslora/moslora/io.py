@@ -16,17 +16,21 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from safetensors.torch import save_file
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import OPTIONS_ATTR, mixer_options_of, register
-from .options import MixerOptions, read_options, write_options
+from .options import OPTIONS_FILE, MixerOptions, read_options, write_options
+from .safety import CorruptCheckpointError, require_finite, safe_torch_load
 
 MIXER_KEY = "lora_mixer.weight"
 # The official MoSLoRA repository stores the mixer as an nn.Linear called lora_AB.
 OFFICIAL_MIXER_KEY = "lora_AB.weight"
 SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's older format: read as data, never as code
+CONFIG_NAME = "adapter_config.json"
 
 
 def _adapter_dir(out_dir: str | Path, adapter_name: str) -> Path:
@@ -82,6 +86,33 @@ def save_folded(peft_model: PeftModel, out_dir: str | Path) -> None:
         config.save_pretrained(str(target))
 
 
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local adapter folder: safetensors, else PEFT's .bin read as data.
+
+    Unlike PEFT's `load_peft_weights`, a folder without weights is an error naming the file, never
+    a download from the hub; NaN/inf tensors are refused, naming the key and the file.
+    """
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / SAFETENSORS_NAME
+    if path.is_file():
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CorruptCheckpointError(
+                f"{path} is not a readable safetensors file ({error}); re-export the adapter."
+            ) from None
+    elif (adapter_dir / PICKLE_NAME).is_file():
+        path = adapter_dir / PICKLE_NAME
+        tensors = safe_torch_load(path)
+    else:
+        raise FileNotFoundError(
+            f"adapter incomplete: {path} missing (nor is there a {PICKLE_NAME}); the adapter is "
+            "read from local files only. Copy the whole adapter folder, or re-export it."
+        )
+    require_finite(tensors, path)
+    return tensors
+
+
 def load_adapter(
     model: nn.Module,
     adapter_dir: str | Path,
@@ -96,18 +127,30 @@ def load_adapter(
     tensor of the model was left unloaded. Plain LoRA adapters (e.g. from `save_folded`) load too.
     """
     adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_NAME).is_file():  # PeftConfig would look on the hub instead
+        raise FileNotFoundError(
+            f"adapter incomplete: {adapter_dir / CONFIG_NAME} missing; the adapter is read from "
+            "local files only. Copy the whole adapter folder, or re-export it."
+        )
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if not isinstance(config, LoraConfig):
         raise ValueError(
             f"`adapter_dir` should hold a LoRA/MoSLoRA adapter but {adapter_dir} holds a "
             f"{type(config).__name__}."
         )
-    saved = {
-        k.replace(OFFICIAL_MIXER_KEY, MIXER_KEY): v
-        for k, v in load_peft_weights(str(adapter_dir), device="cpu").items()
-    }
+    saved = read_adapter_weights(adapter_dir)
+    official = any(k.endswith(OFFICIAL_MIXER_KEY) for k in saved)  # always a learned mixer
+    saved = {k.replace(OFFICIAL_MIXER_KEY, MIXER_KEY): v for k, v in saved.items()}
     has_mixer = any(k.endswith(MIXER_KEY) for k in saved)
     options = read_options(adapter_dir)
+    if has_mixer and options is None and is_trainable and not official:
+        # Whether the mixer was learned or frozen (identity, butterfly, init-only) is only written
+        # in moslora_config.json: guessing "learned" would make a frozen mixer trainable.
+        raise ValueError(
+            f"{adapter_dir} holds a MoSLoRA mixer but no {OPTIONS_FILE}, so whether the mixer is "
+            "learned or frozen is unknown; `is_trainable=True` would train it either way. Copy "
+            f"{OPTIONS_FILE} from the export, or load with `is_trainable=False` for inference."
+        )
     if options is not None and not has_mixer:
         raise ValueError(
             f"{adapter_dir} declares a MoSLoRA adapter (moslora_config.json) but its weights hold no "
