@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ablate.add_argument(
         "--launcher",
-        help="command that trains, in front of CONFIG (default: `xtuner train`), e.g. "
-        "'srun -p gpu xtuner train'",
+        help="command that trains, in front of CONFIG (default: `llava-moslora train`), e.g. "
+        "'srun -p gpu llava-moslora train'",
     )
     ablate.add_argument(
         "--cfg-options", nargs="+", help="KEY=VALUE overrides for every run (e.g. the rank)"

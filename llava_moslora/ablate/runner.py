@@ -2,7 +2,7 @@
 
 Layout under the ablation's work dir (one folder per run, so runs are independent and resumable):
 
-    WORK/VARIANT/seed_S/train/          `xtuner train` work dir (checkpoints, logs)
+    WORK/VARIANT/seed_S/train/          `llava-moslora train` work dir (checkpoints, logs)
     WORK/VARIANT/seed_S/train.log       its output
     WORK/VARIANT/seed_S/result.json     written last: the run counts as finished only with it
     WORK/ablation.{md,csv,png}          the report (`report.py`)
@@ -15,8 +15,9 @@ not the RNG stream, so a resumed run would not be the same seed's run. `trained.
 the evaluator): a work dir holds one setting, and resuming it with other ones is refused, so a
 report never mixes two settings.
 
-Training goes through `xtuner train` (or a user-given launcher command in front of the config, e.g.
-`srun -p gpu xtuner train`; environment variables such as NPROC_PER_NODE pass through). Evaluation is one of:
+Training goes through `llava-moslora train` (XTuner's launcher with the run's exit code; or a
+user-given launcher command in front of the config, e.g. `srun -p gpu llava-moslora train`;
+environment variables such as NPROC_PER_NODE pass through). Evaluation is one of:
 
     heldout      held-out multiple-choice accuracy on the config's `heldout_eval_path` items
                  (tiny_ablation.py: colour / shape / count on new images) or, without it, the
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.checkpoints import last_checkpoint
+from ..train.launch import launch_command
 from .variants import cfg_options
 
 RESULT = "result.json"
@@ -113,19 +115,10 @@ def parse_evaluator(text: str) -> tuple[str, str | None]:
     )
 
 
-def _xtuner_launcher() -> list[str]:
-    found = shutil.which("xtuner", path=str(Path(sys.executable).parent)) or shutil.which("xtuner")
-    if found is None:
-        raise FileNotFoundError("the `xtuner` command is not installed in this environment")
-    return [found, "train"]
-
-
 def train_command(
     run: Run, config: str | Path, launcher: str | None, extra: Sequence[str]
 ) -> list[str]:
-    head = shlex.split(launcher) if launcher else _xtuner_launcher()
-    return [
-        *head,
+    args = [
         str(config),
         "--work-dir",
         str(run.train_dir),
@@ -135,6 +128,7 @@ def train_command(
         *cfg_options(run.variant),
         *extra,
     ]
+    return [*shlex.split(launcher), *args] if launcher else launch_command(args)
 
 
 def _final_checkpoint(run: Run) -> Path | None:
@@ -154,8 +148,8 @@ def train(
 ) -> Path:
     """Train `run` (unless its training already finished); return its final checkpoint.
 
-    `xtuner train` exits 0 even when training crashed, so success is judged by what it leaves: a
-    `last_checkpoint` and a log without a traceback.
+    Success is its exit code and what it leaves: a `last_checkpoint` and a log without a
+    traceback (a user's `--launcher` may be `xtuner train`, which exits 0 even when it crashed).
     """
     marker = run.dir / "trained.json"
     if marker.is_file():
