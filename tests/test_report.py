@@ -154,3 +154,52 @@ def test_cli_rejects_an_unknown_dataset(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--datasets", "MMBench_DEV_FR"]) == 2
     err = capsys.readouterr().err
     assert "`--datasets` has 'MMBench_DEV_FR'" in err and "MMBench_DEV_EN" in err
+
+
+def test_chance_of_the_tiny_benchmarks_from_first_principles(tmp_path):
+    """A uniform random guesser on the tiny TSVs: circular MCQ (1/n)^n per question (the six
+    abilities have 4, 3, 4, 2, 3, 2 options), MME acc 50 + acc+ 25 in each of its 4 categories,
+    short answers one over 4 colours / 3 shapes / 4 counts."""
+    from llava_moslora.eval.tiny_bench import chance_scores, write_tiny_bench
+
+    write_tiny_bench(tmp_path, per_category=3)
+    mcq = sum((1 / n) ** n for n in (4, 3, 4, 2, 3, 2)) / 6 * 100
+    expected = {
+        "MMBench EN": mcq,
+        "MMBench CN": mcq,
+        "MME": 4 * 75 / 28,
+        "TextVQA": 100 * (1 / 4 + 1 / 3 + 1 / 4) / 3,
+    }
+    assert chance_scores(tmp_path) == pytest.approx(expected, rel=1e-12)
+
+
+def test_report_shows_chance_as_a_last_row_and_each_score_against_it(tmp_path):
+    from llava_moslora.eval.report import versus_chance
+
+    run = _fake_run(tmp_path, "lora", {TINY_MME: 600.0, "TinyShapes_TextVQA": 55.5})
+    chance = {"MME": 300 / 28, "TextVQA": 27.75, "MMBench EN": 9.7}
+    md, csv_path = write_table([run], tmp_path / "table", chance)
+    rows = {row["Run"]: row for row in csv.DictReader(csv_path.open())}
+    assert list(rows) == ["lora", "chance"]
+    assert rows["chance"]["MME"] == "10.7" and rows["chance"]["TextVQA"] == "27.8"
+    assert rows["chance"]["MMBench EN"] == "9.7" and rows["chance"]["SEED"] == MISSING
+    assert rows["chance"]["Avg"] == MISSING  # a guesser's average is not a run's
+    assert "| chance | – | – | – | – | 9.7 |" in md.read_text()
+    assert versus_chance([run], chance) == [
+        "lora: TextVQA 55.5 (chance 27.8, 2.0x); MME 21.4 (chance 10.7, 2.0x)"
+    ]
+
+
+def test_eval_data_root_becomes_vlmevalkits_lmudata(tmp_path, monkeypatch, capsys):
+    """`--data-root` must set $LMUData (VLMEvalKit's spelling); it once set $LMUDATA, which
+    VLMEvalKit ignores, so the tiny suite silently ran from ~/LMUData."""
+    import os
+
+    from llava_moslora.cli import main
+
+    monkeypatch.setenv("LMUData", "unset")  # restored (to unset, if it was) after the test
+    monkeypatch.delenv("LMUData")
+    root = tmp_path / "bench"
+    code = main(["eval", str(tmp_path / "no_export"), "--suite", "tiny", "--data-root", str(root)])
+    assert code == 2 and "no_export" in capsys.readouterr().err  # stops at the missing export
+    assert os.environ["LMUData"] == str(root.resolve())
