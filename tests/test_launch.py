@@ -104,14 +104,12 @@ def test_a_run_refused_by_the_data_check_exits_2_with_one_line_naming_the_sample
 
 
 @pytest.mark.slow
-def test_a_missing_model_path_exits_2_naming_it(tiny_dir, tmp_path):
-    missing = tmp_path / "no_such_llm"
-    run = train(
-        tiny_dir,
-        tmp_path / "work",
-        "--cfg-options",
-        f"model.llm.pretrained_model_name_or_path={missing}",
-    )
+@pytest.mark.parametrize(
+    "key", ["model.llm.pretrained_model_name_or_path", "train_dataloader.dataset.data_path"]
+)
+def test_a_missing_model_or_data_path_exits_2_naming_it(tiny_dir, tmp_path, key):
+    missing = tmp_path / "no_such_file"
+    run = train(tiny_dir, tmp_path / "work", "--cfg-options", f"{key}={missing}")
     assert run.returncode == USAGE_ERROR, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     assert str(missing) in run.stderr[run.stderr.index("error: training refused:") :]
