@@ -30,6 +30,7 @@ environment variables such as NPROC_PER_NODE pass through). Evaluation is one of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..jsonfile import read_json_object
 from ..train.checkpoints import last_checkpoint
 from ..train.launch import launch_command
 from .variants import cfg_options
@@ -67,30 +69,82 @@ class Run:
         return self.result_path.is_file()
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model.llm_lora.r": 8, ...}: every leaf of a nested config dict under its dotted key."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _stable_name(value: Any) -> str:
+    # Classes and functions by their import path: their repr would hold a memory address.
+    if hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return repr(value)
+
+
+def config_sha256(config: str | Path) -> str:
+    """The SHA-256 of the resolved config (bases merged, flattened, keys sorted): the setting.
+
+    Two files with the same content are one setting wherever they lie and whatever their name; a
+    file edited between two runs of one work dir (or another file of the same name) is not.
+    """
+    from mmengine.config import Config
+
+    flat = _flatten(Config.fromfile(str(config)).to_dict())
+    text = json.dumps(flat, sort_keys=True, default=_stable_name)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def settings(config: str | Path, extra: Sequence[str], evaluator: str | None = None) -> dict:
-    """What must match for a finished run to be reused: the config (by file name, so a resume
-    from another directory still matches), the extra `--cfg-options` and, for a result, the
+    """What must match for a finished run to be reused: the config's content (`config_sha256`;
+    its file name is recorded only to be shown), the extra `--cfg-options` and, for a result, the
     evaluator."""
-    found = {"config": Path(config).name, "cfg_options": list(extra)}
+    found = {
+        "config": Path(config).name,
+        "config_sha256": config_sha256(config),
+        "cfg_options": list(extra),
+    }
     if evaluator is not None:
         found["evaluator"] = evaluator
     return found
 
 
 def check_settings(path: Path, wanted: dict[str, Any]) -> dict[str, Any]:
-    """Read the JSON record at `path`; refuse it if it was made with other `settings`."""
-    record = json.loads(path.read_text())
+    """Read the JSON record at `path`; refuse it if it was made with other `settings`.
+
+    The config is compared by content; a record older than `config_sha256` by file name.
+    """
+    record = read_json_object(
+        path, fix=f"delete {path.parent} to redo that run, or restore the file."
+    )
     recorded = dict(record)
     if "config" in recorded:
         recorded["config"] = Path(recorded["config"]).name
+    by_content = "config_sha256" in recorded
     for key, value in wanted.items():
-        if recorded.get(key) != value:
-            flag = {"cfg_options": "--cfg-options", "evaluator": "--eval"}.get(key, "--config")
-            raise ValueError(
-                f"{path} was made with `{flag}` {recorded.get(key)!r} but this command passes "
-                f"{value!r}. A work dir holds one setting: pass the same `{flag}` to resume it, "
-                "or give these settings their own `--work-dir`."
-            )
+        if (key == "config" and by_content) or (key == "config_sha256" and not by_content):
+            continue
+        if recorded.get(key) == value:
+            continue
+        flag = {"cfg_options": "--cfg-options", "evaluator": "--eval"}.get(key, "--config")
+        if key == "config_sha256":
+            made = f"{recorded.get('config')!r} (resolved content sha256 {str(recorded[key])[:12]})"
+            passed = f"{wanted.get('config')!r} (sha256 {value[:12]}): another config content"
+        else:
+            made, passed = repr(recorded.get(key)), repr(value)
+        raise ValueError(
+            f"{path} was made with `{flag}` {made} but this command passes {passed}. A work dir "
+            f"holds one setting: pass the same `{flag}` to resume it, or give these settings "
+            "their own `--work-dir`."
+        )
     return record
 
 
@@ -154,8 +208,12 @@ def train(
     marker = run.dir / "trained.json"
     if marker.is_file():
         return Path(check_settings(marker, settings(config, extra))["checkpoint"])
-    if run.dir.exists():
-        shutil.rmtree(run.dir)  # a half-finished run: start the seed again, cleanly
+    if run.dir.exists():  # a half-finished run: start the seed again, cleanly
+        log(
+            f"[{run.variant} seed {run.seed}] deleting {run.dir}: a half-finished run (no "
+            "trained.json), trained again from scratch"
+        )
+        shutil.rmtree(run.dir)
     run.dir.mkdir(parents=True)
     command = train_command(run, config, launcher, extra)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -271,9 +329,8 @@ def run_all(
                 variant=run.variant,
                 seed=run.seed,
                 checkpoint=str(checkpoint),
+                **wanted,
                 config=str(config),
-                cfg_options=list(extra),
-                evaluator=evaluator,
                 train_seconds=json.loads((run.dir / "trained.json").read_text())["seconds"],
             )
             tmp = run.result_path.with_suffix(".tmp")

@@ -79,6 +79,12 @@ KINDS: dict[str, ProblemKind] = {
             "exist under another suffix), or re-download; else drop the samples",
         ),
         ProblemKind(
+            "image_outside_folder",
+            "the `image` path leads outside the image folder (absolute, or climbs out with '..')",
+            "make every `image` path relative to the image folder and inside it (move or link the "
+            "files into it); training would read whatever file the path reaches",
+        ),
+        ProblemKind(
             "unreadable_image",
             "PIL cannot decode the image file (truncated, corrupt or not an image)",
             "re-download these files (a truncated file usually means an interrupted download) "
@@ -194,20 +200,30 @@ def load_records(data_path: str | os.PathLike) -> list[Any]:
         )
     if not path.is_file():
         raise DataFileError(f"`data_path` {str(path)!r} does not exist or is not a file")
+    where = ""  # a JSONL line is parsed alone: the decoder's "line 1" is the file's line `where`
     try:
         with path.open(encoding="utf-8") as file:
             if path.suffix == ".json":
                 records = json.load(file)
             else:
-                records = [json.loads(line) for line in file if line.strip()]
+                records = []
+                for line_number, line in enumerate(file, 1):
+                    where = f" at line {line_number}"
+                    if line.strip():
+                        records.append(json.loads(line))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataFileError(
-            f"`data_path` {str(path)!r} is not valid JSON: {error}; re-download or repair it"
-        ) from error
+            f"`data_path` {str(path)!r} is not valid JSON{where}: {error}; re-download or repair it"
+        ) from None
     if not isinstance(records, list):
         raise DataFileError(
             f"`data_path` {str(path)!r} should hold a JSON list of samples, "
             f"got a {type(records).__name__}"
+        )
+    if not records:
+        raise DataFileError(
+            f"`data_path` {str(path)!r} holds no samples: there is nothing to train on. "
+            "Pass the dataset file itself (e.g. llava_v1_5_mix665k.json)."
         )
     return records
 
@@ -338,6 +354,12 @@ def _map_in_window(
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def _inside(path: str, folder: str | os.PathLike) -> bool:
+    """Whether the normalised `path` lies under `folder` (by name: links inside it are allowed)."""
+    folder = os.path.normpath(os.path.abspath(folder))
+    return os.path.commonpath([os.path.abspath(path), folder]) == folder
 
 
 def _image_problem(path: str, decode: bool) -> tuple[str, str] | None:
@@ -473,13 +495,27 @@ def check_records(
         else:
             first_seen[sample_id] = index
         if record.get("image") is not None:
-            images.setdefault(os.path.join(image_folder, record["image"]), []).append(index)
+            path = os.path.join(image_folder, record["image"])
+            if not _inside(path, image_folder):
+                detail = (
+                    f"{record['image']!r} resolves to {os.path.normpath(path)}, outside "
+                    f"{image_folder}"
+                )
+                report.add("image_outside_folder", index, sample_id, detail)
+            else:
+                images.setdefault(path, []).append(index)
         problems = _conversation_problems(record)
         for kind, detail in problems:
             report.add(kind, index, sample_id, detail)
         if not problems:
             well_formed.append(index)
 
+    if images and not os.path.isdir(image_folder):
+        raise DataFileError(
+            f"`image_folder` (`--images`) {str(image_folder)!r} is not a folder, and "
+            f"{len(images)} distinct image path(s) are relative to it. Pass the folder the `image` "
+            "paths are relative to (`llava_images/` for llava_v1_5_mix665k.json)."
+        )
     report.images_checked = len(images)
     image_findings: list[tuple[str, int, str]] = []
     with ThreadPoolExecutor(max_workers=workers or min(32, (os.cpu_count() or 1) * 4)) as pool:

@@ -26,9 +26,11 @@ def _eval(args: argparse.Namespace) -> int:
     from .benchmarks import resolve_datasets
     from .manifest import read_export_manifest
     from .offline import LMU_ENV
+    from .runner import check_run_name
 
     try:
         datasets = resolve_datasets(args.suite, args.datasets)
+        run_name = check_run_name(args.run_name or Path(args.model_dir).resolve().name)
         if args.data_root is not None:
             root = Path(args.data_root)
             if args.suite != "tiny" and not root.is_dir():
@@ -57,7 +59,6 @@ def _eval(args: argparse.Namespace) -> int:
         generation = GenerationSettings(
             max_new_tokens=args.max_new_tokens, short_max_new_tokens=args.short_max_new_tokens
         )
-        run_name = args.run_name or Path(args.model_dir).resolve().name
         if args.score_only and args.datasets is None:
             from .runner import load_summary
 

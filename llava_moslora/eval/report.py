@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchmarks import COLUMN_OF, MMBENCH_ABILITIES, MMBENCH_LANGUAGE, MME_SCALE, TABLE_COLUMNS
-from .runner import load_summary
+from .runner import SUMMARY_NAME, load_summary
 
 MISSING = "–"  # en dash: never 0
 ID_COLUMNS = ("Run", "Config", "Adapter", "Seed", "Judge")
@@ -38,15 +38,33 @@ def _adapter_label(manifest: dict[str, Any]) -> str:
     return label
 
 
-def run_scores(summary: dict[str, Any]) -> dict[str, float]:
-    """Table 5 column -> score on the 0-100 scale, for the benchmarks this run scored."""
+def _checked_score(run_dir: str | Path, name: str, column: str, score: Any) -> float:
+    """`score` as a float; ValueError naming the run and benchmark if it is not a possible score."""
+    top = 100 * MME_SCALE if column == "MME" else 100.0  # MME: raw total, at most 2800
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= top:
+        raise ValueError(
+            f"{Path(run_dir) / SUMMARY_NAME}: the {name} score is {score!r}, which is not a score "
+            f"(should be a number from 0 to {top:g}): the file is damaged or was edited. Score the "
+            f"run again with `llava-moslora eval ... --score-only`, or leave {run_dir} out."
+        )
+    return float(score)
+
+
+def run_scores(summary: dict[str, Any], run_dir: str | Path) -> dict[str, float]:
+    """Table 5 column -> score on the 0-100 scale, for the benchmarks this run scored.
+
+    A NaN, negative or impossible score (> 100, MME > 2800) is refused, naming `run_dir` and the
+    benchmark: a damaged results file must never become a row of the table.
+    """
     scores: dict[str, float] = {}
     for name, entry in summary.get("benchmarks", {}).items():
         column = COLUMN_OF.get(name)
-        score = entry.get("score")
-        if column is None or entry.get("status") != "scored" or score is None:
+        if column is None or not isinstance(entry, dict) or entry.get("status") != "scored":
             continue
-        scores[column] = score / MME_SCALE if column == "MME" else float(score)
+        if entry.get("score") is None:
+            continue
+        score = _checked_score(run_dir, name, column, entry["score"])
+        scores[column] = score / MME_SCALE if column == "MME" else score
     return scores
 
 
@@ -65,7 +83,7 @@ def table_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, str]]:
     for run_dir in run_dirs:
         summary = load_summary(run_dir)
         manifest = summary.get("manifest") or {}
-        scores = run_scores(summary)
+        scores = run_scores(summary, run_dir)
         row = {
             "Run": summary.get("run") or Path(run_dir).name,
             "Config": Path(manifest["config"]).stem if manifest.get("config") else MISSING,
@@ -100,7 +118,7 @@ def versus_chance(run_dirs: Sequence[str | Path], chance: dict[str, float]) -> l
     lines = []
     for run_dir in run_dirs:
         summary = load_summary(run_dir)
-        scores = run_scores(summary)
+        scores = run_scores(summary, run_dir)
         parts = [
             f"{column} {scores[column]:.1f} (chance {chance[column]:.1f}, "
             f"{scores[column] / chance[column]:.1f}x)"

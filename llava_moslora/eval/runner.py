@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ..jsonfile import CorruptJSONError, read_json_object
 from .benchmarks import (
     COLUMN_OF,
     DEFAULT_JUDGE,
@@ -204,7 +205,33 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
             f"`RUN_DIR` {str(run_dir)!r} has no {SUMMARY_NAME}; pass a folder that "
             "`llava-moslora eval` wrote (WORK_DIR/<run name>/)."
         )
-    return json.loads(path.read_text())
+    summary = read_json_object(
+        path, fix="it is damaged; run `llava-moslora eval` for this run again (or restore it)."
+    )
+    if not isinstance(summary.get("benchmarks"), dict):
+        raise CorruptJSONError(
+            f"{path} has no `benchmarks` object: it is not a results file written by "
+            "`llava-moslora eval`; run the evaluation again (or restore the file)."
+        )
+    return summary
+
+
+def check_run_name(run_name: str) -> str:
+    """Refuse a run name that would put the results outside WORK_DIR (or in WORK_DIR itself)."""
+    if (
+        not run_name
+        or run_name in (".", "..")
+        or "/" in run_name
+        or "\\" in run_name
+        or os.sep in run_name
+        or (os.altsep is not None and os.altsep in run_name)
+    ):
+        raise ValueError(
+            f"`--run-name` should be a plain folder name inside `--work-dir`, but the value passed "
+            f"is {run_name!r}: no path separators, no '..', not absolute. Use e.g. "
+            "`--run-name llama3_moslora_seed0`."
+        )
+    return run_name
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -248,11 +275,11 @@ def run_benchmarks(
 
     if limit is not None and limit < 1:
         raise ValueError(f"`--limit` should be a positive integer, got {limit}.")
-    run_dir = Path(work_dir) / run_name
+    run_dir = Path(work_dir) / check_run_name(run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / SUMMARY_NAME
     summary: dict[str, Any] = (
-        json.loads(summary_path.read_text()) if summary_path.is_file() else {"benchmarks": {}}
+        load_summary(run_dir) if summary_path.is_file() else {"benchmarks": {}}
     )
     summary.update(schema=SCHEMA_VERSION, run=run_name)
     if manifest is not None:

@@ -20,6 +20,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..jsonfile import read_json_object
+
 MANIFEST_NAME = "llava_moslora_export.json"
 
 # xtuner        XTuner's LLaVA layout with our MoSLoRA adapters (load with moslora.load_adapter)
@@ -111,7 +113,9 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
         raise FileNotFoundError(
             f"{path} does not exist: is {export_dir} a folder written by `llava-moslora export`?"
         )
-    data = json.loads(path.read_text())
+    data = read_json_object(
+        path, fix="export the checkpoint again (or copy the whole export folder again)."
+    )
     names = [f.name for f in fields(ExportManifest)]
     optional = {f.name for f in fields(ExportManifest) if f.default is not MISSING}
     missing = [name for name in names if name not in data and name not in optional]

@@ -182,6 +182,11 @@ def make_tiny(
         raise ValueError(
             f"`task` should be one of {', '.join(TASKS)} but the value passed is {task!r}."
         )
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(
+            f"`samples` (`--samples`) should be a positive integer but the value passed is "
+            f"{samples!r}: there would be nothing to train on. Use e.g. --samples 320."
+        )
     synthetic.check_benchmark_rounds(benchmark_rounds)  # before anything is written
     out_dir = Path(out_dir)
     paths = {

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from peft import LoraConfig
 
 from .layers import OPTIONS_ATTR, register
 from .options import MixerOptions
+
+
+def check_rank_and_alpha(r: Any, lora_alpha: Any) -> None:
+    """Refuse an `r` that is not a positive int and a `lora_alpha` that is not a positive number.
+
+    Stock `LoraConfig` accepts both and fails later (r=0 when the layers are built) or never
+    (lora_alpha=0 trains nothing: the scale alpha / r is zero; a negative one flips the update).
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(
+            f"`r` should be a positive integer value but the value passed is {r!r}. Use the "
+            "adapter rank, e.g. r=16."
+        )
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not math.isfinite(lora_alpha)
+        or lora_alpha <= 0
+    ):
+        raise ValueError(
+            f"`lora_alpha` should be a positive number but the value passed is {lora_alpha!r}: "
+            "the update is scaled by lora_alpha / r, so 0 trains nothing and a negative value "
+            "flips it. Use e.g. lora_alpha=2 * r."
+        )
 
 
 def moslora_config(
@@ -35,7 +60,7 @@ def moslora_config(
     """
     options = MixerOptions(init=mixer_init, trainable=mixer_trainable, init_only=init_only)
     config = LoraConfig(**lora_kwargs)
-    if isinstance(config.r, int):
-        options.check_rank(config.r)
+    check_rank_and_alpha(config.r, config.lora_alpha)
+    options.check_rank(config.r)
     setattr(config, OPTIONS_ATTR, options)
     return register(config)

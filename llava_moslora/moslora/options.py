@@ -7,8 +7,10 @@ PEFT's config class, and are written next to the adapter as `moslora_config.json
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from ..jsonfile import read_json_object
 
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "normal", "butterfly")
 # Inits that draw a random mixer: the only ones for which `init_only` (fold it into A) means anything.
@@ -99,4 +101,12 @@ def read_options(adapter_dir: str | Path) -> MixerOptions | None:
     path = Path(adapter_dir, OPTIONS_FILE)
     if not path.is_file():
         return None
-    return MixerOptions(**json.loads(path.read_text()))
+    fix = "copy it again from the run that saved the adapter, or save the adapter again."
+    data = read_json_object(path, fix=fix)
+    unknown = sorted(set(data) - {f.name for f in fields(MixerOptions)})
+    if unknown:
+        raise ValueError(f"{path} has unknown field(s) {', '.join(map(repr, unknown))}: {fix}")
+    try:
+        return MixerOptions(**data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

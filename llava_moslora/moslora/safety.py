@@ -47,16 +47,28 @@ def _global_name(item: Any) -> str:
     return f"{getattr(item, '__module__', '?')}.{getattr(item, '__qualname__', item)}"
 
 
-def _refused_global(path: Path, error: Exception, allowed: list[Any]) -> str:
+def _refused_global(path: Path, error: Exception, allowed: list[Any]) -> str | None:
+    """The global the unpickler refused, or None when the file is no pickle at all (corrupt)."""
     found = _REFUSED_GLOBAL.search(str(error))
     if found:
         return found.group(1)
     try:  # other wordings (REDUCE of an unknown function ...): list the file's globals instead
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - only used to word the error
-        return "an unknown global"
+    except Exception:  # noqa: BLE001 - not even a pickle: "invalid load key", a text file, ...
+        return None
     unexpected = sorted(set(names) - {_global_name(item) for item in allowed})
-    return ", ".join(unexpected) or str(error).strip().splitlines()[-1]
+    return ", ".join(unexpected) or None
+
+
+def _corrupt(path: Path, error: BaseException) -> CorruptCheckpointError:
+    if isinstance(error, (pickle.UnpicklingError, KeyError, IndexError)):
+        reason = "its bytes are not a torch file"  # torch's own wording is about weights_only
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CorruptCheckpointError(
+        f"{path} is not a readable torch checkpoint ({reason}): the file is truncated or "
+        "corrupt. Copy it again or use an earlier checkpoint."
+    )
 
 
 def safe_torch_load(
@@ -79,18 +91,19 @@ def safe_torch_load(
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        refused = _refused_global(path, error, allowed)
+        if refused is None:
+            raise _corrupt(path, error) from None
         raise UnsafeCheckpointError(
-            f"{path} asks to load `{_refused_global(path, error, allowed)}`, which is not a tensor, "
+            f"{path} asks to load `{refused}`, which is not a tensor, "
             "container or one of the globals allowed in a checkpoint: loading it could run code, "
             "so it was not loaded. Load only checkpoints you trust; if this one is yours, report "
             "the global so it can be reviewed and allowed."
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CorruptCheckpointError(
-            f"{path} is not a readable torch checkpoint ({reason}): the file is truncated or "
-            "corrupt. Copy it again or use an earlier checkpoint."
-        ) from None
+    # A file that is no torch checkpoint at all fails inside the legacy unpickler in many ways
+    # (KeyError for a stray opcode byte, ValueError, UnicodeDecodeError ...): all mean "corrupt".
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:
+        raise _corrupt(path, error) from None
 
 
 def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
