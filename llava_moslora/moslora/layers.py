@@ -216,7 +216,7 @@ def refuse_unsupported_target(target: nn.Module, adapter_name: str, **kwargs) ->
     name = kwargs.get("target_name") or "a target module"
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     raise ValueError(
-        f"`target_modules` matched `{name}`, a {type(base).__name__}, but MoSLoRA wraps only "
+        f"`target_modules` matched `{name}` ({type(base).__name__}), but MoSLoRA wraps only "
         f"nn.Linear layers (adapter {adapter_name!r}): it would silently get plain LoRA. Leave "
         "it out of `target_modules` (e.g. list the linear projections by name)."
     )

@@ -1,0 +1,358 @@
+"""Hostile but fair inputs (issue 13, item 6): each is refused with one clear line naming the file
+or field, what is wrong and the fix; never a traceback, never a lost input file.
+
+CLI paths run `llava_moslora.cli.main([...])` in-process and check the exit code and that stderr
+holds exactly one `error:` line and no traceback. Every test is fast: no training, no VLMEvalKit.
+"""
+
+# ruff: noqa: F811 - test_export's fixtures are imported by name and then requested as arguments
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from llava_moslora.cli import main
+from llava_moslora.data import synthetic
+from llava_moslora.export.manifest import MANIFEST_NAME
+from llava_moslora.moslora import load_adapter, moslora_config, save_adapter
+from llava_moslora.moslora.safety import CorruptCheckpointError
+from tests.conftest import make_mlp
+from tests.test_export import TINY_MOSLORA, tiny_dir, tiny_env  # noqa: F401 - fixtures
+
+MLP_TARGETS = ["lin0", "lin1"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal before and after means nothing was lost."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr: exactly one `error:` line and no traceback; returns it."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# --- corrupt or truncated files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a checkpoint at all\n" * 4, b"", "truncated"],
+    ids=["garbage", "empty", "truncated"],
+)
+def test_export_of_a_corrupt_pth_says_corrupt_naming_the_file(tiny_env, tmp_path, capsys, content):
+    ckpt = tmp_path / "iter_1.pth"
+    if content == "truncated":
+        torch.save({"state_dict": {"x": torch.ones(4096)}}, ckpt)
+        content = ckpt.read_bytes()[:-2000]
+    ckpt.write_bytes(content)
+    out = tmp_path / "out"
+    code = main(["export", str(ckpt), str(out), "--config", TINY_MOSLORA, "--to", "xtuner"])
+    line = one_error_line(capsys)
+    assert code == 1
+    assert f"{ckpt} is not a readable torch checkpoint" in line
+    assert "truncated or corrupt. Copy it again or use an earlier checkpoint" in line
+    assert ckpt.read_bytes() == content and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("{not json", "is not valid JSON"), ("[1, 2]", "should hold a JSON object but holds a list")],
+)
+def test_eval_refuses_a_manifest_that_is_not_a_json_object(tmp_path, capsys, text, problem):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / MANIFEST_NAME).write_text(text)
+    before = snapshot(export)
+    work = tmp_path / "work"
+    code = main(["eval", str(export), "--suite", "tiny", "--work-dir", str(work)])
+    line = one_error_line(capsys)
+    assert code == 2
+    assert f"{export / MANIFEST_NAME} {problem}" in line
+    assert "export the checkpoint again" in line
+    assert snapshot(export) == before and not work.exists()
+
+
+def saved_moslora_adapter(folder: Path) -> Path:
+    model = get_peft_model(make_mlp(), moslora_config(r=4, target_modules=MLP_TARGETS))
+    save_adapter(model, folder)
+    return folder
+
+
+def test_load_adapter_refuses_a_corrupt_moslora_config(tmp_path):
+    adapter = saved_moslora_adapter(tmp_path / "adapter")
+    options = adapter / "moslora_config.json"
+    options.write_text('{"init": "kaiming", ')  # cut short
+    before = snapshot(adapter)
+    with pytest.raises(
+        ValueError, match=r"moslora_config.json is not valid JSON .*save the adapter"
+    ):
+        load_adapter(make_mlp(), adapter)
+    options.write_text('{"init": "kaiming", "mixer_rank": 3}')
+    with pytest.raises(
+        ValueError, match=r"moslora_config.json has unknown field\(s\) 'mixer_rank'"
+    ):
+        load_adapter(make_mlp(), adapter)
+    options.write_text('{"init": "zero"}')
+    with pytest.raises(ValueError, match=r"moslora_config.json: `mixer_init` should not be 'zero'"):
+        load_adapter(make_mlp(), adapter)
+    assert snapshot(adapter).keys() == before.keys()
+
+
+def test_load_adapter_refuses_a_corrupt_safetensors_naming_it(tmp_path):
+    adapter = saved_moslora_adapter(tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(adapter)
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=rf"{weights} is not a readable safetensors file .*re-export the adapter",
+    ):
+        load_adapter(make_mlp(), adapter)
+    assert snapshot(adapter) == before
+
+
+# --- report: garbage results files ------------------------------------------------------------
+
+
+def write_run(folder: Path, benchmarks: dict) -> Path:
+    folder.mkdir(parents=True)
+    summary = {"run": folder.name, "benchmarks": benchmarks, "manifest": {}}
+    (folder / "llava_moslora_results.json").write_text(json.dumps(summary))  # NaN as JSON NaN
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "score"),
+    [("MMBench_DEV_EN", math.nan), ("AI2D_TEST", 140.0), ("MME", 3000.0), ("SEEDBench_IMG", -1)],
+)
+def test_report_refuses_an_impossible_score_naming_run_and_benchmark(tmp_path, capsys, name, score):
+    run = write_run(tmp_path / "run_a", {name: {"status": "scored", "score": score, "unit": "%"}})
+    before = snapshot(run)
+    out = tmp_path / "table"
+    code = main(["report", str(run), "--out", str(out)])
+    line = one_error_line(capsys)
+    assert code == 2
+    top = "2800" if name == "MME" else "100"
+    assert f"{run / 'llava_moslora_results.json'}: the {name} score is {score!r}" in line
+    assert f"should be a number from 0 to {top}" in line and f"or leave {run} out" in line
+    assert snapshot(run) == before and not out.with_suffix(".md").exists()
+
+
+def test_report_accepts_mme_up_to_2800(tmp_path, capsys):
+    run = write_run(tmp_path / "run_a", {"MME": {"status": "scored", "score": 2800.0}})
+    assert main(["report", str(run), "--out", str(tmp_path / "table")]) == 0
+    assert "| 100.0 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{oops", "is not valid JSON"),
+        ('"text"', "should hold a JSON object but holds a str"),
+        ('{"run": "x"}', "has no `benchmarks` object"),
+    ],
+)
+def test_report_refuses_a_results_file_that_is_not_a_results_object(
+    tmp_path, capsys, text, problem
+):
+    run = tmp_path / "run_a"
+    run.mkdir()
+    (run / "llava_moslora_results.json").write_text(text)
+    code = main(["report", str(run), "--out", str(tmp_path / "table")])
+    line = one_error_line(capsys)
+    assert code == 2 and f"{run / 'llava_moslora_results.json'} {problem}" in line
+    assert (run / "llava_moslora_results.json").read_text() == text
+
+
+# --- MoSLoRA options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [0, -4, 2.5, True, "8"])
+def test_r_must_be_a_positive_int(r):
+    with pytest.raises(
+        ValueError,
+        match=rf"`r` should be a positive integer value but the value passed is {r!r}\. Use",
+    ):
+        moslora_config(r=r, target_modules=MLP_TARGETS)
+
+
+@pytest.mark.parametrize("alpha", [0, -16, math.nan])
+def test_lora_alpha_must_be_positive(alpha):
+    with pytest.raises(
+        ValueError,
+        match=rf"`lora_alpha` should be a positive number but the value passed is {alpha}",
+    ):
+        moslora_config(r=4, lora_alpha=alpha, target_modules=MLP_TARGETS)
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.lin0 = nn.Linear(16, 16)
+
+
+def test_a_target_moslora_cannot_wrap_is_refused_not_given_plain_lora():
+    with pytest.raises(
+        ValueError,
+        match=r"`target_modules` matched `embed` \(Embedding\), but MoSLoRA wraps only nn.Linear "
+        r"layers .*silently get plain LoRA. Leave it out of `target_modules`",
+    ):
+        get_peft_model(WithEmbedding(), moslora_config(r=4, target_modules=["embed", "lin0"]))
+    # The linear layers alone still get MoSLoRA.
+    peft_model = get_peft_model(WithEmbedding(), moslora_config(r=4, target_modules=["lin0"]))
+    assert hasattr(peft_model.base_model.model.lin0, "lora_mixer")
+
+
+# --- check-data -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A 3-sample LLaVA JSON with its images/ folder."""
+    return synthetic.write_dataset(tmp_path / "data", samples=3)
+
+
+def check_data_cli(data: Path, images: Path) -> int:
+    return main(["check-data", "--data", str(data), "--images", str(images), "--no-progress"])
+
+
+def test_check_data_refuses_an_empty_dataset(tmp_path, capsys):
+    for name, text in (("empty.json", "[]"), ("empty.jsonl", "\n\n")):
+        data = tmp_path / name
+        data.write_text(text)
+        assert check_data_cli(data, tmp_path) == 1
+        line = one_error_line(capsys)
+        assert f"`data_path` {str(data)!r} holds no samples: there is nothing to train on" in line
+        assert data.read_text() == text
+
+
+def test_check_data_reports_image_paths_outside_the_folder_as_their_own_kind(
+    dataset, tmp_path, capsys
+):
+    records = json.loads(dataset.read_text())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes((dataset.parent / "images" / "000000.png").read_bytes())
+    records[0]["image"] = "../../secret.png"  # exists, but outside --images
+    records[1]["image"] = str(outside)  # absolute
+    dataset.write_text(json.dumps(records))
+    before = snapshot(tmp_path)
+    assert check_data_cli(dataset, dataset.parent / "images") == 1
+    out = capsys.readouterr().out
+    assert "image_outside_folder: 2 (the `image` path leads outside the image folder" in out
+    assert "'../../secret.png' resolves to" in out and "missing_image" not in out
+    assert snapshot(tmp_path) == before
+
+
+def test_check_data_says_once_that_images_is_not_a_folder(dataset, tmp_path, capsys):
+    not_a_folder = tmp_path / "images.zip"
+    not_a_folder.write_bytes(b"PK")
+    assert check_data_cli(dataset, not_a_folder) == 1
+    line = one_error_line(capsys)  # one line, not one per sample
+    assert f"`image_folder` (`--images`) {str(not_a_folder)!r} is not a folder" in line
+    assert "3 distinct image path(s)" in line and "Pass the folder the `image` paths" in line
+
+
+def test_check_data_names_the_broken_line_of_a_jsonl(dataset, tmp_path, capsys):
+    records = json.loads(dataset.read_text())
+    lines = [json.dumps(r) for r in records]
+    lines.insert(1, "")  # blank lines count: the error names the file's own line number
+    lines[2] = lines[2][:-5]  # line 3 cut short
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert check_data_cli(data, dataset.parent / "images") == 1
+    line = one_error_line(capsys)
+    assert f"`data_path` {str(data)!r} is not valid JSON at line 3: " in line
+    assert "re-download or repair it" in line
+
+
+# --- eval --run-name, make-tiny --samples -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", "..", "."])
+def test_eval_run_name_stays_inside_the_work_dir(tmp_path, capsys, name):
+    work = tmp_path / "work"
+    code = main(["eval", str(tmp_path / "export"), "--suite", "tiny", "--work-dir", str(work),
+                 "--run-name", name])  # fmt: skip
+    line = one_error_line(capsys)
+    assert code == 2
+    assert f"`--run-name` should be a plain folder name inside `--work-dir`, but the value " \
+        f"passed is {name!r}" in line  # fmt: skip
+    assert not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_make_tiny_refuses_zero_samples_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["make-tiny", str(out), "--samples", "0"]) == 2
+    line = one_error_line(capsys)
+    assert "`samples` (`--samples`) should be a positive integer but the value passed is 0" in line
+    assert not out.exists()
+
+
+# --- ablate -----------------------------------------------------------------------------------
+
+
+def write_config(path: Path, lr: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"lr = {lr}\nmodel = dict(r=8, targets=['q_proj', 'v_proj'])\n")
+    return path
+
+
+def finished_run(work: Path, config: Path):
+    from llava_moslora.ablate.runner import plan, settings
+
+    (run,) = plan(work, ["lora"], [0])
+    run.dir.mkdir(parents=True)
+    record = {"score": 50.0, "unit": "% held-out", "details": {"overall": 0.5}, "variant": "lora",
+              "seed": 0, "checkpoint": "x", **settings(config, [], "heldout")}  # fmt: skip
+    run.result_path.write_text(json.dumps(record))
+    return run
+
+
+def test_ablate_identifies_a_setting_by_config_content_not_file_name(tmp_path, capsys):
+    config = write_config(tmp_path / "a" / "setting.py", lr=1e-3)
+    work = tmp_path / "ablation"
+    run = finished_run(work, config)
+    before = run.result_path.read_text()
+    base = ["ablate", "--variants", "lora", "--seeds", "1", "--work-dir", str(work), "--config"]
+
+    # Same name, other content (edited between two runs of one work dir): refused.
+    edited = write_config(tmp_path / "b" / "setting.py", lr=2e-3)
+    assert main([*base, str(edited)]) == 1
+    line = one_error_line(capsys)
+    assert (
+        f"{run.result_path} was made with `--config` 'setting.py' (resolved content sha256" in line
+    )
+    assert "another config content" in line and "their own `--work-dir`" in line
+    # Another name, same content: the same setting, resumed.
+    renamed = write_config(tmp_path / "c" / "renamed.py", lr=1e-3)
+    assert main([*base, str(renamed)]) == 0
+    assert run.result_path.read_text() == before
+
+
+def test_ablate_logs_the_half_finished_run_folder_it_deletes(tmp_path):
+    from llava_moslora.ablate.runner import plan, train
+
+    config = write_config(tmp_path / "setting.py", lr=1e-3)
+    (run,) = plan(tmp_path / "ablation", ["lora"], [0])
+    (run.train_dir).mkdir(parents=True)
+    (run.dir / "train.log").write_text("killed half-way\n")
+    logged: list[str] = []
+    with pytest.raises(RuntimeError, match="training lora seed 0 failed"):
+        train(run, config, launcher="true", log=logged.append)  # a launcher that trains nothing
+    assert logged[0] == (
+        f"[lora seed 0] deleting {run.dir}: a half-finished run (no trained.json), trained again "
+        "from scratch"
+    )
