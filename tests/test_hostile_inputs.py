@@ -117,7 +117,7 @@ def test_load_adapter_refuses_a_corrupt_safetensors_naming_it(tmp_path):
     before = snapshot(adapter)
     with pytest.raises(
         CorruptCheckpointError,
-        match=rf"{weights} is not a readable safetensors file .*re-export the adapter",
+        match=rf"{weights} is not a readable safetensors file .*truncated or corrupt. Copy it again",
     ):
         load_adapter(make_mlp(), adapter)
     assert snapshot(adapter) == before
@@ -356,3 +356,30 @@ def test_ablate_logs_the_half_finished_run_folder_it_deletes(tmp_path):
         f"[lora seed 0] deleting {run.dir}: a half-finished run (no trained.json), trained again "
         "from scratch"
     )
+
+
+def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
+    from llava_moslora.export.manifest import ExportManifest, write_manifest
+    from tests.conftest import make_tiny_llama
+
+    export = tmp_path / "export"
+    make_tiny_llama().save_pretrained(export / "llm")
+    weights = export / "llm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # a copy cut short
+    manifest = ExportManifest(
+        format="merged-xtuner", llm=None, visual_encoder=None, prompt_template=None, system="",
+        visual_select_layer=-2, pad_image_to_square=True, adapter_kind="moslora", mixer={},
+        quantized_base=False, dtype="float32", config="tiny.py", checkpoint="iter_1.pth",
+        seed=0, trust_remote_code=False,
+    )  # fmt: skip
+    write_manifest(export, manifest)
+    before = snapshot(export)
+    args = ["--suite", "tiny", "--work-dir", str(tmp_path / "work"), "--data-root", str(tmp_path)]
+    code = main(["eval", str(export), *args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2
+    assert f"{weights} is not a readable safetensors file (" in line
+    assert "truncated or corrupt. Copy it again, or export the checkpoint again." in line
+    assert snapshot(export) == before

@@ -31,8 +31,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 
-from ..moslora.safety import require_finite
+from ..moslora.safety import require_finite, unreadable_safetensors
 from . import import_vlmeval
 from .benchmarks import benchmark_type
 from .manifest import read_export_manifest, require_export_files
@@ -123,7 +124,10 @@ class LLaVAMoSLoRA(BaseModel):
             "merged-xtuner": self._load_merged_xtuner,
             "hf-llava": self._load_hf_llava,
         }[fmt]
-        loader()
+        try:
+            loader()
+        except SafetensorError as error:  # transformers passes it on without the file's name
+            raise unreadable_safetensors(self.model_dir, error) from None
         for module in (self.llm, self.visual_encoder, self.projector):
             module.to(self.device).eval()
             # A diverged export is refused rather than scored (it would answer garbage, exit 0).

@@ -23,7 +23,7 @@ from torch import nn
 
 from .layers import OPTIONS_ATTR, mixer_options_of, register
 from .options import OPTIONS_FILE, MixerOptions, read_options, write_options
-from .safety import CorruptCheckpointError, require_finite, safe_torch_load
+from .safety import require_finite, safe_torch_load, unreadable_safetensors
 
 MIXER_KEY = "lora_mixer.weight"
 # The official MoSLoRA repository stores the mixer as an nn.Linear called lora_AB.
@@ -98,9 +98,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as error:
-            raise CorruptCheckpointError(
-                f"{path} is not a readable safetensors file ({error}); re-export the adapter."
-            ) from None
+            raise unreadable_safetensors(path, error) from None
     elif (adapter_dir / PICKLE_NAME).is_file():
         path = adapter_dir / PICKLE_NAME
         tensors = safe_torch_load(path)

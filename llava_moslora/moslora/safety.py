@@ -106,6 +106,31 @@ def safe_torch_load(
         raise _corrupt(path, error) from None
 
 
+def unreadable_safetensors(path: str | Path, error: Exception) -> CorruptCheckpointError:
+    """The error for a `.safetensors` file (or a folder holding some) that cannot be read.
+
+    safetensors' own error does not name the file; for a folder (a model loaded with transformers'
+    `from_pretrained`) every `*.safetensors` file under it is opened to find the broken one(s).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    broken = [path]
+    if path.is_dir():
+        broken = []
+        for file in sorted(path.rglob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception:  # noqa: BLE001 - any failure to open it is what is reported
+                broken.append(file)
+    names = ", ".join(map(str, broken)) or f"a .safetensors file under {path}"
+    return CorruptCheckpointError(
+        f"{names} is not a readable safetensors file ({error}): the file is truncated or "
+        "corrupt. Copy it again, or export the checkpoint again."
+    )
+
+
 def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of the floating-point tensors in `tensors` that hold a NaN or an inf."""
     return [
