@@ -342,6 +342,17 @@ def test_ablate_identifies_a_setting_by_config_content_not_file_name(tmp_path, c
     assert run.result_path.read_text() == before
 
 
+def test_ablate_refuses_a_config_it_cannot_read_before_anything_runs(tmp_path, capsys):
+    config = tmp_path / "broken.py"
+    config.write_text("lr = (1e-3\n")  # unclosed parenthesis
+    work = tmp_path / "ablation"
+    args = ["--variants", "lora", "--seeds", "1", "--work-dir", str(work)]
+    assert main(["ablate", "--config", str(config), *args]) == 1
+    line = one_error_line(capsys)
+    assert f"`--config` {str(config)!r} cannot be read as an XTuner config (" in line
+    assert config.read_text() == "lr = (1e-3\n" and not work.exists()
+
+
 def test_ablate_logs_the_half_finished_run_folder_it_deletes(tmp_path):
     from llava_moslora.ablate.runner import plan, train
 

@@ -98,7 +98,14 @@ def config_sha256(config: str | Path) -> str:
     """
     from mmengine.config import Config
 
-    flat = _flatten(Config.fromfile(str(config)).to_dict())
+    try:
+        resolved = Config.fromfile(str(config)).to_dict()
+    except Exception as error:  # noqa: BLE001 - SyntaxError, ImportError, KeyError ... of the file
+        raise ValueError(
+            f"`--config` {str(config)!r} cannot be read as an XTuner config "
+            f"({type(error).__name__}: {error}); fix it (`xtuner train` would fail the same way)."
+        ) from None
+    flat = _flatten(resolved)
     text = json.dumps(flat, sort_keys=True, default=_stable_name)
     return hashlib.sha256(text.encode()).hexdigest()
 
