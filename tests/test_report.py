@@ -202,4 +202,4 @@ def test_eval_data_root_becomes_vlmevalkits_lmudata(tmp_path, monkeypatch, capsy
     root = tmp_path / "bench"
     code = main(["eval", str(tmp_path / "no_export"), "--suite", "tiny", "--data-root", str(root)])
     assert code == 2 and "no_export" in capsys.readouterr().err  # stops at the missing export
-    assert os.environ["LMUData"] == str(root.resolve())
+    assert os.environ["LMUData"] == str(root.resolve())  # noqa: SIM112 (VLMEvalKit's spelling)
