@@ -158,7 +158,7 @@ def build_llm(config, dtype: torch.dtype = torch.bfloat16):
     from .internlm2 import InternLM2Config, InternLM2ForCausalLM
 
     cls = InternLM2ForCausalLM if isinstance(config, InternLM2Config) else LlamaForCausalLM
-    return cls._from_config(config, torch_dtype=dtype)
+    return cls._from_config(config, dtype=dtype)
 
 
 def lengthen_conversations(json_path: Path, tokenizer, template_name: str, text_tokens: int):
@@ -230,7 +230,7 @@ def make_standin(
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     vision = spec.vision
-    clip = CLIPVisionModel._from_config(clip_config(vision, vit_layers), torch_dtype=torch.bfloat16)
+    clip = CLIPVisionModel._from_config(clip_config(vision, vit_layers), dtype=torch.bfloat16)
     clip.save_pretrained(paths["clip"], safe_serialization=True)
     CLIPImageProcessor(
         size={"shortest_edge": vision.image_size},
