@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llava_moslora.train.cli",
     "llava_moslora.eval.cli",
     "llava_moslora.ablate.cli",
+    "llava_moslora.plan.cli",
 )
 # make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
 TASKS = ("shapes", "compositional")
