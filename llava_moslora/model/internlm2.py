@@ -245,10 +245,17 @@ class InternLM2Model(InternLM2PreTrainedModel):
 
 def _attention_mask(attention_mask, bsz: int, q_len: int, past: int, like: torch.Tensor):
     """None (plain causal SDPA) when nothing is padded and nothing is cached, else a bool mask."""
-    if attention_mask is None or (past == 0 and bool(attention_mask.all())):
+    if attention_mask is None or (past == 0 and _unpadded(attention_mask)):
         return None if past == 0 else _causal(bsz, q_len, past, like.device)
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, past + T)
     return _causal(bsz, q_len, past, like.device) & keep
+
+
+def _unpadded(attention_mask: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    # Shape-only traces (`llava-moslora plan`, FakeTensorMode) pass all-True masks they cannot read.
+    return isinstance(attention_mask, FakeTensor) or bool(attention_mask.all())
 
 
 def _causal(bsz: int, q_len: int, past: int, device) -> torch.Tensor:
