@@ -158,6 +158,7 @@ VARIANTS = {
         {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
     ),
     "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
+    "tiny_qlora": ("tiny_qmoslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
     "tiny_compositional_lora": (
         "tiny_compositional_moslora",
         {"model.llm_lora.type", "model.visual_encoder_lora.type"},
