@@ -451,11 +451,14 @@ def format_plan(plan: MemoryPlan) -> str:
         "| per GPU | parameters | GiB |",
         "|---|---|---|",
     ]
-    shard = f" /{plan.gpus}" if plan.deepspeed == "zero3" else ""
-    for label, row in plan.frozen.items():
-        lines.append(f"| {label} (frozen){shard} | {_count(row.numel)} | {_gib(row.bytes)} |")
-    for label, row in plan.trainable.items():
-        lines.append(f"| {label} (trainable){shard} | {_count(row.numel)} | {_gib(row.bytes)} |")
+    # ZeRO-3 partitions every weight: a row's bytes per GPU are its share.
+    shards = plan.gpus if plan.deepspeed == "zero3" else 1
+    shard = f", 1/{plan.gpus} each" if shards > 1 else ""
+    for kind, rows in (("frozen", plan.frozen), ("trainable", plan.trainable)):
+        for label, row in rows.items():
+            lines.append(
+                f"| {label} ({kind}{shard}) | {_count(row.numel)} | {_gib(row.bytes / shards)} |"
+            )
     if plan.zero_gathered:
         lines.append(f"| ZeRO-3 gathered layer (x2) | | {_gib(plan.zero_gathered)} |")
     trainable = sum(r.numel for r in plan.trainable.values())
