@@ -142,6 +142,7 @@ prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 image = Image.open(sorted(images.glob("*.png"))[0]).convert("RGB")
 batch = processor(images=image, text=prompt, return_tensors="pt").to(device)
 batch["pixel_values"] = batch["pixel_values"].to(dtype)
+batch.pop("token_type_ids", None)  # the fast tokenizer returns it; LLaVA's generate refuses it
 with torch.no_grad():
     ids = model.generate(**batch, max_new_tokens=8, do_sample=False)
 new = ids[0, batch["input_ids"].shape[1]:]
