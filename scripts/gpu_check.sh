@@ -62,7 +62,7 @@ export PATH="$(dirname "$(command -v "$PY")"):$PATH"
 {
   echo "# gpu_check ($(date -u +%Y-%m-%d), $([[ $DRY == 1 ]] && echo 'CPU dry run, tiny shapes' || "$PY" -c 'import torch; print(torch.cuda.get_device_name())'))"
   echo
-  "$PY" -c 'import torch, transformers, peft, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}")'
+  "$PY" -c 'import torch, transformers, peft, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}")' | grep -v '\[WARNING\]'
   echo
 } >>"$OUT"
 
@@ -113,7 +113,7 @@ log "memory plan of the same runs"
     echo
     llava-moslora plan "configs/$config.py" --gpus 1 --deepspeed "$stage" \
       --gpu-memory "$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80)')" \
-      --cfg-options "${options[@]}" 2>/dev/null
+      --cfg-options "${options[@]}" 2>/dev/null | grep -v '\[WARNING\]'
   done
   echo
 } >>"$OUT"
