@@ -13,9 +13,27 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llava_moslora.train.cli",
     "llava_moslora.eval.cli",
     "llava_moslora.ablate.cli",
+    "llava_moslora.plan.cli",
 )
 # make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
 TASKS = ("shapes", "compositional")
+# standin.SHAPES (a test checks they agree), spelled out for the same reason.
+SHAPES = ("llama3-8b", "internlm2-7b", "mid")
+
+
+def _standin_options(args: argparse.Namespace) -> int:
+    from .model.standin import path_overrides, standin_paths
+
+    paths = standin_paths(args.dir)
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        print(
+            f"error: {args.dir} is no stand-in folder: missing {', '.join(missing)}",
+            file=sys.stderr,
+        )
+        return 2
+    print(" ".join(f"{k}={v}" for k, v in path_overrides(args.config, paths).items()))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,12 +51,33 @@ def _demo(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .model.make_tiny import make_tiny
 
+    if args.shape != "tiny":
+        from .model.standin import make_standin
+
+        try:
+            paths = make_standin(
+                args.dir,
+                args.shape,
+                llm_layers=args.llm_layers,
+                vit_layers=args.vit_layers,
+                samples=args.samples if args.samples is not None else 32,
+                seed=args.seed,
+            )
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for name, path in paths.items():
+            print(f"{name:>11}: {path}")
+        return 0
+    if args.llm_layers is not None or args.vit_layers is not None:
+        print("error: `--llm-layers` / `--vit-layers` go with `--shape`", file=sys.stderr)
+        return 2
     rounds = tuple(fmt for fmt in args.benchmark_rounds.split(",") if fmt)
     try:
         paths = make_tiny(
             args.dir,
             seed=args.seed,
-            samples=args.samples,
+            samples=args.samples if args.samples is not None else 320,
             task=args.task,
             benchmark_rounds=rounds,
         )
@@ -130,7 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dir", help="output folder (configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--samples", type=int, default=320, help="synthetic training samples")
+    tiny.add_argument(
+        "--samples", type=int, help="synthetic training samples (320; 32 with --shape)"
+    )
+    tiny.add_argument(
+        "--shape",
+        default="tiny",
+        choices=("tiny",) + SHAPES,
+        help="tiny (default): toy widths; llama3-8b / internlm2-7b: the paper's towers at their "
+        "real widths with few layers and 2048-position samples (llava_moslora/model/standin.py); "
+        "mid: hidden 1024, the CPU benchmark size",
+    )
+    tiny.add_argument("--llm-layers", type=int, help="LLM layers of a --shape stand-in")
+    tiny.add_argument("--vit-layers", type=int, help="ViT layers of a --shape stand-in")
     tiny.add_argument(
         "--task",
         default="shapes",
@@ -146,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         "short ('' for none); default: %(default)s",
     )
     tiny.set_defaults(func=_make_tiny)
+
+    options = sub.add_parser(
+        "standin-options",
+        help="print the --cfg-options (paths only) that point CONFIG at the stand-in in DIR",
+    )
+    options.add_argument("config", help="e.g. configs/llama3_moslora.py")
+    options.add_argument("dir", help="a make-tiny folder")
+    options.set_defaults(func=_standin_options)
 
     check = sub.add_parser(
         "check-data",

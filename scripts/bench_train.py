@@ -1,24 +1,25 @@
 #!/usr/bin/env python
-"""End-to-end benchmark: one tiny LLaVA training step with MoSLoRA vs with LoRA, side by side.
+"""Whole-model benchmark: training steps of two configs side by side (MoSLoRA vs LoRA, ...).
 
-Not a test: it prints ratios from one run. Both models come from the real configs
-(`configs/tiny_moslora.py`, `configs/tiny_lora.py`: XTuner's LLaVAModel and LLaVADataset, adapters
-on both towers), see the same batches, and are stepped in interleaved rounds (forward, backward,
-AdamW step), so drift of the machine hits both alike.
+Not a test: it prints ratios from one run. Both models come from real configs (XTuner's
+LLaVAModel and LLaVADataset, adapters on both towers) pointed at a stand-in with path overrides
+only (`llava_moslora.model.standin.path_overrides`), see the same batches, and are stepped in
+interleaved rounds (forward, backward, AdamW step), so drift of the machine hits both alike.
 
-    uv run llava-moslora make-tiny ./tiny
-    uv run python scripts/bench_train.py --tiny-dir ./tiny                 # CPU
-    uv run python scripts/bench_train.py --tiny-dir ./tiny --device cuda   # GPU
+    uv run llava-moslora make-tiny ./mid --shape mid            # or llama3-8b, internlm2-7b, tiny
+    uv run python scripts/bench_train.py --standin ./mid --pair moslora-lora
+    uv run python scripts/bench_train.py --standin ./i2 --pair qmoslora-qlora --device cuda
+    uv run python scripts/bench_train.py --standin ./tiny --configs tiny_moslora tiny_lora
 
 Time: median seconds per step. Memory: on CUDA the peak allocated during a step minus what was
 allocated before it; on CPU (no allocator statistics) the bytes of tensors autograd saves for
-backward, which is what grows with the adapter's activations.
+backward (llava_moslora.plan.planner.SavedBytes), which is what grows with the adapter's
+activations. Parameters, gradients and AdamW states are reported per model (exact bytes).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,23 +27,43 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CONFIGS = ROOT / "configs"
+PAIRS = {
+    "moslora-lora": ("llama3_moslora", "llama3_lora"),
+    "qmoslora-qlora": ("internlm2_qmoslora", "internlm2_qlora"),
+    "tiny": ("tiny_moslora", "tiny_lora"),
+}
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-
-def build(config_name: str, tiny_dir: Path, device: str):
-    from mmengine.config import Config
+def build(config_name: str, standin: Path, args):
     from xtuner.registry import BUILDER
 
-    os.environ["LLAVA_MOSLORA_TINY_DIR"] = str(tiny_dir)
-    cfg = Config.fromfile(str(CONFIGS / f"{config_name}.py"))
-    cfg.model.use_activation_checkpointing = False  # measure the adapters, not recomputation
+    from llava_moslora.ablate.runner import parse_cfg_options
+    from llava_moslora.model.standin import path_overrides, standin_paths
+    from llava_moslora.plan.planner import load_config
+
+    config = CONFIGS / f"{config_name}.py"
+    options = path_overrides(config, standin_paths(standin))
+    options.update(parse_cfg_options(args.cfg_options))
+    cfg = load_config(config, options)
+    cfg.model.use_activation_checkpointing = args.checkpointing
+    if args.max_length:
+        cfg.train_dataloader.dataset.max_length = args.max_length
+    if not args.device.startswith("cuda") and "quantization_config" in cfg.model.llm:
+        # bitsandbytes' CPU kernels compute in float32 (configs/tiny_qmoslora.py says why).
+        cfg.model.llm.torch_dtype = torch.float32
+        cfg.model.llm.quantization_config.bnb_4bit_compute_dtype = torch.float32
     torch.manual_seed(0)
-    model = BUILDER.build(cfg.model).to(device).train()
+    model = BUILDER.build(cfg.model)
+    if args.dtype != "float32" and "quantization_config" not in cfg.model.llm:
+        model = model.to(getattr(torch, args.dtype))  # as DeepSpeed's bf16 engine casts it
+    model = model.to(args.device).train()
     dataset = BUILDER.build(cfg.train_dataloader.dataset)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, dataset, optimizer, cfg.train_dataloader.batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return model, dataset, optimizer
 
 
 def batches(dataset, batch_size: int, count: int, device: str) -> list[dict]:
@@ -56,29 +77,9 @@ def batches(dataset, batch_size: int, count: int, device: str) -> list[dict]:
     return out
 
 
-class SavedBytes:
-    """Bytes autograd saves for backward during the `with` block (unique storages)."""
-
-    def __enter__(self):
-        self.seen, self.total = set(), 0
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in self.seen and not isinstance(tensor, torch.nn.Parameter):
-                self.seen.add(key)
-                self.total += storage.nbytes()
-            return tensor
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
 def step(model, optimizer, data, device: str) -> tuple[float, int]:
+    from llava_moslora.plan.planner import SavedBytes
+
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -86,7 +87,7 @@ def step(model, optimizer, data, device: str) -> tuple[float, int]:
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     with SavedBytes() as saved:
-        loss = model(dict(data), mode="loss")["loss"]
+        loss = model(dict(data), mode="loss")["loss"]  # LLaVAModel.forward rewrites its dict
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -97,54 +98,84 @@ def step(model, optimizer, data, device: str) -> tuple[float, int]:
     return seconds, memory
 
 
-def main() -> int:
+def state_bytes(model, optimizer) -> int:
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.untyped_storage().nbytes() for p in params)
+    states = sum(
+        t.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
+    return weights + states
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny-dir", type=Path, default=Path("./tiny"))
+    parser.add_argument("--standin", type=Path, default=Path("./tiny"), help="make-tiny folder")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--pair", choices=sorted(PAIRS), help="default: moslora-lora")
+    group.add_argument("--configs", nargs=2, metavar=("A", "B"), help="config names; ratio A/B")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps-per-round", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-length", type=int, help="text tokens (default: the config's)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
 
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()
-    if not (args.tiny_dir / "llm").is_dir():
-        print(
-            f"error: `--tiny-dir` {args.tiny_dir} has no llm/; run `llava-moslora make-tiny {args.tiny_dir}`"
-        )
+    if not (args.standin / "llm").is_dir():
+        print(f"error: `--standin` {args.standin} has no llm/; run `llava-moslora make-tiny`")
         return 2
-    runs = {name: build(name, args.tiny_dir, args.device) for name in ("tiny_lora", "tiny_moslora")}
-    _, dataset, _, batch_size = runs["tiny_lora"]
-    data = batches(dataset, batch_size, args.steps_per_round, args.device)
-    times = {name: [] for name in runs}
-    memory = {}
-    for model, _, optimizer, _ in runs.values():
+    names = tuple(args.configs) if args.configs else PAIRS[args.pair or "moslora-lora"]
+    runs = {name: build(name, args.standin, args) for name in names}
+    dataset = runs[names[1]][1]
+    data = batches(dataset, args.batch_size, args.steps_per_round, args.device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    memory: dict[str, int] = {}
+    for model, _, optimizer in runs.values():
         for i in range(args.warmup):
             step(model, optimizer, data[i % len(data)], args.device)
     for _ in range(args.rounds):
-        for name, (model, _, optimizer, _) in runs.items():
+        for name, (model, _, optimizer) in runs.items():
             for batch in data:
                 seconds, mem = step(model, optimizer, batch, args.device)
                 times[name].append(seconds)
                 memory[name] = max(memory.get(name, 0), mem)
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    mem_label = "peak MiB in step" if args.device.startswith("cuda") else "saved-for-backward MiB"
-    print(
-        f"# bench_train: tiny LLaVA step, MoSLoRA vs LoRA ({device_name}, torch {torch.__version__})"
-    )
-    print(
-        f"{args.rounds} interleaved rounds x {args.steps_per_round} steps, batch {batch_size}, "
-        "AdamW, adapters on both towers, activation checkpointing off\n"
-    )
-    print(f"| run | median s/step | {mem_label} |")
-    print("|---|---|---|")
-    for name in runs:
-        print(f"| {name} | {statistics.median(times[name]):.4f} | {memory[name] / 2**20:.2f} |")
-    time_ratio = statistics.median(times["tiny_moslora"]) / statistics.median(times["tiny_lora"])
-    mem_ratio = memory["tiny_moslora"] / memory["tiny_lora"]
-    print(f"\nMoSLoRA / LoRA: time {time_ratio:.3f}, memory {mem_ratio:.4f} (target <= 1.02)")
+    cuda = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if cuda else "CPU"
+    mem_label = "peak MiB in step" if cuda else "saved-for-backward MiB"
+    seq = data[0]["input_ids"].shape[1]
+    lines = [
+        f"# bench_train: {names[0]} vs {names[1]} on {args.standin.name} "
+        f"({device_name}, torch {torch.__version__}, {args.dtype})",
+        f"{args.rounds} interleaved rounds x {args.steps_per_round} steps, batch "
+        f"{args.batch_size}, {seq} text tokens + image tokens, AdamW, activation checkpointing "
+        f"{'on' if args.checkpointing else 'off'}",
+        "",
+        f"| run | median s/step | {mem_label} | weights + AdamW MiB |",
+        "|---|---|---|---|",
+    ]
+    for name, (model, _, optimizer) in runs.items():
+        lines.append(
+            f"| {name} | {statistics.median(times[name]):.4f} | {memory[name] / 2**20:.2f} | "
+            f"{state_bytes(model, optimizer) / 2**20:.1f} |"
+        )
+    time_ratio = statistics.median(times[names[0]]) / statistics.median(times[names[1]])
+    mem_ratio = memory[names[0]] / memory[names[1]]
+    lines.append(f"\n{names[0]} / {names[1]}: time {time_ratio:.3f}, memory {mem_ratio:.4f}")
+    print("\n".join(lines))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -169,6 +169,7 @@ VARIANTS = {
         | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
         | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
     ),
+    "tiny_qlora": ("tiny_qmoslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
     "tiny_compositional_lora": (
         "tiny_compositional_moslora",
         {"model.llm_lora.type", "model.visual_encoder_lora.type"},

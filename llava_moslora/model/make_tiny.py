@@ -24,6 +24,7 @@ code path of the real run executes, in seconds, on a CPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +40,30 @@ EOS = "<|end_of_text|>"
 EOT = "<|eot_id|>"  # end of turn: the template's SUFFIX and STOP_WORDS; the Instruct model's eos
 SPECIAL_TOKENS = (PAD, BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT)
 
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """A model family's special tokens: `special` in id order, and which of them play which role.
+
+    `eos` is the end-of-turn token the chat template's SUFFIX writes (the Instruct model's eos).
+    """
+
+    special: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str
+
+
+LLAMA3_CHAT = ChatTokens(special=SPECIAL_TOKENS, bos=BOS, eos=EOT, pad=PAD)
+# InternLM2-chat's: <unk> 0, <s> 1, </s> 2 as in its tokenizer, and the ChatML turn markers that
+# XTuner's PROMPT_TEMPLATE.internlm2_chat writes (<|im_end|> ends a turn and is the stop word).
+INTERNLM2_CHAT = ChatTokens(
+    special=("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"),
+    bos="<s>",
+    eos="<|im_end|>",
+    pad="<unk>",
+)
+
 IMAGE_SIZE = 56
 PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
 MAX_POSITIONS = 512
@@ -48,11 +73,11 @@ SHAPES_VOCAB_SIZE = 768  # > the 705 tokens BPE ends with on synthetic.corpus():
 TASKS = ("shapes", "compositional")
 
 
-def chat_texts(task: str = "shapes") -> list[str]:
-    """The task's corpus laid out with the llama3_chat template, as the tokenizer will see it."""
+def chat_texts(task: str = "shapes", template_name: str = "llama3_chat") -> list[str]:
+    """The task's corpus laid out with an XTuner chat template, as the tokenizer will see it."""
     from xtuner.utils import PROMPT_TEMPLATE
 
-    template = PROMPT_TEMPLATE.llama3_chat
+    template = PROMPT_TEMPLATE[template_name]
     if task == "compositional":
         texts = compositional.corpus()
         questions = [t for t in texts if t.endswith("?")]
@@ -64,11 +89,17 @@ def chat_texts(task: str = "shapes") -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 512):
+def build_tokenizer(
+    texts: list[str],
+    vocab_size: int = 512,
+    chat: ChatTokens = LLAMA3_CHAT,
+    model_max_length: int = MAX_POSITIONS,
+):
     """A byte-level BPE (like LLaMA-3's) trained on `texts`, wrapped as PreTrainedTokenizerFast.
 
     Byte-level means any string encodes (no unknown tokens); `encode` with special tokens prepends
-    <|begin_of_text|> as LLaMA-3's tokenizer does.
+    the bos token (<|begin_of_text|> for LLaMA-3) as the real tokenizers do. `chat` names the
+    special tokens (LLAMA3_CHAT, INTERNLM2_CHAT); they get the ids 0, 1, ... in its order.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -78,22 +109,26 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(chat.special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    bos_id = tokenizer.token_to_id(BOS)
+    bos = chat.bos
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.token_to_id(bos))],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOT,
-        pad_token=PAD,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, BOS, EOT)],
-        model_max_length=MAX_POSITIONS,
+        bos_token=bos,
+        eos_token=chat.eos,
+        pad_token=chat.pad,
+        additional_special_tokens=[
+            t for t in chat.special if t not in (chat.pad, chat.bos, chat.eos)
+        ],
+        model_max_length=model_max_length,
     )
 
 

@@ -24,7 +24,8 @@ def _numel(param: nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def _group(name: str) -> str:
+def param_group(name: str) -> str:
+    """Which of GROUPS a LLaVAModel parameter name belongs to."""
     tower = (
         "llm" if name.startswith("llm.") else "vit" if name.startswith("visual_encoder.") else None
     )
@@ -40,7 +41,7 @@ def trainable_by_group(model: nn.Module) -> dict[str, int]:
     counts = Counter({group: 0 for group in GROUPS})
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[_group(name)] += _numel(param)
+            counts[param_group(name)] += _numel(param)
     return dict(counts)
 
 
