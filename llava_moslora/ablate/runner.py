@@ -336,8 +336,7 @@ def run_all(
                 variant=run.variant,
                 seed=run.seed,
                 checkpoint=str(checkpoint),
-                **wanted,
-                config=str(config),
+                **{**wanted, "config": str(config)},  # the path, not only its name
                 train_seconds=json.loads((run.dir / "trained.json").read_text())["seconds"],
             )
             tmp = run.result_path.with_suffix(".tmp")
