@@ -30,7 +30,7 @@ def load_4bit(path):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    # CPU 4-bit wants float32 around the quantized layers (see DESIGN.md).
+    # 4-bit loading on CPU wants float32 around the quantized layers (bitsandbytes' CPU kernels).
     return LlamaForCausalLM.from_pretrained(
         path, quantization_config=quant, torch_dtype=torch.float32
     )

@@ -187,12 +187,44 @@ def fp32_where_fp16_unsupported(original: Callable) -> Callable:
     return __init__
 
 
+def bnb_standard_4bit_layout_on_cpu() -> None:
+    """Keep every bitsandbytes 4-bit weight on a CPU in the standard layout: no AVX512-BF16 repack.
+
+    bitsandbytes 0.50 sets `Linear4bit.support_avx512bf16_for_cpu = has_avx512bf16()` and, on such
+    a CPU, repacks the weight in place at the layer's first eval forward without grad, which
+    XTuner's EvaluateChatHook runs before training. Saving a checkpoint must then pack it back,
+    and under ZeRO-3 (where XTuner stores 4-bit weights in a half dtype so DeepSpeed can partition
+    them) that fails for every layer the repack reached:
+
+        File ".../bitsandbytes/functional.py", in _convert_weight_packed_for_cpu_inverse
+            assert packed_weight.dtype == torch.uint8
+
+    MoSLoRA's 4-bit layers switch the repack off themselves (`layers_bnb.keep_standard_4bit_layout`,
+    which also serves eval processes that install no shims); this covers the rest, i.e. the stock
+    QLoRA baseline's layers and any 4-bit layer left unadapted: layers built afterwards read the
+    capability as absent. The cost is CPU speed only; GPUs never take that path.
+    """
+    if torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    from bitsandbytes.nn import modules
+
+    if getattr(modules.has_avx512bf16, "_cpu_shim", False):
+        return
+
+    def has_avx512bf16() -> bool:
+        return False
+
+    has_avx512bf16._cpu_shim = True
+    modules.has_avx512bf16 = has_avx512bf16
+
+
 SHIMS = (
     cpu_is_bf16_supported,
     cuda_set_device_without_cuda,
     llava_dataset_map_processes,
     deepspeed_single_process_group,
     deepspeed_fp32_on_cpu,
+    bnb_standard_4bit_layout_on_cpu,
 )
 
 
