@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    from .data.synthetic import BENCHMARK_ROUNDS
+    from .data.synthetic import BENCHMARK_FORMATS, BENCHMARK_ROUNDS
 
     tiny = sub.add_parser(
         "make-tiny",
@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark-rounds",
         default=",".join(BENCHMARK_ROUNDS),
         metavar="FORMATS",
-        help="benchmark-format rounds per shapes conversation, comma-separated from mcq, yes_no, "
-        "short ('' for none); default: %(default)s",
+        help="benchmark-format rounds per shapes conversation, comma-separated from "
+        f"{', '.join(BENCHMARK_FORMATS)} ('' for none); mcq_text answers a multiple-choice "
+        "question with the option's text, mcq with its letter; default: %(default)s",
     )
     tiny.set_defaults(func=_make_tiny)
 

@@ -26,7 +26,7 @@ export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 
 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 4000 \
-    --benchmark-rounds mcq,yes_no,short > /dev/null
+    --benchmark-rounds mcq_text,yes_no,short > /dev/null
 llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null
 
 pids=()

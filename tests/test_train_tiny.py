@@ -215,16 +215,17 @@ def test_ablation_config_trains_projector_and_vit_adapters_at_a_twentieth_of_the
     assert Path(cfg.heldout_eval_path).is_file()
 
 
-def _rounds(samples: int = 1500, seed: int = 0):
+def _rounds(samples: int = 1500, seed: int = 0, benchmark_rounds: tuple[str, ...] | None = None):
     """(scene, prompt, reply) for every round of `samples` conversations, without drawing."""
     import random
 
     from llava_moslora.data import synthetic
 
     rng = random.Random(seed)
+    rounds = synthetic.BENCHMARK_ROUNDS if benchmark_rounds is None else benchmark_rounds
     for _ in range(samples):
         scene = synthetic.random_scene(rng)
-        turns = synthetic.conversation(scene, rng)
+        turns = synthetic.conversation(scene, rng, benchmark_rounds=rounds)
         for question, reply in zip(turns[::2], turns[1::2], strict=True):
             yield scene, question["value"].removeprefix("<image>\n"), reply["value"]
 
@@ -274,6 +275,33 @@ def test_synthetic_mcq_letter_points_at_the_right_option():
     for n, replies in letters.items():
         shares = [replies.count(x) / len(replies) for x in "ABCD"[:n]]
         assert all(abs(share - 1 / n) < 0.08 for share in shares), (n, shares)
+
+
+def test_mcq_text_answers_are_the_option_text_vlmevalkit_maps_to_the_right_letter():
+    """The quickstart's multiple-choice rounds (`mcq_text`) answer with the option's text; what
+    VLMEvalKit's exact matching makes of that text must be the right option's letter, for every
+    kind, language and option (an option text inside another would break it)."""
+    from vlmeval.utils.matching_util import can_infer
+
+    from llava_moslora.data import synthetic
+
+    seen = set()
+    for scene, prompt, reply in _rounds(samples=600, benchmark_rounds=("mcq_text", "mcq_text")):
+        parts = _mcq_parts(prompt)
+        if parts is None:
+            continue
+        lang, kind, options = parts
+        right = synthetic.OPTION_TEXTS[lang][kind][synthetic.mcq_truth(scene, kind)]
+        assert reply == right, (scene, prompt, reply)
+        (letter,) = [k for k, text in options.items() if text == right]
+        assert can_infer(reply, dict(options)) == letter, (prompt, reply)
+        seen.add((lang, kind))
+    assert seen == {(lang, kind) for lang in ("en", "cn") for kind in synthetic.MCQ_QUESTIONS}
+    for lang, kinds in synthetic.OPTION_TEXTS.items():  # every option, against all the others
+        for kind, texts in kinds.items():
+            choices = dict(zip(synthetic.LETTERS, list(texts.values())[:4], strict=False))
+            for letter, text in choices.items():
+                assert can_infer(text, dict(choices)) == letter, (lang, kind, text)
 
 
 def _holds(scene, kind: str, value: str) -> bool:
@@ -526,6 +554,38 @@ def test_shim_deepspeed_fp32_on_cpu_turns_fp16_off_only_where_unsupported(
             k: v for k, v in config.items() if k != "fp16"
         }  # nothing else changed
     assert config["fp16"]["enabled"] is True  # the caller's dict is left alone
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("cpu_has_avx512bf16", [False, True], ids=["cpu_without", "cpu_with"])
+def test_shim_bnb_standard_4bit_layout_on_cpu(monkeypatch, cpu_has_avx512bf16):
+    """Both branches on any CPU (the capability is forced): unshimmed, bitsandbytes repacks a
+    `Linear4bit` weight at its first eval forward without grad exactly where the CPU has
+    AVX512-BF16, which a ZeRO-3 checkpoint save then cannot undo; shimmed, it never does."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import modules
+
+    def layer_after_eval_forward() -> torch.nn.Module:
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(128, 128, compute_dtype=torch.float32, quant_type="nf4")
+        layer = layer.to("cpu").eval()  # quantizes
+        with torch.no_grad():
+            layer(torch.randn(2, 128))  # what EvaluateChatHook does before training
+        return layer
+
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    repacked = layer_after_eval_forward()
+    assert bool(getattr(repacked.weight.quant_state, "packing_format_for_cpu", False)) is (
+        cpu_has_avx512bf16
+    )
+
+    cpu_shims.bnb_standard_4bit_layout_on_cpu()
+    cpu_shims.bnb_standard_4bit_layout_on_cpu()  # idempotent
+    assert modules.has_avx512bf16._cpu_shim is True
+    standard = layer_after_eval_forward()
+    assert standard.support_avx512bf16_for_cpu is False
+    assert not getattr(standard.weight.quant_state, "packing_format_for_cpu", False)
+    assert standard.weight.dtype == torch.uint8 and standard.weight.shape == (128 * 128 // 2, 1)
 
 
 # --- xtuner train -----------------------------------------------------------------------------
