@@ -31,6 +31,7 @@ from peft.utils.other import transpose
 from torch import nn
 from torch.nn import functional as F
 
+from ..probes import zero3_partitioned
 from .mixer import Mixer, initial_mixer
 from .options import MixerOptions
 
@@ -60,11 +61,6 @@ def moslora_delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
     return delta.to(dtype)
 
 
-def _zero3_partitioned(param: torch.Tensor) -> bool:
-    # DeepSpeed ZeRO-3 tags the parameters it partitions with a `ds_id`.
-    return hasattr(param, "ds_id")
-
-
 def _mixed_b(lora_b: nn.Linear, mixer: Mixer) -> torch.Tensor:
     """B · M, shape (out, r), as one small matmul: a single extra kernel forward, two backward.
 
@@ -72,7 +68,7 @@ def _mixed_b(lora_b: nn.Linear, mixer: Mixer) -> torch.Tensor:
     built by calling the modules on an identity instead: lora_b(mixer(I)) = M^T B^T = (B M)^T.
     """
     weight_b = lora_b.weight
-    if _zero3_partitioned(weight_b) or _zero3_partitioned(mixer.weight):
+    if zero3_partitioned(weight_b) or zero3_partitioned(mixer.weight):
         # in_features, not weight_b.shape: a partitioned ZeRO-3 weight is an empty placeholder here.
         eye = torch.eye(lora_b.in_features, device=weight_b.device, dtype=weight_b.dtype)
         return lora_b(mixer(eye)).T

@@ -14,6 +14,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
+from ..probes import is_4bit
+
 
 def _dense_copy(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     """An nn.Linear with `weight` (out, in) and the bias of `layer`, in `dtype`."""
@@ -26,14 +28,6 @@ def _dense_copy(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> n
         if bias is not None:
             dense.bias.copy_(bias)
     return dense
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # no bitsandbytes, no 4-bit layers
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)
 
 
 def merge_and_unload_dequantized(
@@ -71,7 +65,7 @@ def merge_and_unload_dequantized(
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_4bit(child):
+            if is_4bit(child):
                 setattr(
                     parent, name, _dense_copy(child, dequantize_module_weight(child).float(), dtype)
                 )

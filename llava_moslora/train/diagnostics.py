@@ -49,6 +49,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
+from ..probes import zero3_partitioned
+
 JSONL_NAME = "mixer_diagnostics.jsonl"
 INIT_NAME = "mixer_init.pth"
 TOWERS = {"llm": "llm", "visual_encoder": "vit", "projector": "projector"}
@@ -156,11 +158,6 @@ def _mixer_module(layer: nn.Module, adapter: str) -> nn.Module | None:
     return mixers[adapter] if mixers is not None and adapter in mixers else None
 
 
-def _partitioned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    # DeepSpeed ZeRO-3 tags the parameters it partitions with a `ds_id`.
-    return [t for t in tensors if hasattr(t, "ds_id")]
-
-
 @contextmanager
 def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
     """Full values of ZeRO-3-partitioned `tensors` inside the block (read-only); else a no-op.
@@ -168,7 +165,7 @@ def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
     Every rank must enter it (the gather is a collective), which is why the hook runs its
     computation on all ranks and only writes files on rank 0.
     """
-    partitioned = _partitioned(tensors)
+    partitioned = [t for t in tensors if zero3_partitioned(t)]
     if not partitioned:
         yield
         return

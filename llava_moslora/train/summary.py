@@ -6,7 +6,6 @@ other run in its loss curve; this summary makes the difference visible in the fi
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 from mmengine.hooks import Hook
@@ -15,13 +14,9 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..moslora import mixer_options_of
+from ..probes import full_numel, is_4bit
 
 GROUPS = ("llm adapter", "llm mixers", "vit adapter", "vit mixers", "projector", "other")
-
-
-def _numel(param: nn.Parameter) -> int:
-    # DeepSpeed ZeRO-3 partitions parameters: numel() is then the local shard, ds_numel the whole.
-    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def param_group(name: str) -> str:
@@ -41,7 +36,7 @@ def trainable_by_group(model: nn.Module) -> dict[str, int]:
     counts = Counter({group: 0 for group in GROUPS})
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[param_group(name)] += _numel(param)
+            counts[param_group(name)] += full_numel(param)
     return dict(counts)
 
 
@@ -71,7 +66,7 @@ def base_weights(tower: nn.Module) -> str:
     what XTuner actually built: under ZeRO-3 its LLaVAModel switches `bnb_4bit_quant_storage` to a
     half dtype so that DeepSpeed can partition the packed weights like any other parameter.
     """
-    packed = [m.weight for m in tower.modules() if _is_4bit(m)]
+    packed = [m.weight for m in tower.modules() if is_4bit(m)]
     if not packed:
         dtypes = sorted({_dtype_name(p.dtype) for p in tower.parameters() if not p.requires_grad})
         return ", ".join(dtypes) or "no frozen weights"
@@ -82,11 +77,6 @@ def base_weights(tower: nn.Module) -> str:
     compute = _dtype_name(quant.get("bnb_4bit_compute_dtype", "?"))
     storage = _dtype_name(packed[0].dtype)
     return f"4-bit {kind}{double}, storage {storage}, compute {compute} ({len(packed)} layers)"
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    linear4bit = getattr(sys.modules.get("bitsandbytes"), "nn", None)
-    return linear4bit is not None and isinstance(module, linear4bit.Linear4bit)
 
 
 def summary_lines(model: nn.Module) -> list[str]:
