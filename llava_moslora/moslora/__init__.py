@@ -8,10 +8,11 @@ Depends on torch and peft only (bitsandbytes lazily, for 4-bit bases).
 
 from .config import moslora_config
 from .io import fold_mixer, load_adapter, save_adapter, save_folded
-from .layers import MoSLoRALinear, MoSLoRAVariant, mixer_options_of, moslora_delta_weight, register
+from .layers import MoSLoRALinear, MoSLoRAVariant, mixer_options_of, moslora_delta_weight
 from .merge import merge_and_unload_dequantized
 from .mixer import Mixer, initial_mixer
 from .options import MIXER_INITS, MixerOptions
+from .registry import register
 
 __all__ = [
     "MIXER_INITS",

@@ -7,8 +7,9 @@ from typing import Any
 
 from peft import LoraConfig
 
-from .layers import OPTIONS_ATTR, register
+from .layers import OPTIONS_ATTR
 from .options import MixerOptions
+from .registry import register
 
 
 def check_rank_and_alpha(r: Any, lora_alpha: Any) -> None:

@@ -21,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import OPTIONS_ATTR, mixer_options_of, register
+from .layers import OPTIONS_ATTR, mixer_options_of
 from .options import OPTIONS_FILE, MixerOptions, read_options, write_options
+from .registry import register
 from .safety import require_finite, safe_torch_load, unreadable_safetensors
 
 MIXER_KEY = "lora_mixer.weight"
