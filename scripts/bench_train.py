@@ -40,9 +40,9 @@ PAIRS = {
 def build(config_name: str, standin: Path, args):
     from xtuner.registry import BUILDER
 
-    from llava_moslora.ablate.runner import parse_cfg_options
     from llava_moslora.model.standin import path_overrides, standin_paths
     from llava_moslora.plan.planner import load_config
+    from llava_moslora.train.launch import parse_cfg_options
 
     config = CONFIGS / f"{config_name}.py"
     options = path_overrides(config, standin_paths(standin))

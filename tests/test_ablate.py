@@ -76,8 +76,8 @@ def test_each_variant_builds_the_adapter_it_names(variant, tiny_config):
 
     from xtuner.registry import BUILDER
 
-    from llava_moslora.ablate.runner import parse_cfg_options
     from llava_moslora.moslora import mixer_options_of
+    from llava_moslora.train.launch import parse_cfg_options
 
     cfg = copy.deepcopy(tiny_config)
     parsed = parse_cfg_options(cfg_options(variant))  # "False" -> False, as on the CLI
@@ -316,8 +316,8 @@ def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_eval_compositional_refuses_a_malformed_cfg_option_before_building(capsys):
     """One parser for every `--cfg-options` of ours: the error names the item and the fix."""
-    from llava_moslora.ablate.runner import parse_cfg_options
     from llava_moslora.cli import main
+    from llava_moslora.train.launch import parse_cfg_options
 
     assert parse_cfg_options(["model.llm_lora.r=2", "a.b=[1, 2]", "c=False"]) == {
         "model.llm_lora.r": 2,

@@ -45,7 +45,7 @@ from typing import Any
 
 from ..jsonfile import read_json_object
 from ..train.checkpoints import last_checkpoint
-from ..train.launch import launch_command
+from ..train.launch import launch_command, parse_cfg_options
 from .variants import cfg_options
 
 RESULT = "result.json"
@@ -245,22 +245,6 @@ def train(
         )
     )
     return checkpoint
-
-
-def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` items as a dict, each value parsed as `xtuner train --cfg-options` parses it."""
-    from mmengine.config import DictAction
-
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(
-                f"`--cfg-options` items should be KEY=VALUE but the value passed is {item!r}. "
-                "Write e.g. model.llm_lora.r=2."
-            )
-        options[key] = DictAction._parse_iterable(value)
-    return options
 
 
 def evaluate(

@@ -7,7 +7,7 @@ import sys
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ..ablate.runner import parse_cfg_options
+    from ..train.launch import parse_cfg_options
     from .planner import format_plan, plan_memory
 
     try:

@@ -31,8 +31,8 @@ def _plot_diagnostics(args: argparse.Namespace) -> int:
 
 
 def _eval_compositional(args: argparse.Namespace) -> int:
-    from ..ablate.runner import parse_cfg_options
     from ..data.compositional import chance_accuracy, evaluate_run, read_eval_items
+    from .launch import parse_cfg_options
 
     try:
         options = parse_cfg_options(args.cfg_options)

@@ -23,8 +23,25 @@ import random
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 USAGE_ERROR = 2  # what the child returns for an input the user can fix; argparse uses 2 as well
+
+
+def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items as a dict, each value parsed as `xtuner train --cfg-options` parses it."""
+    from mmengine.config import DictAction
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(
+                f"`--cfg-options` items should be KEY=VALUE but the value passed is {item!r}. "
+                "Write e.g. model.llm_lora.r=2."
+            )
+        options[key] = DictAction._parse_iterable(value)
+    return options
 
 
 def launch_command(args: Sequence[str], env: Mapping[str, str] = os.environ) -> list[str]:
