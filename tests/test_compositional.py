@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from llava_moslora.data import compositional as comp
-from llava_moslora.data.synthetic import CELLS, COLOURS, SHAPES
+from llava_moslora.data.drawing import CELLS, COLOURS, SHAPES, Obj
+from llava_moslora.data.items import read_eval_items
+from llava_moslora.eval.heldout import chance_accuracy, evaluate_run
 from tests.conftest import vlmevalkit_mcq_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,9 +58,9 @@ def test_answers_are_derived_from_the_scene():
     # One scene worked by hand: a red circle top left, a red square top right, a blue triangle
     # bottom right.
     scene = (
-        comp.Obj(0, "circle", "red"),
-        comp.Obj(1, "square", "red"),
-        comp.Obj(3, "triangle", "blue"),
+        Obj(0, "circle", "red"),
+        Obj(1, "square", "red"),
+        Obj(3, "triangle", "blue"),
     )
     ask = comp.answer_of
     assert ask(scene, "colour_at", "What colour is the shape in the top right?") == "red"
@@ -78,7 +80,7 @@ def test_answers_are_derived_from_the_scene():
 
 def test_held_out_scenes_are_disjoint_from_training_scenes(task):
     train = comp.distinct_scenes(random.Random(0), 120)  # write_task's first draws for seed 0
-    items = comp.read_eval_items(task["eval"])
+    items = read_eval_items(task["eval"])
     scenes = [item.scene for item in items]
     assert not set(scenes) & set(train)
     assert len(set(scenes)) == len(scenes)  # and no scene is evaluated twice
@@ -101,7 +103,7 @@ def test_training_rounds_match_the_scene_and_need_the_image(task):
 
 
 def test_held_out_answers_are_balanced_so_chance_is_one_over_options(task):
-    items = comp.read_eval_items(task["eval"])
+    items = read_eval_items(task["eval"])
     per_category = Counter(item.category for item in items)
     assert set(per_category.values()) == {len(items) // len(comp.CATEGORIES)}
     for category, options in comp.ANSWERS.items():
@@ -115,7 +117,7 @@ def test_held_out_answers_are_balanced_so_chance_is_one_over_options(task):
         "exists": 1 / 2,
         "where": 1 / len(CELLS),
     } == comp.CHANCE
-    assert comp.chance_accuracy(items) == pytest.approx(sum(comp.CHANCE.values()) / 5)
+    assert chance_accuracy(items) == pytest.approx(sum(comp.CHANCE.values()) / 5)
     for item in items:
         assert item.options == comp.ANSWERS[item.category]
         assert item.options["ABCD".index(item.answer_letter)] == item.answer
@@ -123,7 +125,7 @@ def test_held_out_answers_are_balanced_so_chance_is_one_over_options(task):
 
 
 def test_mcq_tsv_has_vlmevalkit_columns(task):
-    items = comp.read_eval_items(task["eval"])
+    items = read_eval_items(task["eval"])
     with open(task["eval_tsv"], newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert list(rows[0]) == [
@@ -142,7 +144,7 @@ def test_mcq_tsv_has_vlmevalkit_columns(task):
 def test_vlmevalkit_reads_the_tsv_as_a_multiple_choice_set(task, tmp_path, monkeypatch):
     """VLMEvalKit's own loader takes the TSV as a custom MCQ set and prompts with each row's
     options only (a question with three options gets no empty "D.")."""
-    items = comp.read_eval_items(task["eval"])
+    items = read_eval_items(task["eval"])
     prompts = vlmevalkit_mcq_prompts(task["eval_tsv"], tmp_path, monkeypatch)
     assert len(prompts) == len(items)
     for prompt, item in zip(prompts, items, strict=True):
@@ -175,7 +177,7 @@ def test_tokenizer_corpus_covers_every_question(task):
     corpus = set(comp.corpus())
     records = json.loads(task["data"].read_text())
     asked = {q for record in records for q, _ in _rounds(record)}
-    asked |= {item.question for item in comp.read_eval_items(task["eval"])}
+    asked |= {item.question for item in read_eval_items(task["eval"])}
     assert asked <= corpus
 
 
@@ -211,12 +213,12 @@ def test_training_beats_the_untrained_model_on_held_out_scenes(tmp_path, monkeyp
         make_tiny(tiny, samples=400, task="compositional")
         monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny))  # read when the config is parsed
         config = REPO / "configs" / "tiny_compositional_moslora.py"
-        untrained = comp.evaluate_run(config)
+        untrained = evaluate_run(config)
         cfg = Config.fromfile(str(config))
         cfg.work_dir = str(tmp_path / "work")
         cfg.randomness = dict(seed=0)
         Runner.from_cfg(cfg).train()
-        trained = comp.evaluate_run(config, last_checkpoint(tmp_path / "work"))
+        trained = evaluate_run(config, last_checkpoint(tmp_path / "work"))
     finally:
         torch.set_num_threads(threads)
     chance = sum(comp.CHANCE.values()) / len(comp.CHANCE)

@@ -210,9 +210,10 @@ def _scene_image():
     import random
 
     from llava_moslora.data import synthetic
+    from llava_moslora.data.drawing import draw
 
     rng = random.Random(3)
-    return synthetic.draw(synthetic.random_scene(rng), rng)
+    return draw(synthetic.random_scene(rng).objects, rng)
 
 
 def _last_logits(model, image) -> torch.Tensor:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_moslora.data import prompts
+from llava_moslora.data.items import OPTION_LETTERS, read_eval_items
 from llava_moslora.train import cpu_shims
 from llava_moslora.train.checkpoints import load_checkpoint_file
 from tests.conftest import vlmevalkit_mcq_prompts
@@ -86,13 +88,12 @@ def test_synthetic_data_is_deterministic_and_answers_depend_on_the_image(tmp_pat
 
 def _format_of(prompt: str) -> str:
     """The round format of a training prompt: mcq, yes_no, short or free (free-form)."""
-    from llava_moslora.data import synthetic
 
-    if prompt.split("\n")[-1] in synthetic.MCQ_INSTRUCTION.values():
+    if prompt.split("\n")[-1] in prompts.MCQ_INSTRUCTION.values():
         return "mcq"
-    if synthetic.YES_NO_SUFFIX in prompt:
+    if prompts.YES_NO_SUFFIX in prompt:
         return "yes_no"
-    return "short" if prompt.endswith(synthetic.SHORT_ANSWER_INSTRUCTION) else "free"
+    return "short" if prompt.endswith(prompts.SHORT_ANSWER_INSTRUCTION) else "free"
 
 
 @pytest.mark.parametrize("rounds", [("short", "short"), ("mcq", "yes_no"), ()])
@@ -133,9 +134,9 @@ def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_d
     answer what the scene gives, and pictures that are not training pictures."""
     from collections import Counter
 
-    from llava_moslora.data import compositional, synthetic
+    from llava_moslora.data import synthetic
 
-    items = compositional.read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
+    items = read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
     assert len(items) == 144
     by_kind = Counter(item.category for item in items)
     assert by_kind == {"colour": 48, "shape": 48, "count": 48}
@@ -148,8 +149,8 @@ def test_held_out_items_are_balanced_true_to_their_image_and_new_pictures(tiny_d
             objects[0].shape, objects[0].colour, tuple(obj.cell for obj in objects)
         )
         assert item.answer == synthetic.short_answer(scene, item.category)
-        assert item.options[compositional.OPTION_LETTERS.index(item.answer_letter)] == item.answer
-        assert item.question.endswith(synthetic.SHORT_ANSWER_INSTRUCTION)
+        assert item.options[OPTION_LETTERS.index(item.answer_letter)] == item.answer
+        assert item.question.endswith(prompts.SHORT_ANSWER_INSTRUCTION)
     training = {p.read_bytes() for p in (tiny_dir / "data" / "images").glob("*.png")}
     held_out = [(tiny_dir / "data" / item.image).read_bytes() for item in items]
     assert not training.intersection(held_out)
@@ -166,9 +167,9 @@ def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir, tmp
     import base64
 
     pd = pytest.importorskip("pandas")
-    from llava_moslora.data import compositional, synthetic
+    from llava_moslora.data import synthetic
 
-    items = compositional.read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
+    items = read_eval_items(tiny_dir / "data" / synthetic.HELDOUT_JSON)
     frame = pd.read_csv(tiny_dir / "data" / synthetic.HELDOUT_TSV, sep="\t")
     assert list(frame.columns) == [
         "index", "image", "question", "A", "B", "C", "D", "answer", "category", "l2-category",
@@ -178,14 +179,12 @@ def test_held_out_items_also_make_a_vlmevalkit_multiple_choice_tsv(tiny_dir, tmp
     for (_, row), item in zip(frame.iterrows(), items, strict=True):
         assert row["index"] == item.index and row["category"] == item.category
         assert row["question"] == item.question.split("\n")[0]
-        assert synthetic.SHORT_ANSWER_INSTRUCTION not in row["question"]
+        assert prompts.SHORT_ANSWER_INSTRUCTION not in row["question"]
         assert str(row[row["answer"]]) == item.answer
         png = (tiny_dir / "data" / item.image).read_bytes()
         assert base64.b64decode(row["image"]) == png
-    prompts = vlmevalkit_mcq_prompts(
-        tiny_dir / "data" / synthetic.HELDOUT_TSV, tmp_path, monkeypatch
-    )
-    for prompt, item in zip(prompts, items, strict=True):
+    asked = vlmevalkit_mcq_prompts(tiny_dir / "data" / synthetic.HELDOUT_TSV, tmp_path, monkeypatch)
+    for prompt, item in zip(asked, items, strict=True):
         assert prompt.startswith(f"Question: {item.question.split(chr(10))[0]}\nOptions:\n")
         assert ("\nD. " in prompt) == (item.category != "shape")  # three shapes: no empty "D."
 
@@ -244,12 +243,23 @@ def _mcq_parts(prompt: str):
     from llava_moslora.data import synthetic
 
     lines = prompt.split("\n")
-    for lang, instruction in synthetic.MCQ_INSTRUCTION.items():
+    for lang, instruction in prompts.MCQ_INSTRUCTION.items():
         if lines[-1] == instruction:
             (kind,) = [k for k, q in synthetic.MCQ_QUESTIONS.items() if q[lang] == lines[0]]
             options = dict(line.split(". ", 1) for line in lines[1:-1])
             return lang, kind, options
     return None
+
+
+def test_eval_model_picks_the_training_language_of_every_mcq_question():
+    """The eval model picks the MCQ instruction from the row's text (`prompts.language_of`); the
+    training data picks it by language: they agree on every question and option set."""
+    from llava_moslora.data import synthetic
+
+    for lang in synthetic.LANGUAGES:
+        for kind, question in synthetic.MCQ_QUESTIONS.items():
+            texts = list(synthetic.OPTION_TEXTS[lang][kind].values())
+            assert prompts.language_of("".join([question[lang], *texts])) == lang, (lang, kind)
 
 
 def test_synthetic_mcq_letter_points_at_the_right_option():
@@ -261,7 +271,7 @@ def test_synthetic_mcq_letter_points_at_the_right_option():
         if parts is None:
             continue
         lang, kind, options = parts
-        assert list(options) == list(synthetic.LETTERS[: len(options)]), prompt
+        assert list(options) == list(OPTION_LETTERS[: len(options)]), prompt
         assert len(options) == min(len(synthetic.OPTION_TEXTS[lang][kind]), 4)
         right = synthetic.OPTION_TEXTS[lang][kind][synthetic.mcq_truth(scene, kind)]
         assert options[reply] == right, (scene, prompt, reply)
@@ -299,7 +309,7 @@ def test_mcq_text_answers_are_the_option_text_vlmevalkit_maps_to_the_right_lette
     assert seen == {(lang, kind) for lang in ("en", "cn") for kind in synthetic.MCQ_QUESTIONS}
     for lang, kinds in synthetic.OPTION_TEXTS.items():  # every option, against all the others
         for kind, texts in kinds.items():
-            choices = dict(zip(synthetic.LETTERS, list(texts.values())[:4], strict=False))
+            choices = dict(zip(OPTION_LETTERS, list(texts.values())[:4], strict=False))
             for letter, text in choices.items():
                 assert can_infer(text, dict(choices)) == letter, (lang, kind, text)
 
@@ -322,7 +332,7 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
 
     from llava_moslora.data import synthetic
 
-    yes_no_tail = synthetic.YES_NO_SUFFIX + "\n" + synthetic.SHORT_ANSWER_INSTRUCTION
+    yes_no_tail = prompts.YES_NO_SUFFIX + "\n" + prompts.SHORT_ANSWER_INSTRUCTION
     patterns = {
         kind: re.compile(re.escape(ask).replace(r"\{\}", "(.+)") + "\n")
         for kind, ask in synthetic.YES_NO_QUESTIONS.items()
@@ -337,7 +347,7 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
             assert reply == ("Yes" if truth else "No"), (scene, prompt, reply)
             yes_no.append(reply)
             kinds.add(kind)
-        elif prompt.endswith("\n" + synthetic.SHORT_ANSWER_INSTRUCTION):
+        elif prompt.endswith("\n" + prompts.SHORT_ANSWER_INSTRUCTION):
             question = prompt.split("\n")[0]
             (kind,) = [k for k, qs in synthetic.QUESTIONS.items() if question in qs]
             expected = {
@@ -375,19 +385,18 @@ def _bench_prompts(lmu_data: Path) -> list[str]:
     """The text of every tiny benchmark question, laid out as the eval model lays it out."""
     import pandas as pd
 
-    from llava_moslora.data import synthetic
     from llava_moslora.eval.benchmarks import TINY, TINY_TYPE
 
-    prompts = []
+    laid_out = []
     for name in TINY:
         for row in pd.read_csv(lmu_data / f"{name}.tsv", sep="\t").to_dict("records"):
             if TINY_TYPE[name] == "MCQ":
-                texts = [row[x] for x in synthetic.LETTERS if x in row and not pd.isna(row[x])]
+                options = {x: row[x] for x in OPTION_LETTERS if x in row and not pd.isna(row[x])}
                 lang = "cn" if name.endswith("_CN") else "en"
-                prompts.append(synthetic.mcq_prompt(row["question"], texts, lang))
+                laid_out.append(prompts.mcq_prompt(row["question"], options, lang))
             else:
-                prompts.append(synthetic.short_answer_prompt(row["question"]))
-    return prompts
+                laid_out.append(prompts.short_answer_prompt(row["question"]))
+    return laid_out
 
 
 def test_every_benchmark_prompt_is_a_training_prompt_in_whole_tokens_seen_in_training(
@@ -398,7 +407,7 @@ def test_every_benchmark_prompt_is_a_training_prompt_in_whole_tokens_seen_in_tra
     from llava_moslora.eval.tiny_bench import write_tiny_bench
 
     write_tiny_bench(tmp_path)
-    prompts = _bench_prompts(tmp_path)
+    bench = _bench_prompts(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "llm")
     records = json.loads((tiny_dir / "data" / "tiny_llava.json").read_text())
     train_prompts = {
@@ -414,33 +423,14 @@ def test_every_benchmark_prompt_is_a_training_prompt_in_whole_tokens_seen_in_tra
         for i in tokenizer.encode(t["value"].replace("<image>", ""), add_special_tokens=False)
     }
     # Yes/no and short-answer prompts verbatim; MCQ ones differ from training only in options.
-    plain = [p for p in prompts if "\nA. " not in p]
+    plain = [p for p in bench if "\nA. " not in p]
     assert len(plain) > 20 and set(plain) <= train_prompts
-    for prompt in prompts:
+    for prompt in bench:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         assert tokenizer.decode(ids) == prompt
         pieces = [tokenizer.decode([i]) for i in ids]
         assert "\ufffd" not in "".join(pieces), pieces  # no word left as loose UTF-8 bytes
         assert set(ids) <= train_ids, set(ids) - train_ids  # no embedding training never read
-
-
-@pytest.mark.slow  # imports VLMEvalKit (~50 s)
-def test_training_prompts_are_laid_out_as_the_eval_model_builds_them(tmp_path):
-    from types import SimpleNamespace
-
-    import pandas as pd
-
-    from llava_moslora.eval.benchmarks import TINY
-    from llava_moslora.eval.model import LLaVAMoSLoRA
-    from llava_moslora.eval.tiny_bench import write_tiny_bench
-
-    write_tiny_bench(tmp_path, per_category=1)
-    ours = iter(_bench_prompts(tmp_path))
-    stub = SimpleNamespace(dump_image=lambda line, dataset: ["image.png"])
-    for name in TINY:
-        for _, line in pd.read_csv(tmp_path / f"{name}.tsv", sep="\t").iterrows():
-            message = LLaVAMoSLoRA.build_prompt(stub, line, dataset=name)
-            assert message[-1] == {"type": "text", "value": next(ours)}
 
 
 # --- CPU shims --------------------------------------------------------------------------------

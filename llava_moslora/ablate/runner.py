@@ -22,7 +22,7 @@ environment variables such as NPROC_PER_NODE pass through). Evaluation is one of
     heldout      held-out multiple-choice accuracy on the config's `heldout_eval_path` items
                  (tiny_ablation.py: colour / shape / count on new images) or, without it, the
                  compositional task's; each option scored by its log-likelihood
-                 (`llava_moslora.data.compositional.evaluate_run`): exact, no generation, the
+                 (`llava_moslora.eval.heldout.evaluate_run`): exact, no generation, the
                  offline default
     suite:NAME   export the checkpoint (`xtuner` format) and run `llava-moslora eval --suite NAME`
                  through VLMEvalKit; the score is the mean of the suite's benchmark scores
@@ -260,7 +260,7 @@ def evaluate(
     kind, suite = parse_evaluator(evaluator)
     options = parse_cfg_options([*cfg_options(run.variant), *extra])
     if kind == "heldout":
-        from ..data.compositional import evaluate_run
+        from ..eval.heldout import evaluate_run
 
         log(f"[{run.variant} seed {run.seed}] held-out accuracy of {checkpoint.name}")
         details = evaluate_run(config, checkpoint, cfg_options=options)

@@ -39,8 +39,9 @@ Files (`write_task`), next to the training JSON in LLaVA format that XTuner's LL
     DIR/eval_images/*.png
     DIR/compositional_eval.tsv      the same items as a VLMEvalKit multiple-choice TSV
 
-`option_accuracy` scores each option by its log-likelihood under a LLaVAModel, the cheap and exact
-way to evaluate a tiny model without generation; the VLMEvalKit path reads the TSV.
+`llava_moslora.eval.heldout.option_accuracy` scores each option of an item by its log-likelihood
+under a LLaVAModel, the cheap and exact way to evaluate a tiny model without generation; the
+VLMEvalKit path reads the TSV.
 
 Measured (CPU, `make-tiny --task compositional`, configs/tiny_compositional_moslora.py, r 8): the
 untrained model scores 0.316 on 250 held-out items (chance 0.317); trained for 200 steps (400
@@ -62,18 +63,14 @@ will say when training here beats chance.
 
 from __future__ import annotations
 
-import base64
-import csv
 import json
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from PIL import Image, ImageDraw
-
-from .synthetic import BACKGROUND, CELLS, COLOURS, IMAGE_TOKEN, SHAPES
+from .drawing import CELLS, COLOURS, SHAPES, Obj, draw
+from .items import OPTION_LETTERS, EvalItem, write_mcq_tsv
+from .prompts import IMAGE_TOKEN
 
 COUNT_ANSWERS = ("zero", "one", "two", "three")
 YES_NO = ("yes", "no")
@@ -94,24 +91,10 @@ L2_CATEGORY = {
 }
 CATEGORIES = tuple(ANSWERS)
 CHANCE = {category: 1 / len(answers) for category, answers in ANSWERS.items()}
-OPTION_LETTERS = "ABCD"  # VLMEvalKit's MCQ TSV columns; no category has more than four answers
 
 TRAIN_JSON = "compositional.json"
 EVAL_JSON = "compositional_eval.json"
 EVAL_TSV = "compositional_eval.tsv"
-
-
-@dataclass(frozen=True, order=True)
-class Obj:
-    """One object: a `shape` in a `colour`, in grid cell `cell` (an index into CELLS)."""
-
-    cell: int
-    shape: str
-    colour: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
 
 
 Scene = tuple[Obj, ...]  # sorted by cell: a scene's identity, used to keep evaluation disjoint
@@ -177,57 +160,7 @@ def random_question(scene: Scene, category: str, rng: random.Random) -> tuple[st
     return rng.choice(questions_with_answer(scene, category, answer)), answer
 
 
-# -- drawing ---------------------------------------------------------------------------------------
-
-
-def draw(scene: Scene, rng: random.Random, size: int = 112) -> Image.Image:
-    """Render `scene` like `synthetic.draw` (same palette and grid), one shape per object."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    canvas = ImageDraw.Draw(image)
-    cell = size // 2
-    for obj in scene:
-        row, col = divmod(obj.cell, 2)
-        radius = rng.uniform(0.28, 0.38) * cell
-        cx = col * cell + cell / 2 + rng.uniform(-0.1, 0.1) * cell
-        cy = row * cell + cell / 2 + rng.uniform(-0.1, 0.1) * cell
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            canvas.ellipse(box, fill=fill)
-        elif obj.shape == "square":
-            canvas.rectangle(box, fill=fill)
-        else:  # triangle
-            points = [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)]
-            canvas.polygon(points, fill=fill)
-    return image
-
-
 # -- the files -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One held-out multiple-choice item; what the eval code turns into VLMEvalKit rows.
-
-    `image` is relative to the folder of compositional_eval.json; `options` are the answers of
-    the category in ANSWERS order; `answer` is the correct option text, `answer_letter` its letter.
-    """
-
-    index: int
-    image: str
-    question: str
-    answer: str
-    answer_letter: str
-    options: tuple[str, ...]
-    category: str
-    l2_category: str
-    scene: Scene = ()  # what the image shows: lets anyone re-derive the answer
-    split: str = "test"
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> EvalItem:
-        scene = tuple(Obj(*obj) if isinstance(obj, list) else Obj(**obj) for obj in row["scene"])
-        return cls(**{**row, "options": tuple(row["options"]), "scene": scene})
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
@@ -337,32 +270,6 @@ def write_task(
     return paths
 
 
-def read_eval_items(path: str | Path) -> list[EvalItem]:
-    return [EvalItem.from_dict(row) for row in json.loads(Path(path).read_text())]
-
-
-def write_mcq_tsv(items: Iterable[EvalItem], image_root: str | Path, out: str | Path) -> Path:
-    """VLMEvalKit's multiple-choice TSV: index, image (base64 PNG), question, A-D, answer, ...
-
-    Unused option columns stay empty (pandas reads them as NaN, which VLMEvalKit skips). Give the
-    file a name VLMEvalKit does not know, so it is read as a custom MCQ set and never downloaded.
-    """
-    columns = ["index", "image", "question", *OPTION_LETTERS, "answer", "category"]
-    columns += ["l2-category", "split"]
-    out = Path(out)
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(columns)
-        for item in items:
-            image = base64.b64encode((Path(image_root) / item.image).read_bytes()).decode()
-            options = list(item.options) + [""] * (len(OPTION_LETTERS) - len(item.options))
-            writer.writerow(
-                [item.index, image, item.question, *options, item.answer_letter]
-                + [item.category, item.l2_category, item.split]
-            )
-    return out
-
-
 def corpus() -> list[str]:
     """Every question and answer text of the task: what its tokenizer is trained on."""
     texts = []
@@ -375,152 +282,3 @@ def corpus() -> list[str]:
                 for scene in ((obj,), (obj, Obj((obj.cell + 1) % 4, obj.shape, obj.colour))):
                     texts += questions_with_answer(tuple(sorted(scene)), category, answer)
     return sorted(set(texts))
-
-
-# -- evaluation: options scored by log-likelihood ---------------------------------------------------
-
-
-def option_log_likelihoods(
-    model,
-    tokenizer,
-    image_processor,
-    image: Image.Image,
-    question: str,
-    options: Sequence[str],
-    prompt_template: dict,
-    system: str = "",
-) -> list[float]:
-    """Summed log-probability of each option as the answer (its end-of-turn suffix included).
-
-    The prompt and answer go through XTuner's own llava_map_fn / template_map_fn / encode_fn, so
-    the tokens are exactly those of training; the image is padded to a square and processed as
-    the config's LLaVADataset does (pad_image_to_square=True).
-    """
-    import torch
-    from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
-    from xtuner.dataset.utils import encode_fn, expand2square
-    from xtuner.model.utils import prepare_inputs_labels_for_multimodal
-
-    background = tuple(int(x * 255) for x in image_processor.image_mean)
-    square = expand2square(image.convert("RGB"), background)
-    pixels = image_processor.preprocess(square, return_tensors="pt")["pixel_values"]
-    template_fn = template_map_fn_factory(prompt_template)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        vision = model.visual_encoder(
-            pixels.to(device, model.visual_encoder.dtype), output_hidden_states=True
-        )
-        features = model.projector(vision.hidden_states[model.visual_select_layer][:, 1:])
-        scores = []
-        for option in options:
-            turns = [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                {"from": "gpt", "value": option},
-            ]
-            example = llava_map_fn({"conversations": turns})
-            if system:
-                example["conversation"][0]["system"] = system
-            example = template_fn(example)
-            encoded = encode_fn(example, tokenizer, max_length=10**6, with_image_token=True)
-            data = prepare_inputs_labels_for_multimodal(
-                llm=model.llm,
-                input_ids=torch.tensor([encoded["input_ids"]], device=device),
-                labels=torch.tensor([encoded["labels"]], device=device),
-                pixel_values=features,
-            )
-            labels = data.pop("labels")  # (1, T) with the image tokens expanded, -100 = no loss
-            logits = model.llm(**data).logits.float()  # (1, T, vocab)
-            log_probs = logits[:, :-1].log_softmax(-1)
-            targets = labels[:, 1:]
-            mask = targets != -100
-            picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            scores.append(float((picked * mask).sum()))
-    return scores
-
-
-def option_accuracy(
-    model,
-    tokenizer,
-    image_processor,
-    items: Sequence[EvalItem],
-    image_root: str | Path,
-    prompt_template: dict,
-    system: str = "",
-) -> dict[str, float]:
-    """Accuracy per category and `overall` (mean over items): the highest-likelihood option wins."""
-    was_training = model.training
-    model.eval()
-    correct: dict[str, list[bool]] = {}  # per category, in the order the items bring them
-    try:
-        for item in items:
-            with Image.open(Path(image_root) / item.image) as image:
-                scores = option_log_likelihoods(
-                    model,
-                    tokenizer,
-                    image_processor,
-                    image,
-                    item.question,
-                    item.options,
-                    prompt_template,
-                    system,
-                )
-            best = max(range(len(scores)), key=scores.__getitem__)
-            correct.setdefault(item.category, []).append(item.options[best] == item.answer)
-    finally:
-        model.train(was_training)
-    result = {c: sum(v) / len(v) for c, v in correct.items()}
-    every = [ok for v in correct.values() for ok in v]
-    result["overall"] = sum(every) / len(every)
-    return result
-
-
-def chance_accuracy(items: Sequence[EvalItem]) -> float:
-    """The expected accuracy of guessing uniformly among each item's options."""
-    return sum(1 / len(item.options) for item in items) / len(items)
-
-
-def evaluate_run(
-    config: str | Path,
-    checkpoint: str | Path | None = None,
-    items: str | Path | None = None,
-    cfg_options: dict | None = None,
-) -> dict[str, float]:
-    """Held-out `option_accuracy` of the model a config builds, with a checkpoint's weights loaded.
-
-    Without `checkpoint` this is the untrained model (adapters at init: B = 0, so the base model
-    with the config's pretrained projector). `items` defaults to the config's `heldout_eval_path`,
-    else compositional_eval.json next to its `data_path`. Loading fails loudly if the checkpoint does not fit the model.
-    """
-    from mmengine.config import Config
-    from xtuner.registry import BUILDER
-
-    from ..train.checkpoints import load_trained_state
-
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    model = BUILDER.build(cfg.model)
-    if checkpoint is not None:
-        state = load_trained_state(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trained = [k for k in missing if "lora_" in k or k.startswith("projector.")]
-        if unexpected or trained:
-            raise ValueError(
-                f"`checkpoint` {str(checkpoint)!r} does not fit the model of {str(config)!r}: "
-                f"unexpected keys {unexpected[:3]}, missing trained keys {trained[:3]}. Pass the "
-                "config (and --cfg-options, e.g. the rank) the checkpoint was trained with."
-            )
-    if items is None:  # the config names its held-out set, or it is the compositional task's
-        items = cfg.get("heldout_eval_path") or Path(cfg.data_path).parent / EVAL_JSON
-    items_path = Path(items)
-    tokenizer = BUILDER.build(cfg.tokenizer)
-    image_processor = BUILDER.build(cfg.image_processor)
-    return option_accuracy(
-        model,
-        tokenizer,
-        image_processor,
-        read_eval_items(items_path),
-        items_path.parent,
-        cfg.prompt_template,
-        cfg.get("SYSTEM", ""),
-    )

@@ -27,19 +27,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-COLOURS = {
-    "red": (220, 38, 38),
-    "green": (22, 163, 74),
-    "blue": (37, 99, 235),
-    "yellow": (234, 179, 8),
-}
-SHAPES = ("circle", "square", "triangle")
-CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2 x 2 grid
-COUNT_WORDS = ("one", "two", "three", "four")
-BACKGROUND = (245, 245, 240)
-IMAGE_TOKEN = "<image>"  # xtuner.utils.DEFAULT_IMAGE_TOKEN
+from .drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES, Obj, draw
+from .items import OPTION_LETTERS, EvalItem, write_mcq_tsv
+from .prompts import IMAGE_TOKEN, YES_NO_SUFFIX, mcq_prompt, short_answer_prompt
 
 QUESTIONS = {
     "colour": ("What colour are the shapes?", "Which colour do you see?"),
@@ -69,6 +59,11 @@ class Scene:
     def verb(self) -> str:
         return "is" if self.count == 1 else "are"
 
+    @property
+    def objects(self) -> tuple[Obj, ...]:
+        """What `drawing.draw` renders: the shape in the colour, in each of the cells."""
+        return tuple(Obj(cell, self.shape, self.colour) for cell in self.cells)
+
 
 def random_scene(rng: random.Random) -> Scene:
     count = rng.randint(1, len(CELLS))
@@ -92,45 +87,12 @@ def answer(scene: Scene, kind: str) -> str:
     raise ValueError(f"`kind` should be one of {sorted(QUESTIONS)}, got {kind!r}")
 
 
-def draw(scene: Scene, rng: random.Random, size: int = 112) -> Image.Image:
-    """Render `scene` on a `size` x `size` canvas, jittering each shape inside its cell."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    canvas = ImageDraw.Draw(image)
-    cell = size // 2
-    fill = COLOURS[scene.colour]
-    for index in scene.cells:
-        row, col = divmod(index, 2)
-        radius = rng.uniform(0.28, 0.38) * cell
-        cx = col * cell + cell / 2 + rng.uniform(-0.1, 0.1) * cell
-        cy = row * cell + cell / 2 + rng.uniform(-0.1, 0.1) * cell
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        if scene.shape == "circle":
-            canvas.ellipse(box, fill=fill)
-        elif scene.shape == "square":
-            canvas.rectangle(box, fill=fill)
-        else:  # triangle
-            canvas.polygon(
-                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
-                fill=fill,
-            )
-    return image
-
-
 # ----------------------------------------------------------------------------- benchmark formats
-# LLaVA-1.5's 665K mix teaches the answer formats its benchmarks ask for: a multiple-choice
-# question answered by the option's letter, a yes/no question answered "Yes"/"No", a question
-# answered by one word. These are the same prompts, laid out character for character as
-# llava_moslora.eval.model.LLaVAMoSLoRA.build_prompt lays out the tiny benchmarks' rows
-# (tests/test_train_tiny.py pins the equality), so that the formats, not only the scenes, are seen
-# in training. The benchmark's images are separate draws (tiny_bench.py's own random stream).
-MCQ_INSTRUCTION = {
-    "en": "Answer with the option's letter from the given choices directly.",
-    "cn": "请直接回答选项字母。",
-}
-SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
-YES_NO_SUFFIX = " Please answer yes or no."
+# LLaVA-1.5's 665K mix teaches the answer formats its benchmarks ask for (prompts.py): the
+# benchmark-format rounds are laid out by the functions the eval model builds its prompts with,
+# so that the formats, not only the scenes, are seen in training. The benchmark's images are
+# separate draws (tiny_bench.py's own random stream).
 LANGUAGES = ("en", "cn")
-LETTERS = "ABCD"  # MMBench's: at most four options
 WARM_COLOURS = ("red", "yellow")
 
 # Multiple-choice kinds (MMBench's six abilities, one kind each): the question in each language
@@ -209,20 +171,16 @@ def mcq_options(scene: Scene, kind: str, rng: random.Random) -> list[str | int]:
     truth = mcq_truth(scene, kind)
     distractors = [c for c in OPTION_TEXTS["en"][kind] if c != truth]
     rng.shuffle(distractors)
-    options = [truth, *distractors[: len(LETTERS) - 1]]
+    options = [truth, *distractors[: len(OPTION_LETTERS) - 1]]
     rng.shuffle(options)
     return options
 
 
-def mcq_prompt(question: str, option_texts: list[str], lang: str) -> str:
-    """`question`, one `X. option` line per option, then LLaVA-1.5's MCQ instruction."""
-    lines = [question, *(f"{LETTERS[i]}. {text}" for i, text in enumerate(option_texts))]
-    return "\n".join([*lines, MCQ_INSTRUCTION[lang]])
-
-
-def short_answer_prompt(question: str) -> str:
-    """`question` then LLaVA-1.5's single-word instruction (also what yes/no questions get)."""
-    return f"{question}\n{SHORT_ANSWER_INSTRUCTION}"
+def lettered(option_texts: list[str]) -> dict[str, str]:
+    """{letter: text} of at most four options, A first: what `prompts.mcq_prompt` lays out."""
+    if len(option_texts) > len(OPTION_LETTERS):
+        raise ValueError(f"at most {len(OPTION_LETTERS)} options, got {option_texts!r}")
+    return dict(zip(OPTION_LETTERS, option_texts, strict=False))
 
 
 def short_answer(scene: Scene, kind: str) -> str:
@@ -260,9 +218,9 @@ def benchmark_turn(scene: Scene, fmt: str, rng: random.Random) -> tuple[str, str
         kind, lang = rng.choice(list(MCQ_QUESTIONS)), rng.choice(LANGUAGES)
         options = mcq_options(scene, kind, rng)
         texts = [OPTION_TEXTS[lang][kind][o] for o in options]
-        prompt = mcq_prompt(MCQ_QUESTIONS[kind][lang], texts, lang)
+        prompt = mcq_prompt(MCQ_QUESTIONS[kind][lang], lettered(texts), lang)
         right = options.index(mcq_truth(scene, kind))
-        return prompt, LETTERS[right] if fmt == "mcq" else texts[right]
+        return prompt, OPTION_LETTERS[right] if fmt == "mcq" else texts[right]
     if fmt == "yes_no":
         kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
         pair = yes_no_pair(scene, rng.choice(kinds), rng)
@@ -305,9 +263,9 @@ def prompts() -> Iterator[str]:
         yield from questions
     for lang in LANGUAGES:
         for kind, question in MCQ_QUESTIONS.items():
-            texts = list(OPTION_TEXTS[lang][kind].values())[: len(LETTERS)]
+            texts = list(OPTION_TEXTS[lang][kind].values())[: len(OPTION_LETTERS)]
             for k in range(len(texts)):  # each option at each letter
-                yield mcq_prompt(question[lang], texts[k:] + texts[:k], lang)
+                yield mcq_prompt(question[lang], lettered(texts[k:] + texts[:k]), lang)
     for kind, ask in YES_NO_QUESTIONS.items():
         values = {
             "color": list(COLOURS),
@@ -325,7 +283,7 @@ def prompts() -> Iterator[str]:
 def corpus() -> Iterator[str]:
     """Every question and every possible answer: the text a tokenizer for this data must cover."""
     yield from prompts()
-    yield from (*LETTERS, "Yes", "No")
+    yield from (*OPTION_LETTERS, "Yes", "No")
     yield from (*COLOURS, *SHAPES, *COUNT_WORDS)
     for shape in SHAPES:
         for colour in COLOURS:
@@ -346,16 +304,14 @@ def write_heldout(
     """Held-out short-answer items (colour, shape, count) on new images, `out_dir/HELDOUT_JSON`,
     and the same items as a VLMEvalKit multiple-choice set, `out_dir/HELDOUT_TSV`.
 
-    The items are `compositional.EvalItem`s, so `compositional.evaluate_run` scores them the same
-    way (each option by its log-likelihood): the kind and its answer cycle first, then a scene with
+    The items are `items.EvalItem`s, so `llava_moslora.eval.heldout.evaluate_run` scores them
+    the same way (each option by its log-likelihood): the kind and its answer cycle first, then a scene with
     that answer is drawn from the seed's own held-out stream, so every answer of a kind is equally
     frequent and a model that ignores the image scores chance (1/4, 1/3, 1/4). The images are new
     draws (position and size jitter), not new scenes: this task has only 4 x 3 x 15 = 180 scenes,
     so the items test reading the image on unseen pictures, not generalising to unseen scenes
     (that is what the compositional task's disjoint held-out scenes are for).
     """
-    from .compositional import OPTION_LETTERS, EvalItem, Obj, write_mcq_tsv
-
     if not isinstance(items, int) or isinstance(items, bool) or items < len(SHORT_ANSWER_KINDS):
         raise ValueError(
             f"`items` should be an integer >= {len(SHORT_ANSWER_KINDS)} (one per kind) but the "
@@ -374,7 +330,7 @@ def write_heldout(
         while short_answer(scene, kind) != truth:
             scene = random_scene(rng)
         image = f"heldout_images/{index:06d}.png"
-        draw(scene, rng, image_size).save(out_dir / image)
+        draw(scene.objects, rng, image_size).save(out_dir / image)
         item = EvalItem(
             index=index,
             image=image,
@@ -384,7 +340,7 @@ def write_heldout(
             options=options,
             category=kind,
             l2_category="attribute" if kind != "count" else "counting",
-            scene=tuple(Obj(cell, scene.shape, scene.colour) for cell in scene.cells),
+            scene=scene.objects,
         )
         rows.append(asdict(item))
     path = out_dir / HELDOUT_JSON
@@ -434,7 +390,7 @@ def write_dataset(
     for index in range(samples):
         scene = random_scene(rng)
         name = f"{index:06d}.png"
-        draw(scene, rng, image_size).save(image_dir / name)
+        draw(scene.objects, rng, image_size).save(image_dir / name)
         records.append(
             {
                 "id": f"{index:06d}",

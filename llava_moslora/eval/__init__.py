@@ -1,8 +1,9 @@
 """Evaluation with VLMEvalKit: a model class for our exports, the paper's 9-benchmark suite and an
-offline tiny suite, the Table 5 report and the Figure 5 MMBench radar.
+offline tiny suite, the Table 5 report and the Figure 5 MMBench radar; and `heldout`, a run's
+held-out accuracy with each option scored by its log-likelihood (no VLMEvalKit, no generation).
 
-Modules import VLMEvalKit lazily (importing it takes tens of seconds): `benchmarks`, `manifest`,
-`report` and `tiny_bench` never import it, `model`, `runner` and `offline` do when used.
+Modules import VLMEvalKit lazily (importing it takes tens of seconds): `benchmarks`, `heldout`,
+`manifest`, `report` and `tiny_bench` never import it, `model`, `runner` and `offline` do when used.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`llava-moslora eval | report | radar | make-tiny-bench`: the evaluation subcommands.
+"""`llava-moslora eval | report | radar | make-tiny-bench | eval-compositional`: the evaluation
+subcommands.
 
 llava-moslora eval OUT/ --suite paper9 [--datasets MMBench_DEV_EN,MME] [--work-dir eval_runs]
     [--judge-model gpt-4o-mini --judge-base-url URL --judge-api-key-env VAR] [--limit N]
@@ -7,11 +8,13 @@ llava-moslora eval OUT/ --suite tiny --data-root tiny_bench/   # offline, writes
 llava-moslora report eval_runs/*/ --out table   # table.md + table.csv (Table 5)
 llava-moslora radar eval_runs/*/ --out mmbench_radar.png      # Figure 5
 llava-moslora make-tiny-bench tiny_bench/       # the offline TSVs only
+llava-moslora eval-compositional CONFIG [--checkpoint iter_N.pth]   # held-out items, no VLMEvalKit
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -139,6 +142,23 @@ def _make_tiny_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_compositional(args: argparse.Namespace) -> int:
+    from ..data.items import read_eval_items
+    from ..train.launch import parse_cfg_options
+    from .heldout import chance_accuracy, evaluate_run
+
+    try:
+        options = parse_cfg_options(args.cfg_options)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    if args.items:
+        result["chance"] = chance_accuracy(read_eval_items(args.items))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to `llava-moslora`'s sub-parsers."""
     from .benchmarks import PAPER9, SUITES, TINY
@@ -203,3 +223,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--per-category", type=int, default=2)
     tiny.set_defaults(func=_make_tiny_bench)
+
+    evaluate = sub.add_parser(
+        "eval-compositional",
+        help="held-out accuracy of a run (options scored by log-likelihood): the config's "
+        "heldout_eval_path items, else the compositional task's",
+        description="Prints per-category and overall accuracy as JSON. Without --checkpoint: "
+        "the untrained model (adapters at init).",
+    )
+    evaluate.add_argument("config", help="e.g. configs/tiny_compositional_moslora.py")
+    evaluate.add_argument("--checkpoint", help="iter_N.pth (file or DeepSpeed folder)")
+    evaluate.add_argument(
+        "--items",
+        help="held-out items JSON (default: the config's heldout_eval_path, else "
+        "compositional_eval.json next to its data_path)",
+    )
+    evaluate.add_argument(
+        "--cfg-options",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides the run was trained with, e.g. model.llm_lora.r=2",
+    )
+    evaluate.set_defaults(func=_eval_compositional)

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError
 
+from ..data.prompts import language_of, mcq_prompt, short_answer_prompt
 from ..moslora.safety import require_finite, unreadable_safetensors
 from . import import_vlmeval
 from .benchmarks import benchmark_type
@@ -40,11 +41,6 @@ from .manifest import read_export_manifest, require_export_files
 
 BaseModel = import_vlmeval("vlmeval.vlm.base").BaseModel
 
-# LLaVA-1.5's evaluation instructions (its MMBench / short-answer prompts), which the model saw in
-# the 665K instruction data; VLMEvalKit's generic "Please select the correct answer" is not.
-MCQ_INSTRUCTION_EN = "Answer with the option's letter from the given choices directly."
-MCQ_INSTRUCTION_CN = "请直接回答选项字母。"
-SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 SHORT_ANSWER_TYPES = ("MCQ", "Y/N")
 SHORT_ANSWER_FAMILIES = ("TextVQA",)
 ADAPTER_FORMATS = ("xtuner", "peft-folded")
@@ -245,13 +241,15 @@ class LLaVAMoSLoRA(BaseModel):
         if benchmark_type(dataset) == "MCQ":
             if hint is not None:
                 question = f"{hint}\n{question}"
-            for letter in string.ascii_uppercase:
-                if letter in line and not pd.isna(line[letter]):
-                    question += f"\n{letter}. {line[letter]}"
-            chinese = any("\u4e00" <= ch <= "\u9fff" for ch in question)
-            prompt = f"{question}\n{MCQ_INSTRUCTION_CN if chinese else MCQ_INSTRUCTION_EN}"
+            options = {
+                letter: str(line[letter])
+                for letter in string.ascii_uppercase
+                if letter in line and not pd.isna(line[letter])
+            }
+            lang = language_of("".join([question, *options.values()]))
+            prompt = mcq_prompt(question, options, lang)
         else:
-            prompt = f"{question}\n{SHORT_ANSWER_INSTRUCTION}"
+            prompt = short_answer_prompt(question)
         return [dict(type="image", value=path) for path in images] + [
             dict(type="text", value=prompt)
         ]

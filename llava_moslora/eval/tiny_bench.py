@@ -32,6 +32,8 @@ import pandas as pd
 from PIL import Image
 
 from llava_moslora.data import synthetic
+from llava_moslora.data.drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES, draw
+from llava_moslora.data.items import OPTION_LETTERS
 
 from .benchmarks import TINY_MMBENCH_CN, TINY_MMBENCH_EN, TINY_MME, TINY_TEXTVQA
 
@@ -83,7 +85,7 @@ def _mcq_rows(name: str, lang: str, per_ability: int, rng: random.Random):
         question = synthetic.MCQ_QUESTIONS[kind][lang]
         for _ in range(per_ability):
             scene = synthetic.random_scene(rng)
-            image = synthetic.draw(scene, rng)
+            image = draw(scene.objects, rng)
             truth = synthetic.mcq_truth(scene, kind)
             options = synthetic.mcq_options(scene, kind, rng)  # the right one among them
             # One row per rotation: rotation k shifts every option k letters (MMBench circular).
@@ -94,13 +96,13 @@ def _mcq_rows(name: str, lang: str, per_ability: int, rng: random.Random):
                     "index": row_index,
                     "question": question,
                     "hint": None,
-                    "answer": synthetic.LETTERS[rotated.index(truth)],
+                    "answer": OPTION_LETTERS[rotated.index(truth)],
                     "category": category,
                     "l2-category": l2,
                     "split": "dev",
                     "image": _b64png(image) if k == 0 else str(index),
                 }
-                row.update({synthetic.LETTERS[i]: words[opt] for i, opt in enumerate(rotated)})
+                row.update({OPTION_LETTERS[i]: words[opt] for i, opt in enumerate(rotated)})
                 rows.append(row)
                 records.append(TinyRecord(name, row_index, scene, question, words[truth]))
             index += 1
@@ -117,9 +119,9 @@ def _mme_rows(per_category: int, rng: random.Random):
     for kind in _MME_KINDS:
         for n in range(per_category):
             scene = synthetic.random_scene(rng)
-            while kind == "position" and scene.count == len(synthetic.CELLS):
+            while kind == "position" and scene.count == len(CELLS):
                 scene = synthetic.random_scene(rng)
-            image = synthetic.draw(scene, rng)
+            image = draw(scene.objects, rng)
             pair = synthetic.yes_no_pair(scene, kind, rng)
             first = index
             for question, answer in zip(pair, ("Yes", "No"), strict=True):
@@ -149,7 +151,7 @@ def _vqa_rows(per_kind: int, rng: random.Random):
     for kind, question in _VQA_KINDS:
         for _ in range(per_kind):
             scene = synthetic.random_scene(rng)
-            image = synthetic.draw(scene, rng)
+            image = draw(scene.objects, rng)
             text = synthetic.short_answer(scene, kind)
             rows.append(
                 {
@@ -217,15 +219,15 @@ def chance_scores(data_root: str | Path) -> dict[str, float]:
         rows = pd.read_csv(root / f"{name}.tsv", sep="\t")
         per_question = []
         for _, group in rows.groupby(rows["index"] % CIRCULAR_OFFSET):
-            options = group.iloc[0][list(synthetic.LETTERS)].notna().sum()
+            options = group.iloc[0][list(OPTION_LETTERS)].notna().sum()
             per_question.append((1 / options) ** len(group))
         chance[COLUMN_OF[name]] = float(100 * sum(per_question) / len(per_question))
     mme = pd.read_csv(root / f"{TINY_MME}.tsv", sep="\t")
     chance[COLUMN_OF[TINY_MME]] = (50 + 25) * mme["category"].nunique() / MME_SCALE
     answers = {
-        "colour": synthetic.COLOURS,
-        "shape": synthetic.SHAPES,
-        "count": synthetic.COUNT_WORDS,
+        "colour": COLOURS,
+        "shape": SHAPES,
+        "count": COUNT_WORDS,
     }
     answers_of = {question: len(answers[kind]) for kind, question in _VQA_KINDS}
     vqa = pd.read_csv(root / f"{TINY_TEXTVQA}.tsv", sep="\t")

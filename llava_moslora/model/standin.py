@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from llava_moslora.data import synthetic
+from llava_moslora.data.prompts import IMAGE_TOKEN
 
 from . import make_tiny
 
@@ -181,7 +182,7 @@ def lengthen_conversations(json_path: Path, tokenizer, template_name: str, text_
         )
         repeats = math.ceil(text_tokens / max(one_pass, 1)) + 1
         extra = [
-            {"from": who, "value": text.replace(f"{synthetic.IMAGE_TOKEN}\n", "")}
+            {"from": who, "value": text.replace(f"{IMAGE_TOKEN}\n", "")}
             for _ in range(repeats - 1)
             for q, a in rounds
             for who, text in (("human", q), ("gpt", a))

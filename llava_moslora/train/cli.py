@@ -1,5 +1,4 @@
-"""Sub-commands for training and looking into a run: `train`, `plot-diagnostics`,
-`eval-compositional`.
+"""Sub-commands for training and looking into a run: `train`, `plot-diagnostics`.
 
 Registered into `llava-moslora` through `COMMAND_MODULES` in llava_moslora/cli.py; each import is
 inside its command so `llava-moslora --help` stays fast.
@@ -8,7 +7,6 @@ inside its command so `llava-moslora --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -30,24 +28,8 @@ def _plot_diagnostics(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_compositional(args: argparse.Namespace) -> int:
-    from ..data.compositional import chance_accuracy, evaluate_run, read_eval_items
-    from .launch import parse_cfg_options
-
-    try:
-        options = parse_cfg_options(args.cfg_options)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    result = evaluate_run(args.config, args.checkpoint, args.items, options)
-    if args.items:
-        result["chance"] = chance_accuracy(read_eval_items(args.items))
-    print(json.dumps(result, indent=1))
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train`, `plot-diagnostics` and `eval-compositional`."""
+    """Add `train` and `plot-diagnostics`."""
     train = sub.add_parser(
         "train",
         help="`xtuner train` that returns the training's exit code (non-zero when it fails)",
@@ -71,26 +53,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     plot.add_argument("work_dir", help="the run's work dir (xtuner train --work-dir)")
     plot.add_argument("--out", help="PNG to write (default WORK_DIR/mixer_diagnostics.png)")
     plot.set_defaults(func=_plot_diagnostics)
-
-    evaluate = sub.add_parser(
-        "eval-compositional",
-        help="held-out accuracy of a run (options scored by log-likelihood): the config's "
-        "heldout_eval_path items, else the compositional task's",
-        description="Prints per-category and overall accuracy as JSON. Without --checkpoint: "
-        "the untrained model (adapters at init).",
-    )
-    evaluate.add_argument("config", help="e.g. configs/tiny_compositional_moslora.py")
-    evaluate.add_argument("--checkpoint", help="iter_N.pth (file or DeepSpeed folder)")
-    evaluate.add_argument(
-        "--items",
-        help="held-out items JSON (default: the config's heldout_eval_path, else "
-        "compositional_eval.json next to its data_path)",
-    )
-    evaluate.add_argument(
-        "--cfg-options",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides the run was trained with, e.g. model.llm_lora.r=2",
-    )
-    evaluate.set_defaults(func=_eval_compositional)

@@ -1,0 +1,166 @@
+"""Held-out accuracy of a run without generation: each option of an item scored by its
+log-likelihood under the LLaVAModel a config builds, the highest one wins.
+
+The cheap and exact way to evaluate a tiny model: the prompt and answer go through XTuner's own
+map and encode functions, so the tokens are exactly those of training. The items are
+`llava_moslora.data.items.EvalItem`s: the shapes task's held-out set (`synthetic.write_heldout`,
+what the ablation scores) or the compositional task's (`compositional.write_task`).
+`llava-moslora eval-compositional` and `llava-moslora ablate --eval heldout` run `evaluate_run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from ..data.compositional import EVAL_JSON
+from ..data.items import EvalItem, read_eval_items
+from ..data.prompts import IMAGE_TOKEN
+
+
+def option_log_likelihoods(
+    model,
+    tokenizer,
+    image_processor,
+    image: Image.Image,
+    question: str,
+    options: Sequence[str],
+    prompt_template: dict,
+    system: str = "",
+) -> list[float]:
+    """Summed log-probability of each option as the answer (its end-of-turn suffix included).
+
+    The prompt and answer go through XTuner's own llava_map_fn / template_map_fn / encode_fn, so
+    the tokens are exactly those of training; the image is padded to a square and processed as
+    the config's LLaVADataset does (pad_image_to_square=True).
+    """
+    import torch
+    from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
+    from xtuner.dataset.utils import encode_fn, expand2square
+    from xtuner.model.utils import prepare_inputs_labels_for_multimodal
+
+    background = tuple(int(x * 255) for x in image_processor.image_mean)
+    square = expand2square(image.convert("RGB"), background)
+    pixels = image_processor.preprocess(square, return_tensors="pt")["pixel_values"]
+    template_fn = template_map_fn_factory(prompt_template)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        vision = model.visual_encoder(
+            pixels.to(device, model.visual_encoder.dtype), output_hidden_states=True
+        )
+        features = model.projector(vision.hidden_states[model.visual_select_layer][:, 1:])
+        scores = []
+        for option in options:
+            turns = [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                {"from": "gpt", "value": option},
+            ]
+            example = llava_map_fn({"conversations": turns})
+            if system:
+                example["conversation"][0]["system"] = system
+            example = template_fn(example)
+            encoded = encode_fn(example, tokenizer, max_length=10**6, with_image_token=True)
+            data = prepare_inputs_labels_for_multimodal(
+                llm=model.llm,
+                input_ids=torch.tensor([encoded["input_ids"]], device=device),
+                labels=torch.tensor([encoded["labels"]], device=device),
+                pixel_values=features,
+            )
+            labels = data.pop("labels")  # (1, T) with the image tokens expanded, -100 = no loss
+            logits = model.llm(**data).logits.float()  # (1, T, vocab)
+            log_probs = logits[:, :-1].log_softmax(-1)
+            targets = labels[:, 1:]
+            mask = targets != -100
+            picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            scores.append(float((picked * mask).sum()))
+    return scores
+
+
+def option_accuracy(
+    model,
+    tokenizer,
+    image_processor,
+    items: Sequence[EvalItem],
+    image_root: str | Path,
+    prompt_template: dict,
+    system: str = "",
+) -> dict[str, float]:
+    """Accuracy per category and `overall` (mean over items): the highest-likelihood option wins."""
+    was_training = model.training
+    model.eval()
+    correct: dict[str, list[bool]] = {}  # per category, in the order the items bring them
+    try:
+        for item in items:
+            with Image.open(Path(image_root) / item.image) as image:
+                scores = option_log_likelihoods(
+                    model,
+                    tokenizer,
+                    image_processor,
+                    image,
+                    item.question,
+                    item.options,
+                    prompt_template,
+                    system,
+                )
+            best = max(range(len(scores)), key=scores.__getitem__)
+            correct.setdefault(item.category, []).append(item.options[best] == item.answer)
+    finally:
+        model.train(was_training)
+    result = {c: sum(v) / len(v) for c, v in correct.items()}
+    every = [ok for v in correct.values() for ok in v]
+    result["overall"] = sum(every) / len(every)
+    return result
+
+
+def chance_accuracy(items: Sequence[EvalItem]) -> float:
+    """The expected accuracy of guessing uniformly among each item's options."""
+    return sum(1 / len(item.options) for item in items) / len(items)
+
+
+def evaluate_run(
+    config: str | Path,
+    checkpoint: str | Path | None = None,
+    items: str | Path | None = None,
+    cfg_options: dict | None = None,
+) -> dict[str, float]:
+    """Held-out `option_accuracy` of the model a config builds, with a checkpoint's weights loaded.
+
+    Without `checkpoint` this is the untrained model (adapters at init: B = 0, so the base model
+    with the config's pretrained projector). `items` defaults to the config's `heldout_eval_path`,
+    else compositional_eval.json next to its `data_path`. Loading fails loudly if the checkpoint does not fit the model.
+    """
+    from mmengine.config import Config
+    from xtuner.registry import BUILDER
+
+    from ..train.checkpoints import load_trained_state
+
+    cfg = Config.fromfile(str(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    model = BUILDER.build(cfg.model)
+    if checkpoint is not None:
+        state = load_trained_state(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        trained = [k for k in missing if "lora_" in k or k.startswith("projector.")]
+        if unexpected or trained:
+            raise ValueError(
+                f"`checkpoint` {str(checkpoint)!r} does not fit the model of {str(config)!r}: "
+                f"unexpected keys {unexpected[:3]}, missing trained keys {trained[:3]}. Pass the "
+                "config (and --cfg-options, e.g. the rank) the checkpoint was trained with."
+            )
+    if items is None:  # the config names its held-out set, or it is the compositional task's
+        items = cfg.get("heldout_eval_path") or Path(cfg.data_path).parent / EVAL_JSON
+    items_path = Path(items)
+    tokenizer = BUILDER.build(cfg.tokenizer)
+    image_processor = BUILDER.build(cfg.image_processor)
+    return option_accuracy(
+        model,
+        tokenizer,
+        image_processor,
+        read_eval_items(items_path),
+        items_path.parent,
+        cfg.prompt_template,
+        cfg.get("SYSTEM", ""),
+    )
