@@ -17,7 +17,8 @@ from __future__ import annotations
 
 MOSLORA = "llava_moslora.moslora.moslora_config"  # dotted paths: XTuner's BUILDER imports them
 LORA = "peft.LoraConfig"
-TOWERS = ("llm_lora", "visual_encoder_lora")
+# cfg.model.<key> of each tower's adapter config, which a variant overrides
+ADAPTER_CONFIG_KEYS = ("llm_lora", "visual_encoder_lora")
 
 # variant -> the adapter arguments it sets on both towers
 VARIANTS: dict[str, dict[str, object]] = {
@@ -48,7 +49,7 @@ def cfg_options(variant: str) -> list[str]:
     if variant not in VARIANTS:
         raise ValueError(f"`variant` should be one of {', '.join(VARIANTS)}, got {variant!r}")
     return [
-        f"model.{tower}.{key}={value}"
-        for tower in TOWERS
+        f"model.{key_of_tower}.{key}={value}"
+        for key_of_tower in ADAPTER_CONFIG_KEYS
         for key, value in VARIANTS[variant].items()
     ]

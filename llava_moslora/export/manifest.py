@@ -32,7 +32,7 @@ FORMATS = ("xtuner", "peft-folded", "hf-llava", "merged-xtuner")
 # Formats whose weights are merged: they need no base model, so `llm` / `visual_encoder` are null.
 MERGED_FORMATS = ("hf-llava", "merged-xtuner")
 DTYPES = ("bfloat16", "float16", "float32")
-TOWERS = ("llm", "visual_encoder")
+ADAPTED_TOWERS = ("llm", "visual_encoder")  # LLaVAModel attributes that can carry an adapter
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,10 @@ class ExportManifest:
 
     def adapter_kind_of(self, tower: str) -> str | None:
         """The adapter kind trained on `tower` ("llm" or "visual_encoder")."""
-        if tower not in TOWERS:
+        if tower not in ADAPTED_TOWERS:
             raise ValueError(
-                f"`tower` should be one of {', '.join(TOWERS)} but the value passed is {tower!r}."
+                f"`tower` should be one of {', '.join(ADAPTED_TOWERS)} but the value passed is "
+                f"{tower!r}."
             )
         if isinstance(self.adapter_kind, dict):
             return self.adapter_kind.get(tower)

@@ -53,7 +53,8 @@ from ..probes import zero3_partitioned
 
 JSONL_NAME = "mixer_diagnostics.jsonl"
 INIT_NAME = "mixer_init.pth"
-TOWERS = {"llm": "llm", "visual_encoder": "vit", "projector": "projector"}
+# LLaVAModel attribute -> how diagnostics name it (`vit/q_proj`)
+TOWER_LABELS = {"llm": "llm", "visual_encoder": "vit", "projector": "projector"}
 # Per-layer statistics; the mixer ones exist only for MoSLoRA layers.
 MIXER_STATS = ("distance", "mixer_sv_max", "mixer_sv_min", "mixer_cond")
 DELTA_STATS = ("delta_erank", "delta_norm")
@@ -129,7 +130,7 @@ def module_group(name: str) -> str:
     any other model; the target is the last name component, the one `target_modules` matched.
     """
     parts = name.split(".")
-    return f"{TOWERS.get(parts[0], 'model')}/{parts[-1]}"
+    return f"{TOWER_LABELS.get(parts[0], 'model')}/{parts[-1]}"
 
 
 def adapted_layers(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Module]]:
