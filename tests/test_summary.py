@@ -16,19 +16,10 @@ from llava_moslora.train.summary import (
     unreachable_line,
     unreachable_parameters,
 )
-from tests.conftest import HIDDEN_4BIT, make_tiny_llama
+from tests.conftest import CLIP_LAYER_LINEARS, HIDDEN_4BIT, make_tiny_llama
 from tests.test_xtuner_llava import build_llava
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# CLIP's adapted linears in the order CLIPAttention / CLIPMLP define them (k, v, q, out; fc1, fc2).
-VIT_MODULES = (
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.q_proj",
-    "self_attn.out_proj",
-    "mlp.fc1",
-    "mlp.fc2",
-)
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_mixer")
 # The documented switch back to the paper's exact target list (every ViT layer adapted).
 PAPER_TARGETS = {"model.visual_encoder_lora.layers_to_transform": None}
@@ -74,7 +65,7 @@ def test_adapter_kind_and_summary_lines():
     # linear 4x32 + 64x4 + 16 = 400 (fc1) and 4x64 + 32x4 + 16 = 400 (fc2): 4 x 272 + 800 = 1,888.
     assert lines[-1] == (
         "ViT layer 1: 18 trainable tensors (1,888 params: lora_A, lora_B, lora_mixer of "
-        + ", ".join(VIT_MODULES)
+        + ", ".join(CLIP_LAYER_LINEARS)
         + ") cannot receive a gradient: visual_select_layer=-2 reads the output of layer 0. "
         "They are counted above and carried in optimizer state (see docs/training.md)."
     )
@@ -155,7 +146,7 @@ def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_dir, mo
     cfg, model = build_tiny(tiny_dir, monkeypatch, "tiny_moslora", PAPER_TARGETS)
     found = unreachable_parameters(model)
     assert (found.select_layer, found.num_layers, found.layers) == (-2, 3, [2])
-    names = {f"{m}.{t}.default.weight" for m in VIT_MODULES for t in ADAPTER_TENSORS}
+    names = {f"{m}.{t}.default.weight" for m in CLIP_LAYER_LINEARS for t in ADAPTER_TENSORS}
     assert {layer for layer, _, _ in found.tensors} == {2}
     assert {name for _, name, _ in found.tensors} == names
     # r=64 on hidden 64 / MLP 256: A, B and mixer are 64x64 on the 4 attention projections;
@@ -163,7 +154,7 @@ def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_dir, mo
     params = 4 * 3 * 64 * 64 + 2 * (2 * 64 * 64 + 64 * 256)
     line = (
         f"ViT layer 2: 18 trainable tensors ({params:,} params: lora_A, lora_B, lora_mixer of "
-        + ", ".join(VIT_MODULES)
+        + ", ".join(CLIP_LAYER_LINEARS)
         + ") cannot receive a gradient: visual_select_layer=-2 reads the output of layer 1. "
         "They are counted above and carried in optimizer state (see docs/training.md)."
     )

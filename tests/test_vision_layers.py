@@ -8,20 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from llava_moslora.model.tiny import tiny_clip_vision
 from llava_moslora.model.vision_layers import layers_above, layers_feeding
+from tests.conftest import CLIP_LAYER_LINEARS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# CLIP's adapted linears, as PEFT names them inside one encoder layer.
-VIT_MODULES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.out_proj",
-    "mlp.fc1",
-    "mlp.fc2",
-)
 
 
 def test_layers_feeding_and_above_the_selected_hidden_state():
@@ -76,30 +68,17 @@ def adapted_modules(config: str, clip, options: dict | None = None) -> set[str]:
 
 
 def expected(layers) -> set[str]:
-    return {f"vision_model.encoder.layers.{i}.{m}" for i in layers for m in VIT_MODULES}
+    return {f"vision_model.encoder.layers.{i}.{m}" for i in layers for m in CLIP_LAYER_LINEARS}
 
 
 def test_paper_config_adapts_clip_l_layers_0_to_22():
     """CLIP ViT-L/14-336's 24 layers (at toy widths: the names are what matter)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    def clip_l_layers():
-        torch.manual_seed(0)
-        config = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=24,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        )
-        return CLIPVisionModel(config)
-
-    assert adapted_modules("llama3_moslora", clip_l_layers()) == expected(range(23))
-    assert adapted_modules("llama3_lora", clip_l_layers()) == expected(range(23))
+    assert adapted_modules("llama3_moslora", tiny_clip_vision(layers=24)) == expected(range(23))
+    assert adapted_modules("llama3_lora", tiny_clip_vision(layers=24)) == expected(range(23))
     # The documented switch back to the paper's exact targets: every layer.
     paper = {"model.visual_encoder_lora.layers_to_transform": None}
-    assert adapted_modules("llama3_moslora", clip_l_layers(), paper) == expected(range(24))
+    every_layer = adapted_modules("llama3_moslora", tiny_clip_vision(layers=24), paper)
+    assert every_layer == expected(range(24))
 
 
 def test_tiny_config_adapts_the_tiny_clips_layers_0_and_1():
