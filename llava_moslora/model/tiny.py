@@ -37,7 +37,7 @@ def tiny_llama(
 
 
 def tiny_clip_vision(seed: int = 0, *, image_size: int = 28, patch_size: int = 14, layers: int = 2):
-    """A CLIPVisionModel (`layers` deep, hidden 32) over 28x28 images: (28 // 14) ** 2 = 4 patches."""
+    """A `layers`-deep CLIPVisionModel (hidden 32), 28x28 images: (28 // 14) ** 2 = 4 patches."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)

@@ -31,8 +31,9 @@ def selected_index(num_layers: int, select_layer: int) -> int:
         )
     if not -states <= select_layer < states:
         raise ValueError(
-            f"`visual_select_layer` should index the {states} hidden states of a {num_layers}-layer "
-            f"encoder (from {-states} to {states - 1}) but the value passed is {select_layer}."
+            f"`visual_select_layer` should index the {states} hidden states of a "
+            f"{num_layers}-layer encoder (from {-states} to {states - 1}) but the value passed is "
+            f"{select_layer}."
         )
     return select_layer % states
 
@@ -55,5 +56,5 @@ def layers_feeding(num_layers: int, select_layer: int) -> list[int]:
 
 
 def layers_above(num_layers: int, select_layer: int) -> list[int]:
-    """The encoder layers computed after `hidden_states[select_layer]`: they never get a gradient."""
+    """The encoder layers computed after `hidden_states[select_layer]`: never given a gradient."""
     return list(range(selected_index(num_layers, select_layer), num_layers))

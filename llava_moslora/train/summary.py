@@ -2,8 +2,8 @@
 
 A MoSLoRA run that silently trains plain LoRA (the mixer frozen, or never created) looks like any
 other run in its loss curve; this summary makes the difference visible in the first lines of the log.
-It also names trainable tensors that can never learn: those of vision-encoder layers computed after
-the hidden state LLaVA reads (`visual_select_layer`, see llava_moslora/model/vision_layers.py).
+It also names trainable tensors that can never learn: those of vision-encoder layers computed
+after the hidden state LLaVA reads (`visual_select_layer`; llava_moslora/model/vision_layers.py).
 """
 
 from __future__ import annotations
