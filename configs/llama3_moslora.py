@@ -28,6 +28,13 @@ llm_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_p
 # CLIP's counterparts (attention q/k/v/out, MLP fc1/fc2): all its linear layers, which is also what
 # XTuner picks when target_modules is None.
 visual_encoder_target_modules = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+# ... in the layers that feed the hidden state LLaVA reads: 0-22 of 24 (visual_select_layer=-2).
+# CLIP's last layer runs after it, so adapters there would never receive a gradient. The paper
+# adapts every layer; for its exact targets pass
+#   --cfg-options model.visual_encoder_lora.layers_to_transform=None
+visual_encoder_layers_to_transform = __import__(
+    "llava_moslora.model.vision_layers", fromlist=["layers_feeding"]
+).layers_feeding(visual_encoder_num_layers, visual_select_layer)
 
 #######################################################################
 #            PART 2  Model & Tokenizer & Image Processor              #
@@ -48,6 +55,7 @@ model.update(
         lora_alpha=visual_encoder_alpha,
         lora_dropout=lora_dropout,
         target_modules=visual_encoder_target_modules,
+        layers_to_transform=visual_encoder_layers_to_transform,
         bias="none",
     ),
 )

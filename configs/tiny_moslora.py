@@ -35,6 +35,14 @@ pretrained_pth = f"{tiny_dir}/projector/iter_0.pth"
 data_path = f"{tiny_dir}/data/tiny_llava.json"
 image_folder = f"{tiny_dir}/data/images"
 max_length = 512 - (56 // 14) ** 2  # tiny LLaMA's 512 positions, 16 image tokens
+# The tiny CLIP's 3 layers: adapt 0-1, the two that feed visual_select_layer=-2 (see
+# llama3_moslora.py; `model.visual_encoder_lora.layers_to_transform=None` adapts all three).
+visual_encoder_num_layers = __import__(
+    "llava_moslora.model.make_tiny", fromlist=["TINY_CLIP_LAYERS"]
+).TINY_CLIP_LAYERS
+visual_encoder_layers_to_transform = __import__(
+    "llava_moslora.model.vision_layers", fromlist=["layers_feeding"]
+).layers_feeding(visual_encoder_num_layers, visual_select_layer)
 dataloader_num_workers = 0
 
 batch_size = 4  # x 2 accumulation steps, as in the paper
@@ -57,6 +65,7 @@ image_processor.pretrained_model_name_or_path = visual_encoder_name_or_path
 model.pretrained_pth = pretrained_pth
 model.llm.pretrained_model_name_or_path = llm_name_or_path
 model.visual_encoder.pretrained_model_name_or_path = visual_encoder_name_or_path
+model.visual_encoder_lora.layers_to_transform = visual_encoder_layers_to_transform
 
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
@@ -108,9 +117,11 @@ custom_hooks = [
 default_hooks.logger.interval = log_interval
 default_hooks.checkpoint.interval = save_steps
 env_cfg.dist_cfg.backend = "gloo"  # NCCL needs GPUs
-# Used only when distributed: DDP over CPU processes takes no device ids, and the ViT's last layer,
-# above visual_select_layer=-2, gets no gradient. DDP with unused parameters cannot run XTuner's
-# reentrant activation checkpointing ("marked as ready twice"), so a 2-process run turns it off:
+# Used only when distributed: DDP over CPU processes takes no device ids, and with the paper's
+# targets (`model.visual_encoder_lora.layers_to_transform=None`) the ViT's last layer, above
+# visual_select_layer=-2, is adapted but gets no gradient. DDP with unused parameters cannot run
+# XTuner's reentrant activation checkpointing ("marked as ready twice"), so a 2-process run turns
+# it off:
 #   NPROC_PER_NODE=2 xtuner train configs/tiny_moslora.py \
 #       --cfg-options model.use_activation_checkpointing=False
 model_wrapper_cfg = dict(device_ids=None, find_unused_parameters=True)

@@ -10,6 +10,16 @@ from llava_moslora.model.tiny import LLAMA_TARGETS as _LLAMA
 from llava_moslora.model.tiny import tiny_clip_vision, tiny_llama
 
 LLAMA_TARGETS = list(_LLAMA)
+# CLIP's adapted linears inside one encoder layer, as PEFT names them, in the order CLIPAttention
+# and CLIPMLP define them (and named_parameters lists them).
+CLIP_LAYER_LINEARS = (
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.q_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 class MLP(nn.Module):

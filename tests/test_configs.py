@@ -58,6 +58,10 @@ def test_paper_config_has_table_8_numbers(paper):
     assert (vit.r, vit.lora_alpha, vit.lora_dropout) == (64, 16, 0.05)
     assert set(llm.target_modules) == LLM_TARGETS
     assert set(vit.target_modules) == VIT_TARGETS
+    # ... in CLIP-L's layers 0-22: LLaVA reads layer 22's output (visual_select_layer=-2), so
+    # layer 23 runs unread and adapters there would never learn (the paper adapts it anyway).
+    assert model.visual_select_layer == -2
+    assert vit.layers_to_transform == list(range(23))
 
     loader = paper.train_dataloader
     assert loader.batch_size == 8
@@ -101,10 +105,12 @@ def test_paper_adapter_dicts_build_moslora_configs(paper):
         assert options.init == "kaiming" and options.learnable and not options.init_only
 
 
-# What the tiny configs must inherit unchanged: the method and the shape of the recipe.
+# What the tiny configs must inherit unchanged: the method and the shape of the recipe. The ViT's
+# adapted layers follow its depth (CLIP-L's 0-22 of 24, the tiny CLIP's 0-1 of 3): checked below.
 RECIPE_KEYS = (
     r"model\.(type|freeze_llm|freeze_visual_encoder|llm\.type|visual_encoder\.type)$",
-    r"model\.(llm|visual_encoder)_lora\.(?!type$)",
+    r"model\.visual_select_layer$",
+    r"model\.(llm|visual_encoder)_lora\.(?!type$|layers_to_transform$)",
     r"train_dataloader\.(collate_fn|sampler\.type|sampler\.length_property)",
     r"train_dataloader\.dataset\.(type|dataset_map_fn|template_map_fn|pad_image_to_square)",
     r"optim_wrapper\.(optimizer\.(type|betas|weight_decay)|clip_grad|accumulative_counts)",
@@ -213,6 +219,16 @@ def test_every_config_is_checked_here():
     assert runnable == set(VARIANTS) | roots
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_vit_adapters_sit_in_the_layers_that_feed_the_selected_hidden_state(name):
+    """LLaVA reads the second-to-last layer's output: of CLIP-L's 24 layers 0-22 feed it, of the
+    tiny CLIP's 3 layers 0-1. Layers above it get no gradient, so no config adapts them."""
+    cfg = load(name)
+    assert cfg.model.visual_select_layer == -2
+    feeding = 2 if name.startswith("tiny") else 23
+    assert cfg.model.visual_encoder_lora.layers_to_transform == list(range(feeding))
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_overrides_only_what_it_names(name):
     parent_name, keys = VARIANTS[name]
@@ -303,6 +319,8 @@ def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
 
     llm_layers, vit_layers = adapted(llava.llm), adapted(llava.visual_encoder)
     assert len(llm_layers) == 7 * llava.llm.config.num_hidden_layers
+    # The config adapts CLIP-L's layers 0-22, which include all 3 of the stand-in's (its last one
+    # then runs unread: the start-of-run summary names it).
     assert len(vit_layers) == 6 * llava.visual_encoder.config.num_hidden_layers
     assert {m.r["default"] for m in llm_layers} == {cfg.model.llm_lora.r}
     assert {m.r["default"] for m in vit_layers} == {64}

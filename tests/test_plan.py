@@ -124,20 +124,31 @@ def test_paper_config_plans_offline_from_hub_ids():
     """No files, no network: the hub ids of the paper configs resolve to their known shapes."""
     plan = plan_memory(CONFIGS / "llama3_moslora.py", gpus=8, deepspeed="zero2", llm_layers=2)
     trainable = sum(r.numel for r in plan.trainable.values())
-    # r64 on q,k,v,o,gate,up,down of 2 LLaMA-3-8B layers, r64 on 6 linears of 24 CLIP-L layers,
-    # the 1024 -> 4096 -> 4096 projector; mixers 64 x 64 each.
+    # r64 on q,k,v,o,gate,up,down of 2 LLaMA-3-8B layers, r64 on 6 linears of CLIP-L's layers
+    # 0-22 (the 24th runs after the hidden state LLaVA reads, visual_select_layer=-2, and is not
+    # adapted), the 1024 -> 4096 -> 4096 projector; mixers 64 x 64 each.
     per_llm_layer = 64 * (4096 * 2 + (4096 + 1024) * 2 + 4096 * 2 + (4096 + 14336) * 3)
     per_vit_layer = 64 * (2048 * 4 + (1024 + 4096) * 2)
     projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-    mixers = 64 * 64 * (7 * 2 + 6 * 24)
-    assert trainable == 2 * per_llm_layer + 24 * per_vit_layer + projector + mixers
+    mixers = 64 * 64 * (7 * 2 + 6 * 23)
+    assert trainable == 2 * per_llm_layer + 23 * per_vit_layer + projector + mixers
     assert plan.seq_len == 2047 and plan.image_tokens == 576
     assert plan.frozen["llm weights"].bytes == 2 * plan.frozen["llm weights"].numel  # bf16
     assert plan.gradients == -(-6 * trainable // 8) and plan.optimizer == -(-12 * trainable // 8)
-    # The last ViT layer is above visual_select_layer=-2: its 6 adapters (A, B, mixer) are dead.
+    assert plan.unreachable == []  # every trainable tensor gets a gradient
+    assert plan.act_per_sample[True] < plan.act_per_sample[False]
+
+
+@pytest.mark.slow  # ~35 s: traces the 24-layer CLIP-L at 336 px
+def test_plan_names_the_dead_vit_layer_with_the_papers_exact_targets():
+    """`layers_to_transform=None` adapts CLIP-L's last layer too, above visual_select_layer=-2:
+    its 6 adapters (A, B, mixer each) never get a gradient, and the plan says so."""
+    options = {"model.visual_encoder_lora.layers_to_transform": None}
+    plan = plan_memory(CONFIGS / "llama3_moslora.py", llm_layers=2, cfg_options=options)
     assert len(plan.unreachable) == 18
     assert all(".encoder.layers.23." in name for name in plan.unreachable)
-    assert plan.act_per_sample[True] < plan.act_per_sample[False]
+    per_vit_layer = 64 * (2048 * 4 + (1024 + 4096) * 2) + 6 * 64 * 64  # A, B and the mixers
+    assert plan.unreachable_numel == per_vit_layer
 
 
 def test_plan_refuses_bad_arguments():

@@ -1,6 +1,9 @@
-"""The start-of-run summary: trainable parameters by group and the adapter kind per tower."""
+"""The start-of-run summary: trainable parameters by group, the adapter kind per tower, and the
+trainable tensors that cannot receive a gradient."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +13,16 @@ from llava_moslora.train.summary import (
     base_weights,
     summary_lines,
     trainable_by_group,
+    unreachable_line,
+    unreachable_parameters,
 )
-from tests.conftest import HIDDEN_4BIT, make_tiny_llama
+from tests.conftest import CLIP_LAYER_LINEARS, HIDDEN_4BIT, make_tiny_llama
 from tests.test_xtuner_llava import build_llava
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_mixer")
+# The documented switch back to the paper's exact target list (every ViT layer adapted).
+PAPER_TARGETS = {"model.visual_encoder_lora.layers_to_transform": None}
 
 
 def test_trainable_parameters_by_group_match_the_adapter_shapes():
@@ -48,8 +58,17 @@ def test_adapter_kind_and_summary_lines():
     lines = summary_lines(model)
     assert lines[0] == "Trainable parameters by group:"
     assert any(line.split() == ["llm", "mixers", "896"] for line in lines)
-    assert lines[-2].startswith("ViT adapter: MoSLoRA (mixer kaiming, learned), r=4")
-    assert lines[-1] == "ViT base weights: float32"
+    assert lines[-3].startswith("ViT adapter: MoSLoRA (mixer kaiming, learned), r=4")
+    assert lines[-2] == "ViT base weights: float32"
+    # build_llava adapts both layers of its 2-layer CLIP, and LLaVA reads layer 0's output. r=4 on
+    # hidden 32 / MLP 64: per attention projection A 4x32 + B 32x4 + mixer 4x4 = 272, per MLP
+    # linear 4x32 + 64x4 + 16 = 400 (fc1) and 4x64 + 32x4 + 16 = 400 (fc2): 4 x 272 + 800 = 1,888.
+    assert lines[-1] == (
+        "ViT layer 1: 18 trainable tensors (1,888 params: lora_A, lora_B, lora_mixer of "
+        + ", ".join(CLIP_LAYER_LINEARS)
+        + ") cannot receive a gradient: visual_select_layer=-2 reads the output of layer 0. "
+        "They are counted above and carried in optimizer state (see docs/training.md)."
+    )
 
 
 @pytest.mark.parametrize("storage", [None, torch.float16])
@@ -78,3 +97,87 @@ def test_base_weights_reports_4bit_storage_as_built(tmp_path, storage):
     assert base_weights(llm) == (
         f"4-bit NF4, double quant, storage {expected}, compute float32 ({layers} layers)"
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from llava_moslora.model.make_tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny(out, samples=4)
+    return out
+
+
+def build_tiny(tiny_dir: Path, monkeypatch, name: str, options: dict):
+    """`configs/{name}.py` on the make-tiny LLaVA (3-layer CLIP), as `xtuner train` builds it."""
+    from mmengine.config import Config
+    from xtuner.registry import BUILDER
+
+    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny_dir))
+    cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
+    cfg.merge_from_dict(options)
+    torch.manual_seed(0)
+    return cfg, BUILDER.build(cfg.model).train()
+
+
+def without_gradient(cfg, model) -> set[str]:
+    """Trainable tensors whose gradient is missing or all zero after one backward on 2 samples.
+
+    LoRA's B starts at zero, which by design gives A and the mixer a zero gradient at step 0; B
+    gets random values first, so that a zero gradient can only mean a tensor out of reach.
+    """
+    from xtuner.dataset.collate_fns import default_collate_fn
+    from xtuner.registry import BUILDER
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    dataset = BUILDER.build(cfg.train_dataloader.dataset)
+    model(default_collate_fn([dataset[0], dataset[1]])["data"], mode="loss")["loss"].backward()
+    return {
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and (param.grad is None or not param.grad.any())
+    }
+
+
+def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_dir, monkeypatch):
+    cfg, model = build_tiny(tiny_dir, monkeypatch, "tiny_moslora", PAPER_TARGETS)
+    found = unreachable_parameters(model)
+    assert (found.select_layer, found.num_layers, found.layers) == (-2, 3, [2])
+    names = {f"{m}.{t}.default.weight" for m in CLIP_LAYER_LINEARS for t in ADAPTER_TENSORS}
+    assert {layer for layer, _, _ in found.tensors} == {2}
+    assert {name for _, name, _ in found.tensors} == names
+    # r=64 on hidden 64 / MLP 256: A, B and mixer are 64x64 on the 4 attention projections;
+    # fc1 and fc2 each have one 64x256 factor instead of a 64x64 one.
+    params = 4 * 3 * 64 * 64 + 2 * (2 * 64 * 64 + 64 * 256)
+    line = (
+        f"ViT layer 2: 18 trainable tensors ({params:,} params: lora_A, lora_B, lora_mixer of "
+        + ", ".join(CLIP_LAYER_LINEARS)
+        + ") cannot receive a gradient: visual_select_layer=-2 reads the output of layer 1. "
+        "They are counted above and carried in optimizer state (see docs/training.md)."
+    )
+    assert params == 98_304 and unreachable_line(found) == line
+    assert summary_lines(model)[-1] == line
+    # What the line claims is what backward does: exactly those tensors get no gradient.
+    layer_2 = "visual_encoder.base_model.model.vision_model.encoder.layers.2."
+    assert without_gradient(cfg, model) == {layer_2 + name for name in names}
+
+
+@pytest.mark.parametrize("name", ["tiny_moslora", "tiny_lora"])
+def test_with_the_default_configs_every_trainable_tensor_gets_a_gradient(
+    name, tiny_dir, monkeypatch
+):
+    cfg, model = build_tiny(tiny_dir, monkeypatch, name, {})
+    counts = trainable_by_group(model)
+    # The ViT is adapted in its layers 0 and 1 (r=64, hidden 64 / MLP 256), the mixers if MoSLoRA.
+    assert counts["vit adapter"] == 2 * (4 * 2 * 64 * 64 + 2 * (64 * 64 + 64 * 256))
+    assert counts["vit mixers"] == (2 * 6 * 64 * 64 if name == "tiny_moslora" else 0)
+    found = unreachable_parameters(model)
+    assert found.layers == [2] and found.tensors == []
+    assert summary_lines(model)[-1] == (
+        "Parameters that cannot receive a gradient: none "
+        "(ViT visual_select_layer=-2 reads the output of layer 1; nothing above it is trained)"
+    )
+    assert without_gradient(cfg, model) == set()

@@ -24,6 +24,12 @@ with read_base():
 # Model
 llm_name_or_path = "meta-llama/Meta-Llama-3-8B-Instruct"
 visual_encoder_name_or_path = "openai/clip-vit-large-patch14-336"
+# Its 24 encoder layers (llava_moslora.model.standin.CLIP_L_336, the shape `plan` also reads), of
+# which LLaVA-1.5 feeds the projector the second-to-last one's output.
+visual_encoder_num_layers = __import__(
+    "llava_moslora.model.standin", fromlist=["CLIP_L_336"]
+).CLIP_L_336.layers
+visual_select_layer = -2
 # The projector pre-trained by XTuner's
 # llava_llama3_8b_instruct_clip_vit_large_p14_336_e1_gpu8_pretrain config (also on the hub as
 # xtuner/llava-llama-3-8b-pretrain, file iter_2181.pth).
@@ -65,6 +71,7 @@ model = dict(
     type=LLaVAModel,
     freeze_llm=True,
     freeze_visual_encoder=True,
+    visual_select_layer=visual_select_layer,
     pretrained_pth=pretrained_pth,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,

@@ -66,6 +66,9 @@ INTERNLM2_CHAT = ChatTokens(
 
 IMAGE_SIZE = 56
 PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
+# Three, not two: LLaVA reads the second-to-last layer's output (visual_select_layer=-2), so two
+# layers feed it and the last runs unread, as CLIP ViT-L's 24th does. The tiny configs read this.
+TINY_CLIP_LAYERS = 3
 MAX_POSITIONS = 512
 SHAPES_VOCAB_SIZE = 768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
 
@@ -162,18 +165,14 @@ def tiny_llama3(tokenizer, seed: int = 0, hidden_size: int = 64):
 
 
 def tiny_clip(seed: int = 0, hidden_size: int = 64):
-    """A 3-layer CLIPVisionModel + its image processor.
-
-    Three layers, not two: LLaVA reads the features of the second-to-last layer
-    (visual_select_layer=-2), so the adapters of the layers below it are the ones that matter.
-    """
+    """A TINY_CLIP_LAYERS-layer (3) CLIPVisionModel + its image processor."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
-        num_hidden_layers=3,
+        num_hidden_layers=TINY_CLIP_LAYERS,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,

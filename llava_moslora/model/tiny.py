@@ -36,15 +36,15 @@ def tiny_llama(
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def tiny_clip_vision(seed: int = 0, *, image_size: int = 28, patch_size: int = 14):
-    """A 2-layer CLIPVisionModel (hidden 32) over 28x28 images: (28 // 14) ** 2 = 4 patches."""
+def tiny_clip_vision(seed: int = 0, *, image_size: int = 28, patch_size: int = 14, layers: int = 2):
+    """A `layers`-deep CLIPVisionModel (hidden 32), 28x28 images: (28 // 14) ** 2 = 4 patches."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,

@@ -2,17 +2,21 @@
 
 A MoSLoRA run that silently trains plain LoRA (the mixer frozen, or never created) looks like any
 other run in its loss curve; this summary makes the difference visible in the first lines of the log.
+It also names trainable tensors that can never learn: those of vision-encoder layers computed
+after the hidden state LLaVA reads (`visual_select_layer`; llava_moslora/model/vision_layers.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
+from ..model.vision_layers import layers_above, selected_index
 from ..moslora import mixer_options_of
 from ..probes import full_numel, is_4bit
 
@@ -79,6 +83,86 @@ def base_weights(tower: nn.Module) -> str:
     return f"4-bit {kind}{double}, storage {storage}, compute {compute} ({len(packed)} layers)"
 
 
+@dataclass
+class Unreachable:
+    """Trainable tensors of the vision encoder's layers above the hidden state LLaVA reads."""
+
+    select_layer: int  # the model's visual_select_layer
+    num_layers: int  # the encoder's
+    layers: list[int]  # the encoder layers above the selected hidden state
+    # (layer, name inside the layer, numel), e.g. (23, "self_attn.q_proj.lora_A.default.weight", n)
+    tensors: list[tuple[int, str, int]] = field(default_factory=list)
+
+
+def _encoder_layers(tower: nn.Module) -> tuple[str, int] | None:
+    """(dotted name, count) of the tower's encoder layers: the ModuleList as long as its config's
+    `num_hidden_layers` (CLIP: `vision_model.encoder.layers`), found by structure, not by name."""
+    count = getattr(getattr(tower, "config", None), "num_hidden_layers", None)
+    if not isinstance(count, int) or count < 1:
+        return None
+    for name, module in tower.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name, count
+    return None
+
+
+def unreachable_parameters(model: nn.Module) -> Unreachable | None:
+    """What of a LLaVAModel's vision encoder cannot receive a gradient; None if not a LLaVA."""
+    tower = getattr(model, "visual_encoder", None)
+    select_layer = getattr(model, "visual_select_layer", None)
+    found = _encoder_layers(tower) if tower is not None and select_layer is not None else None
+    if found is None:
+        return None
+    prefix, num_layers = found
+    result = Unreachable(select_layer, num_layers, layers_above(num_layers, select_layer))
+    starts = {f"{prefix}.{layer}.": layer for layer in result.layers}
+    for name, param in tower.named_parameters():
+        if not param.requires_grad:
+            continue
+        for start, layer in starts.items():
+            if name.startswith(start):
+                result.tensors.append((layer, name.removeprefix(start), full_numel(param)))
+    return result
+
+
+def _span(layers: list[int]) -> str:
+    """'layer 23', 'layers 22-23', 'layers 0-21'."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def _module_and_kind(name: str) -> tuple[str, str]:
+    """'self_attn.q_proj.lora_A.default.weight' -> ('self_attn.q_proj', 'lora_A')."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_"):
+            return ".".join(parts[:i]), part
+    return ".".join(parts[:-1]) or parts[-1], parts[-1]
+
+
+def unreachable_line(found: Unreachable) -> str:
+    """One line: the tensors that cannot receive a gradient and why, or that there are none."""
+    index = selected_index(found.num_layers, found.select_layer)
+    reads = f"visual_select_layer={found.select_layer} reads " + (
+        f"the output of layer {index - 1}" if index else "the embeddings"
+    )
+    if not found.tensors:
+        above = "; nothing above it is trained" if found.layers else ""
+        return f"Parameters that cannot receive a gradient: none (ViT {reads}{above})"
+    layers = sorted({layer for layer, _, _ in found.tensors})
+    modules = dict.fromkeys(_module_and_kind(name)[0] for _, name, _ in found.tensors)
+    kinds = dict.fromkeys(_module_and_kind(name)[1] for _, name, _ in found.tensors)
+    numel = sum(n for _, _, n in found.tensors)
+    return (
+        f"ViT {_span(layers)}: {len(found.tensors)} trainable tensors ({numel:,} params: "
+        f"{', '.join(kinds)} of {', '.join(modules)}) cannot receive a gradient: {reads}. "
+        "They are counted above and carried in optimizer state (see docs/training.md)."
+    )
+
+
 def summary_lines(model: nn.Module) -> list[str]:
     counts = trainable_by_group(model)
     total = sum(counts.values())
@@ -90,6 +174,9 @@ def summary_lines(model: nn.Module) -> list[str]:
         if tower is not None:
             lines.append(f"{label} adapter: {adapter_kind(tower)}")
             lines.append(f"{label} base weights: {base_weights(tower)}")
+    unreachable = unreachable_parameters(model)
+    if unreachable is not None:
+        lines.append(unreachable_line(unreachable))
     return lines
 
 
