@@ -343,3 +343,60 @@ def test_runs_print_the_adapter_summary_at_start(name):
     from llava_moslora.train.summary import AdapterSummaryHook
 
     assert load(name).default_hooks.adapter_summary.type is AdapterSummaryHook
+
+
+def invariant_violations(cfg: Config) -> list[str]:
+    """What in `cfg` disagrees with what it is derived from (a config copies dicts on
+    inheritance, so a value set in one place and not in its copies drifts silently)."""
+    found = []
+    warmup, cosine = cfg.param_scheduler
+    epochs = cfg.train_cfg.max_epochs
+    if cfg.get("max_epochs") != epochs:
+        found.append(f"train_cfg.max_epochs {epochs} != max_epochs {cfg.get('max_epochs')}")
+    ends = (warmup.begin, warmup.end, cosine.begin, cosine.end)
+    expected = (0, cfg.warmup_ratio * epochs, cfg.warmup_ratio * epochs, epochs)
+    if ends != pytest.approx(expected):
+        found.append(f"scheduler (begin, end, begin, end) {ends} != {expected}")
+    loader, accumulate = cfg.train_dataloader, cfg.optim_wrapper.get("accumulative_counts", 1)
+    if loader.batch_size != cfg.batch_size:
+        found.append(f"train_dataloader.batch_size {loader.batch_size} != batch_size")
+    per_device = loader.sampler.get("per_device_batch_size")
+    if per_device is not None and per_device != loader.batch_size * accumulate:
+        found.append(f"sampler.per_device_batch_size {per_device} != batch x {accumulate}")
+    dataset = loader.dataset
+    copies = {
+        "tokenizer": (cfg.model.llm.pretrained_model_name_or_path,
+                      cfg.tokenizer.pretrained_model_name_or_path),
+        "image processor": (cfg.model.visual_encoder.pretrained_model_name_or_path,
+                            cfg.image_processor.pretrained_model_name_or_path),
+        "dataset tokenizer": (dataset.tokenizer, cfg.tokenizer),
+        "dataset image processor": (dataset.image_processor, cfg.image_processor),
+        "data_path": (dataset.data_path, cfg.data_path),
+        "image_folder": (dataset.image_folder, cfg.image_folder),
+        "max_length": (dataset.max_length, cfg.max_length),
+    }  # fmt: skip
+    for hook in cfg.custom_hooks:
+        if "tokenizer" in hook:
+            copies[f"{hook.type.__name__} tokenizer"] = (hook.tokenizer, cfg.tokenizer)
+    found += [f"{name}: {a!r} != {b!r}" for name, (a, b) in copies.items() if a != b]
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_derived_values_agree_with_what_they_derive_from(name):
+    """Scheduler ends = the epoch count, sampler batch = dataloader batch x accumulation, and every
+    copy of a path (tokenizer, image processor, data, hooks) the same, in every config."""
+    assert invariant_violations(load(name)) == []
+
+
+def test_the_invariant_check_finds_a_copy_left_behind():
+    cfg = load("tiny_moslora")
+    cfg.train_cfg.max_epochs = 5  # an override that forgot the scheduler and max_epochs
+    cfg.train_dataloader.sampler.per_device_batch_size = 3
+    cfg.train_dataloader.dataset.data_path = "elsewhere.json"
+    found = invariant_violations(cfg)
+    assert len(found) == 4, found
+    assert found[0].startswith("train_cfg.max_epochs 5 != max_epochs 2")
+    assert found[1].startswith("scheduler (begin, end, begin, end) (0, 0.06, 0.06, 2) != (0, ")
+    assert found[2] == "sampler.per_device_batch_size 3 != batch x 2"
+    assert found[3].startswith("data_path: 'elsewhere.json' != ")
