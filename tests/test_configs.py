@@ -163,6 +163,11 @@ VARIANTS = {
         "llama3_moslora",
         {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("type", "use_dora")},
     ),
+    # the official repository's recipe: its lr, and no mixer on the vision tower
+    "internlm2_qmoslora_official": (
+        "internlm2_qmoslora",
+        {"lr", "optim_wrapper.optimizer.lr", "model.visual_encoder_lora.type"},
+    ),
     "tiny_lora": ("tiny_moslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
     "tiny_quickstart_lora": (
         "tiny_quickstart_moslora",
@@ -285,18 +290,14 @@ def tiny_paths(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"), samples=4)
 
 
-@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora"])
-def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
-    """The real config's model dict, with only the 8B towers swapped for local tiny ones."""
+def build_with_tiny_towers(cfg: Config, tiny_paths):
+    """`cfg`'s LLaVAModel with only the 8B towers swapped for local tiny ones."""
     import torch
     from xtuner.registry import BUILDER
 
-    from llava_moslora.moslora.layers import MoSLoRALinear
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()  # what the tiny configs install when parsed; GPU configs need none
-
-    cfg = load(name)
     model = cfg.model
     model.llm.pretrained_model_name_or_path = str(tiny_paths["llm"])
     model.visual_encoder.pretrained_model_name_or_path = str(tiny_paths["clip"])
@@ -310,7 +311,17 @@ def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
         model.llm.quantization_config.bnb_4bit_compute_dtype = torch.float32
         # The stand-in's MLP is 224 wide: see tiny_qmoslora.py (not a thing real models need).
         model.llm.quantization_config.llm_int8_skip_modules = ["lm_head", "down_proj"]
-    llava = BUILDER.build(model)
+    return BUILDER.build(model)
+
+
+@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora"])
+def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
+    """The real config's model dict, with only the 8B towers swapped for local tiny ones."""
+    from llava_moslora.moslora.layers import MoSLoRALinear
+
+    cfg = load(name)
+    quantized = "quantization_config" in cfg.model.llm
+    llava = build_with_tiny_towers(cfg, tiny_paths)
 
     def adapted(tower):
         return [
@@ -338,7 +349,28 @@ def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
     assert sum("lora_mixer" in k for k in state) == len(llm_layers) + len(vit_layers)
 
 
-@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora", "tiny_moslora"])
+def test_official_internlm2_recipe_builds_mixers_on_the_llm_only(tiny_paths):
+    """internlm2_qmoslora_official: QMoSLoRA r512 on the 4-bit LLM, plain LoRA on CLIP, lr 2e-4."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
+
+    cfg = load("internlm2_qmoslora_official")
+    assert cfg.optim_wrapper.optimizer.lr == 2e-4 and load("internlm2_qmoslora").lr == 2e-5
+    llava = build_with_tiny_towers(cfg, tiny_paths)
+    llm_mixers = [m for m in llava.llm.modules() if isinstance(m, MoSLoRALinear4bit)]
+    assert len(llm_mixers) == 6 * llava.llm.config.num_hidden_layers  # all but down_proj
+    assert llm_mixers[0].lora_mixer["default"].weight.shape == (512, 512)
+    vit = [m for m in llava.visual_encoder.modules() if hasattr(m, "lora_A")]
+    assert len(vit) == 6 * llava.visual_encoder.config.num_hidden_layers
+    assert all(type(m) is LoraLinear and not hasattr(m, "lora_mixer") for m in vit)
+    assert {m.r["default"] for m in vit} == {64}
+    assert not any("lora_mixer" in k for k in llava.visual_encoder.state_dict())
+
+
+@pytest.mark.parametrize(
+    "name", ["llama3_moslora", "internlm2_qmoslora", "internlm2_qmoslora_official", "tiny_moslora"]
+)
 def test_runs_print_the_adapter_summary_at_start(name):
     from llava_moslora.train.summary import AdapterSummaryHook
 
