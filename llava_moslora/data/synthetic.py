@@ -305,12 +305,13 @@ def write_heldout(
     and the same items as a VLMEvalKit multiple-choice set, `out_dir/HELDOUT_TSV`.
 
     The items are `items.EvalItem`s, so `llava_moslora.eval.heldout.evaluate_run` scores them
-    the same way (each option by its log-likelihood): the kind and its answer cycle first, then a scene with
-    that answer is drawn from the seed's own held-out stream, so every answer of a kind is equally
-    frequent and a model that ignores the image scores chance (1/4, 1/3, 1/4). The images are new
-    draws (position and size jitter), not new scenes: this task has only 4 x 3 x 15 = 180 scenes,
-    so the items test reading the image on unseen pictures, not generalising to unseen scenes
-    (that is what the compositional task's disjoint held-out scenes are for).
+    the same way (each option by its log-likelihood): the kind and its answer cycle first, then a
+    scene with that answer is drawn from the seed's own held-out stream, so every answer of a kind
+    is equally frequent and a model that ignores the image scores chance (1/4, 1/3, 1/4). The
+    images are new draws (position and size jitter), not new scenes: this task has only
+    4 x 3 x 15 = 180 scenes, so the items test reading the image on unseen pictures, not
+    generalising to unseen scenes (that is what the compositional task's disjoint held-out scenes
+    are for).
     """
     if not isinstance(items, int) or isinstance(items, bool) or items < len(SHORT_ANSWER_KINDS):
         raise ValueError(

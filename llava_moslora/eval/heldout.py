@@ -129,7 +129,8 @@ def evaluate_run(
 
     Without `checkpoint` this is the untrained model (adapters at init: B = 0, so the base model
     with the config's pretrained projector). `items` defaults to the config's `heldout_eval_path`,
-    else compositional_eval.json next to its `data_path`. Loading fails loudly if the checkpoint does not fit the model.
+    else compositional_eval.json next to its `data_path`. Loading fails loudly if the checkpoint
+    does not fit the model.
     """
     from mmengine.config import Config
     from xtuner.registry import BUILDER
