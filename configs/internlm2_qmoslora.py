@@ -52,13 +52,15 @@ model.llm_lora.target_modules = ["wqkv", "wo", "w1", "w2", "w3"]
 #######################################################################
 llava_dataset.tokenizer = tokenizer
 llava_dataset.template_map_fn.template = prompt_template
-train_dataloader.update(dataset=llava_dataset, batch_size=batch_size)
-train_dataloader.sampler.per_device_batch_size = batch_size * accumulative_counts
+train_dataloader.dataset = llava_dataset
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim_wrapper.accumulative_counts = accumulative_counts
+# One call sets what the base computed from max_epochs, warmup_ratio, batch_size and
+# accumulative_counts (scheduler ends, train_cfg, loader and sampler batch, accumulation) from
+# this config's values: see llava_moslora/train/schedule.py.
+__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"]).derive_schedule(globals())
 
 #######################################################################
 #                           PART 5  Runtime                           #

@@ -48,16 +48,15 @@ model.use_activation_checkpointing = False
 #######################################################################
 llava_dataset.update(data_path=data_path, image_folder=image_folder)
 train_dataloader.dataset = llava_dataset
-train_dataloader.sampler.per_device_batch_size = batch_size * accumulative_counts
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim_wrapper.accumulative_counts = accumulative_counts
 optim_wrapper.optimizer.lr = lr
-param_scheduler[0].end = warmup_ratio * max_epochs
-param_scheduler[1].update(begin=warmup_ratio * max_epochs, end=max_epochs)
-train_cfg.max_epochs = max_epochs
+# One call sets what the base computed from max_epochs, warmup_ratio, batch_size and
+# accumulative_counts (scheduler ends, train_cfg, loader and sampler batch, accumulation) from
+# this config's values: see llava_moslora/train/schedule.py.
+__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"]).derive_schedule(globals())
 
 #######################################################################
 #                           PART 5  Runtime                           #

@@ -15,7 +15,6 @@ optimizer wrapper (mmengine's AmpOptimWrapper refuses CPU) and CPU runtime setti
 
 from mmengine.config import read_base
 from mmengine.optim import OptimWrapper
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
 
 with read_base():
     from .llama3_moslora import *
@@ -79,11 +78,9 @@ llava_dataset.update(
 )
 train_dataloader.update(
     dataset=llava_dataset,
-    batch_size=batch_size,
     num_workers=dataloader_num_workers,
     pin_memory=False,
 )
-train_dataloader.sampler.per_device_batch_size = batch_size * accumulative_counts
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
@@ -93,27 +90,25 @@ optim_wrapper.type = OptimWrapper
 optim_wrapper.pop("loss_scale")  # AmpOptimWrapper's own arguments
 optim_wrapper.pop("dtype")
 optim_wrapper.optimizer.lr = lr
-param_scheduler[0].end = warmup_ratio * max_epochs
-param_scheduler[1].update(begin=warmup_ratio * max_epochs, end=max_epochs)
-train_cfg.max_epochs = max_epochs
+# One call sets what the base computed from max_epochs, warmup_ratio, batch_size and
+# accumulative_counts (scheduler ends, train_cfg, loader and sampler batch, accumulation) from
+# this config's values: see llava_moslora/train/schedule.py.
+__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"]).derive_schedule(globals())
 
 #######################################################################
 #                           PART 5  Runtime                           #
 #######################################################################
-custom_hooks = [
-    dict(type=DatasetInfoHook, tokenizer=tokenizer),
-    dict(
-        type=EvaluateChatHook,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        every_n_iters=evaluation_freq,
-        evaluation_inputs=evaluation_inputs,
-        evaluation_images=evaluation_images,  # a local file: the default is a URL
-        system=SYSTEM,
-        prompt_template=prompt_template,
-        max_new_tokens=16,
-    ),
-]
+# The inherited hooks are copies: each gets the tiny tokenizer, EvaluateChatHook also the tiny
+# image processor and the tiny questions, on a local image (the default is a URL), answered short.
+custom_hooks[0].tokenizer = tokenizer  # DatasetInfoHook
+custom_hooks[1].update(  # EvaluateChatHook
+    tokenizer=tokenizer,
+    image_processor=image_processor,
+    every_n_iters=evaluation_freq,
+    evaluation_inputs=evaluation_inputs,
+    evaluation_images=evaluation_images,
+    max_new_tokens=16,
+)
 default_hooks.logger.interval = log_interval
 default_hooks.checkpoint.interval = save_steps
 env_cfg.dist_cfg.backend = "gloo"  # NCCL needs GPUs

@@ -38,15 +38,8 @@ max_epochs = 3  # e.g. 3,200 images / 8 per step x 3 = 1,200 optimizer steps
 model.use_activation_checkpointing = False
 
 #######################################################################
-#                      PART 3  Dataset & Dataloader                   #
-#######################################################################
-train_dataloader.batch_size = batch_size
-train_dataloader.sampler.per_device_batch_size = batch_size * accumulative_counts
-
-#######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim_wrapper.accumulative_counts = accumulative_counts
 optim_wrapper.optimizer.lr = lr
 # mmengine's DefaultOptimWrapperConstructor matches these keys against parameter names
 # ("projector.model.0.weight", "visual_encoder.base_model.model...lora_A.default.weight").
@@ -56,9 +49,10 @@ optim_wrapper.paramwise_cfg = dict(
         "visual_encoder": dict(lr_mult=slow_lr_mult),
     }
 )
-param_scheduler[0].end = warmup_ratio * max_epochs
-param_scheduler[1].update(begin=warmup_ratio * max_epochs, end=max_epochs)
-train_cfg.max_epochs = max_epochs
+# One call sets what the base computed from max_epochs, warmup_ratio, batch_size and
+# accumulative_counts (scheduler ends, train_cfg, loader and sampler batch, accumulation) from
+# this config's values: see llava_moslora/train/schedule.py.
+__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"]).derive_schedule(globals())
 
 #######################################################################
 #                           PART 5  Runtime                           #

@@ -432,3 +432,132 @@ def test_the_invariant_check_finds_a_copy_left_behind():
     assert found[1].startswith("scheduler (begin, end, begin, end) (0, 0.06, 0.06, 2) != (0, ")
     assert found[2] == "sampler.per_device_batch_size 3 != batch x 2"
     assert found[3].startswith("data_path: 'elsewhere.json' != ")
+
+
+def schedule_config(**knobs) -> dict:
+    """A config namespace as the bases leave it: knobs, and the dicts computed from them."""
+    cfg = dict(max_epochs=1, warmup_ratio=0.03, batch_size=8, accumulative_counts=2) | knobs
+    cfg.update(
+        param_scheduler=[dict(type="LinearLR", begin=0, end=0.03), dict(begin=0.03, end=1)],
+        train_cfg=dict(max_epochs=1),
+        train_dataloader=dict(batch_size=8, sampler=dict(per_device_batch_size=16)),
+        optim_wrapper=dict(accumulative_counts=2),
+    )
+    return cfg
+
+
+def test_derive_schedule_sets_the_scheduler_ends_and_the_batch_from_the_knobs():
+    from llava_moslora.train.schedule import derive_schedule
+
+    cfg = schedule_config(max_epochs=3, warmup_ratio=0.1, batch_size=4, accumulative_counts=5)
+    derive_schedule(cfg)
+    warmup, main = cfg["param_scheduler"]
+    assert (warmup["begin"], warmup["end"], main["begin"], main["end"]) == (0, 0.1 * 3, 0.1 * 3, 3)
+    assert warmup["type"] == "LinearLR"  # the rest of each dict is kept
+    assert cfg["train_cfg"] == dict(max_epochs=3)
+    assert cfg["train_dataloader"] == dict(batch_size=4, sampler=dict(per_device_batch_size=20))
+    assert cfg["optim_wrapper"] == dict(accumulative_counts=5)
+
+    # a sampler that takes no per-device batch (mmengine's DefaultSampler) is left as it is
+    cfg = schedule_config(batch_size=2)
+    cfg["train_dataloader"]["sampler"] = dict(type="DefaultSampler", shuffle=True)
+    derive_schedule(cfg)
+    assert cfg["train_dataloader"] == dict(
+        batch_size=2, sampler=dict(type="DefaultSampler", shuffle=True)
+    )
+
+
+def test_derive_schedule_on_a_config_with_its_own_values_changes_nothing():
+    """The helper computes what the bases compute: on the paper config it is a no-op."""
+    from llava_moslora.train.schedule import derive_schedule
+
+    cfg = load("llama3_moslora")
+    before = flatten(cfg.to_dict())
+    derive_schedule(cfg)
+    assert flatten(cfg.to_dict()) == before
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        (dict(max_epochs=0), r"`max_epochs` should be a positive number but the value passed is 0"),
+        (
+            dict(batch_size=2.5),
+            r"`batch_size` should be a positive integer but the value passed is 2\.5",
+        ),
+        (
+            dict(accumulative_counts=True),
+            r"`accumulative_counts` should be a positive integer .* is True",
+        ),
+        (dict(warmup_ratio=1), r"`warmup_ratio` should be a fraction of the run in \[0, 1\)"),
+    ],
+)
+def test_derive_schedule_refuses_bad_knobs(knobs, message):
+    from llava_moslora.train.schedule import derive_schedule
+
+    with pytest.raises(ValueError, match=message):
+        derive_schedule(schedule_config(**knobs))
+
+
+def test_derive_schedule_refuses_a_schedule_it_does_not_know_and_a_missing_name():
+    from llava_moslora.train.schedule import derive_schedule
+
+    cfg = schedule_config()
+    cfg["param_scheduler"].append(dict(begin=1, end=2))
+    with pytest.raises(ValueError, match=r"\[warm-up, main phase\] pair but has 3 entries"):
+        derive_schedule(cfg)
+    cfg = schedule_config()
+    del cfg["warmup_ratio"], cfg["train_cfg"]
+    with pytest.raises(ValueError, match=r"\['warmup_ratio', 'train_cfg'\] are not set; call it"):
+        derive_schedule(cfg)
+
+
+DERIVE_CALL = (
+    '__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"])'
+    ".derive_schedule(globals())\n"
+)
+
+
+@pytest.mark.parametrize("calls_derive", [True, False])
+def test_a_child_config_that_sets_only_its_knobs_gets_consistent_values(tmp_path, calls_derive):
+    """A child of tiny_moslora (read through `read_base`, as XTuner reads it) that states only
+    max_epochs, batch_size and accumulative_counts: with the one call every derived value follows
+    them and nothing else changes; without it the inherited copies keep the old numbers."""
+    import shutil
+
+    shutil.copytree(CONFIGS, tmp_path / "configs")  # `from .tiny_moslora import *` is relative
+    child = tmp_path / "configs" / "child.py"
+    child.write_text(
+        "from mmengine.config import read_base\n\n"
+        "with read_base():\n"
+        "    from .tiny_moslora import *\n\n"
+        "max_epochs = 5\n"
+        "batch_size = 2\n"
+        "accumulative_counts = 3\n" + (DERIVE_CALL if calls_derive else "")
+    )
+    cfg = Config.fromfile(str(child))
+    parent, flat = flatten(load("tiny_moslora").to_dict()), flatten(cfg.to_dict())
+    differing = {k for k in parent.keys() | flat.keys() if parent.get(k) != flat.get(k)}
+    knobs = {"max_epochs", "batch_size", "accumulative_counts"}
+    if not calls_derive:
+        assert differing == knobs
+        assert invariant_violations(cfg) == [
+            "train_cfg.max_epochs 2 != max_epochs 5",
+            "train_dataloader.batch_size 4 != batch_size",
+        ]
+        return
+    assert differing == knobs | {
+        "param_scheduler[0].end",
+        "param_scheduler[1].begin",
+        "param_scheduler[1].end",
+        "train_cfg.max_epochs",
+        "train_dataloader.batch_size",
+        "train_dataloader.sampler.per_device_batch_size",
+        "optim_wrapper.accumulative_counts",
+    }
+    assert invariant_violations(cfg) == []
+    warmup, main = cfg.param_scheduler
+    assert (warmup.end, main.begin, main.end) == (0.03 * 5, 0.03 * 5, 5)
+    assert cfg.train_cfg.max_epochs == 5
+    assert (cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts) == (2, 3)
+    assert cfg.train_dataloader.sampler.per_device_batch_size == 6
