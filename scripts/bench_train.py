@@ -41,7 +41,7 @@ def build(config_name: str, standin: Path, args):
     from xtuner.registry import BUILDER
 
     from llava_moslora.model.standin import path_overrides, standin_paths
-    from llava_moslora.plan.planner import load_config
+    from llava_moslora.runs import load_config
     from llava_moslora.train.launch import parse_cfg_options
 
     config = CONFIGS / f"{config_name}.py"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llava_moslora.export import FORMATS, MANIFEST_NAME, ExportManifest, export, read_manifest
-from llava_moslora.export.model import CheckpointMismatchError, build_model, load_config
+from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MOSLORA = str(REPO / "configs" / "tiny_moslora.py")
@@ -582,8 +582,8 @@ def test_deepspeed_checkpoint_folder_exports(tiny_env, inputs, tmp_path):
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model.modules import ProjectorModel
 
-    from llava_moslora.export.model import load_checkpoint
     from llava_moslora.moslora import load_adapter
+    from llava_moslora.runs import load_checkpoint
 
     checkpoint = xtuner_train_deepspeed(tiny_env, tmp_path / "work")
     assert checkpoint.is_dir() and checkpoint.name == "iter_2.pth"

@@ -206,3 +206,27 @@ def test_checker_sees_a_cycle_through_three_modules_of_one_package(toy):
     )
     assert cycles(graph) == [["llava_moslora.p.a", "llava_moslora.p.b", "llava_moslora.p.c"]]
     assert upward_imports(graph, [("p",)]) == set()
+
+
+def test_checker_places_a_top_level_module_as_a_layer_of_its_own(toy):
+    """`runs` is a module, not a sub-package, between `train` and `export`: placed like them."""
+    graph = toy(
+        {
+            "llava_moslora/low/__init__.py": "",
+            "llava_moslora/low/a.py": "x = 1\n",
+            "llava_moslora/low/c.py": "from llava_moslora.mid import f\n",
+            "llava_moslora/mid.py": "from .low.a import x\n\ndef f():\n    from .high import b\n",
+            "llava_moslora/high/__init__.py": "",
+            "llava_moslora/high/b.py": "from llava_moslora.low import a\n",
+            "llava_moslora/high/d.py": "from llava_moslora import mid\n",
+        }
+    )
+    layers = [("low",), ("mid",), ("high",)]
+    assert layer_of("llava_moslora.mid", layers) == 1
+    assert graph["llava_moslora.mid"] == {"llava_moslora.low.a", "llava_moslora.high.b"}
+    assert graph["llava_moslora.high.d"] == {"llava_moslora.mid"}
+    assert upward_imports(graph, layers) == {
+        "llava_moslora.low.c -> llava_moslora.mid",
+        "llava_moslora.mid -> llava_moslora.high.b",
+    }
+    assert cycles(graph) == []

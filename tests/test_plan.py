@@ -53,7 +53,7 @@ def real_step(cfg) -> dict[str, int]:
 
 
 def check_against_real(config: Path, options: dict) -> None:
-    from llava_moslora.plan.planner import load_config
+    from llava_moslora.runs import load_config
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()
@@ -97,7 +97,8 @@ def test_nf4_bytes_match_bitsandbytes(tiny_dir, monkeypatch):
     import bitsandbytes as bnb
     from xtuner.registry import BUILDER
 
-    from llava_moslora.plan.planner import build_meta_llava, load_config, parameter_rows
+    from llava_moslora.plan.planner import build_meta_llava, parameter_rows
+    from llava_moslora.runs import load_config
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()

@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from llava_moslora.cli import main
 from llava_moslora.export import MANIFEST_NAME, export, read_manifest
-from llava_moslora.export.model import CheckpointMismatchError, build_model, load_config
 from llava_moslora.moslora import load_adapter, save_adapter
 from llava_moslora.moslora.safety import (
     NonFiniteTensorError,
     UnsafeCheckpointError,
     safe_torch_load,
 )
+from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
 from tests.test_export import (  # noqa: F401 - fixtures, used by name
     FP32_ATOL,

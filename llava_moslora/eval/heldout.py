@@ -18,6 +18,7 @@ from PIL import Image
 from ..data.compositional import EVAL_JSON
 from ..data.items import EvalItem, read_eval_items
 from ..data.prompts import IMAGE_TOKEN
+from ..runs import image_features, load_run, square_pixels
 
 
 def option_log_likelihoods(
@@ -38,19 +39,13 @@ def option_log_likelihoods(
     """
     import torch
     from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
-    from xtuner.dataset.utils import encode_fn, expand2square
+    from xtuner.dataset.utils import encode_fn
     from xtuner.model.utils import prepare_inputs_labels_for_multimodal
 
-    background = tuple(int(x * 255) for x in image_processor.image_mean)
-    square = expand2square(image.convert("RGB"), background)
-    pixels = image_processor.preprocess(square, return_tensors="pt")["pixel_values"]
     template_fn = template_map_fn_factory(prompt_template)
     device = next(model.parameters()).device
     with torch.no_grad():
-        vision = model.visual_encoder(
-            pixels.to(device, model.visual_encoder.dtype), output_hidden_states=True
-        )
-        features = model.projector(vision.hidden_states[model.visual_select_layer][:, 1:])
+        features = image_features(model, square_pixels(image, image_processor).to(device))
         scores = []
         for option in options:
             turns = [
@@ -129,28 +124,13 @@ def evaluate_run(
 
     Without `checkpoint` this is the untrained model (adapters at init: B = 0, so the base model
     with the config's pretrained projector). `items` defaults to the config's `heldout_eval_path`,
-    else compositional_eval.json next to its `data_path`. Loading fails loudly if the checkpoint
-    does not fit the model.
+    else compositional_eval.json next to its `data_path`. The run is loaded as export loads it
+    (`llava_moslora.runs.load_run`): a checkpoint that does not fit the model exactly, a
+    non-finite one, or a learned mixer under a frozen-mixer config raises instead of scoring.
     """
-    from mmengine.config import Config
     from xtuner.registry import BUILDER
 
-    from ..train.checkpoints import load_trained_state
-
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    model = BUILDER.build(cfg.model)
-    if checkpoint is not None:
-        state = load_trained_state(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trained = [k for k in missing if "lora_" in k or k.startswith("projector.")]
-        if unexpected or trained:
-            raise ValueError(
-                f"`checkpoint` {str(checkpoint)!r} does not fit the model of {str(config)!r}: "
-                f"unexpected keys {unexpected[:3]}, missing trained keys {trained[:3]}. Pass the "
-                "config (and --cfg-options, e.g. the rank) the checkpoint was trained with."
-            )
+    cfg, model = load_run(config, checkpoint, cfg_options)
     if items is None:  # the config names its held-out set, or it is the compositional task's
         items = cfg.get("heldout_eval_path") or Path(cfg.data_path).parent / EVAL_JSON
     items_path = Path(items)

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 
 from ..data.prompts import language_of, mcq_prompt, short_answer_prompt
 from ..moslora.safety import require_finite, unreadable_safetensors
+from ..runs import image_features, square_pixels
 from . import import_vlmeval
 from .benchmarks import benchmark_type
 from .manifest import read_export_manifest, require_export_files
@@ -258,7 +259,6 @@ class LLaVAMoSLoRA(BaseModel):
     def prepare_inputs(self, prompt: str, image_path: str | None) -> dict[str, Any]:
         """Token ids + image embeddings → XTuner's multimodal LLM inputs (inputs_embeds, mask)."""
         from PIL import Image
-        from xtuner.dataset.utils import expand2square
         from xtuner.model.utils import prepare_inputs_labels_for_multimodal
         from xtuner.utils import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
@@ -267,15 +267,11 @@ class LLaVAMoSLoRA(BaseModel):
         if image_path is not None:
             image = Image.open(image_path).convert("RGB")
             if self.pad_image_to_square:
-                mean = tuple(int(x * 255) for x in self.image_processor.image_mean)
-                image = expand2square(image, mean)
-            pixels = self.image_processor.preprocess(image, return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, self.visual_encoder.dtype)  # (1, 3, H, W)
-            hidden = self.visual_encoder(pixels, output_hidden_states=True).hidden_states
-            features = hidden[self.visual_select_layer][:, 1:]  # (1, patches, d_vit), CLS dropped
-            pixel_values = self.projector(
-                features.to(self._projector_dtype())
-            )  # (1, patches, d_llm)
+                pixels = square_pixels(image, self.image_processor)
+            else:
+                pixels = self.image_processor.preprocess(image, return_tensors="pt")["pixel_values"]
+            # (1, 3, H, W) -> (1, patches, d_llm); cast to each part's dtype inside
+            pixel_values = image_features(self, pixels.to(self.device))
             prompt = f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
 
         text = prompt
@@ -293,9 +289,6 @@ class LLaVAMoSLoRA(BaseModel):
         return prepare_inputs_labels_for_multimodal(
             llm=self.llm, input_ids=input_ids, pixel_values=pixel_values
         )
-
-    def _projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
 
     @torch.no_grad()
     def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:

@@ -10,8 +10,8 @@ from .manifest import DTYPES, FORMATS
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ..runs import CheckpointMismatchError
     from .exporter import export
-    from .model import CheckpointMismatchError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

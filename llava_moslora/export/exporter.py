@@ -34,6 +34,7 @@ from llava_moslora.moslora import (
     save_adapter,
     save_folded,
 )
+from llava_moslora.runs import checkpoint_seed, load_run
 
 from .manifest import (
     DTYPES,
@@ -42,7 +43,6 @@ from .manifest import (
     ExportManifest,
     write_manifest,
 )
-from .model import build_model, checkpoint_seed, load_checkpoint, load_config
 from .out_dir import (
     MARKER_NAME,
     check_out_dir,
@@ -336,11 +336,9 @@ def export(
     stage = _Stages()
     stage(
         f"loading the base models and adapters from the config {getattr(config, 'filename', config)}"
+        f", then the checkpoint {checkpoint}"
     )
-    cfg = load_config(config, cfg_options)
-    model = build_model(cfg)
-    stage(f"loading the checkpoint {checkpoint}")
-    load_checkpoint(model, checkpoint)
+    cfg, model = load_run(config, checkpoint, cfg_options)
     manifest = make_manifest(
         cfg, model, fmt, dtype, checkpoint, str(getattr(cfg, "filename", None) or config)
     )

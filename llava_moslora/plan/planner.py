@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..runs import image_features, load_config
+
 STAGES = ("none", "zero2", "zero3")
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context + allocator slack kept out of the fit
@@ -212,8 +214,7 @@ class SavedBytes:
 
 def llava_loss(model, pixel_values: torch.Tensor, text_len: int) -> torch.Tensor:
     """LLaVA's training forward without the data-dependent splice: image features, then text."""
-    visual = model.visual_encoder(pixel_values, output_hidden_states=True)
-    features = model.projector(visual.hidden_states[model.visual_select_layer][:, 1:])
+    features = image_features(model, pixel_values)  # (B, image tokens, d_llm)
     ids = torch.zeros(pixel_values.shape[0], text_len, dtype=torch.long)
     embeds = torch.cat([features, model.llm.get_input_embeddings()(ids)], dim=1)
     labels = torch.zeros(embeds.shape[:2], dtype=torch.long)
@@ -331,15 +332,6 @@ def _optimizer_bytes(
         return as_built, 2 * as_built + 4 * len(reached)
     numel = sum(r.numel for r in trainable.values())
     return math.ceil(6 * numel / gpus), math.ceil(12 * numel / gpus)
-
-
-def load_config(config: str | Path, cfg_options: dict | None = None):
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
 
 
 def plan_memory(

@@ -1,4 +1,6 @@
-"""Rebuild the trained LLaVAModel: the config's model, then the checkpoint's tensors, strictly.
+"""A trained run, loaded: its config, the model training built from it, its checkpoint's tensors,
+and the image path that model reads images through. Export and every evaluator load runs here, so
+they accept and refuse the same checkpoints.
 
 An `xtuner train` checkpoint holds only what LLaVAModel.state_dict() keeps: every adapter tensor
 (`llm.*lora_*`, `visual_encoder.*lora_*`, mixers included) and the projector. The towers come
@@ -6,6 +8,15 @@ from the config's base models. So the model is built from the config exactly as 
 (XTuner's BUILDER, both towers, the same adapter configs) and the checkpoint must then fill every
 one of those tensors with one of the same shape: a LoRA checkpoint given a MoSLoRA config would
 leave the mixers at their random init, a rank-8 checkpoint does not fit rank-16 layers.
+
+The image path is LLaVA-1.5's, as XTuner's LLaVAModel.forward and its dataset run it:
+
+    image ──pad to square (image-processor mean)──► preprocess ──► (B, 3, H, W)   square_pixels
+          ──► CLIP ──hidden_states[visual_select_layer][:, 1:]──► (B, patches, d_vit)  (CLS dropped)
+          ──► projector ──► (B, patches, d_llm) image embeddings                   image_features
+
+Config overrides come in as a dict: the commands parse `--cfg-options` strings before calling
+(`llava_moslora.train.launch.parse_cfg_options`; `export`'s parser uses mmengine's DictAction).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from llava_moslora.moslora.options import FIXED_PATTERN_INITS
 from llava_moslora.moslora.safety import require_finite
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
 
-logger = logging.getLogger("llava_moslora.export")
+logger = logging.getLogger("llava_moslora.runs")
 
 SHOWN_KEYS = 8  # keys listed per kind of mismatch in the error message
 
@@ -39,23 +50,25 @@ def load_config(config: Any, cfg_options: dict[str, Any] | None = None):
     else:
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"`--config` {config}: no such file")
+            raise FileNotFoundError(f"`config` {config}: no such file")
         cfg = Config.fromfile(str(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
 
 
-def build_model(cfg) -> nn.Module:
+def build_model(cfg, *, start_projector: bool = False) -> nn.Module:
     """XTuner's LLaVAModel built from `cfg.model` as `xtuner train` builds it, in eval mode.
 
-    Only `pretrained_pth` (the projector the run started from) is left out: the checkpoint holds
-    the trained projector, so the start point need not exist where the export runs.
+    `pretrained_pth` (the projector the run started from) is left out unless `start_projector`:
+    a checkpoint holds the trained projector, so the start point need not exist where the run is
+    loaded. Only a run scored before training (no checkpoint) needs it.
     """
     from xtuner.registry import BUILDER
 
     model_cfg = cfg.model.copy()
-    model_cfg.pretrained_pth = None
+    if not start_projector:
+        model_cfg.pretrained_pth = None
     model = BUILDER.build(model_cfg)
     return model.eval()  # no LoRA dropout
 
@@ -88,7 +101,7 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: s
     raise CheckpointMismatchError(
         f"The checkpoint {source} does not match the model built from the config:\n"
         + "\n".join(parts)
-        + "\nPass the `--config` the checkpoint was trained with (same adapter type, e.g. "
+        + "\nPass the config the checkpoint was trained with (same adapter type, e.g. "
         "moslora_config vs LoraConfig, same `r` and target modules), or fix it with "
         "`--cfg-options`."
     )
@@ -124,7 +137,7 @@ def check_frozen_mixers(model: nn.Module, state: dict[str, torch.Tensor], source
             raise CheckpointMismatchError(
                 f"The config builds a frozen `mixer_init={init!r}` mixer, but `{key}` in "
                 f"{source} is not that matrix: the checkpoint was trained with another mixer "
-                "(e.g. a learned one). Pass the `--config` it was trained with."
+                "(e.g. a learned one). Pass the config it was trained with."
             )
 
 
@@ -157,3 +170,47 @@ def checkpoint_seed(checkpoint: str | Path) -> int | None:
     meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
     seed = meta.get("seed") if isinstance(meta, dict) else None
     return int(seed) if isinstance(seed, int) else None
+
+
+def load_run(
+    config: Any, checkpoint: str | Path | None = None, cfg_options: dict[str, Any] | None = None
+) -> tuple[Any, nn.Module]:
+    """(config, model) of a run: the config's model with the checkpoint's tensors, strictly.
+
+    Without `checkpoint` the model is the run before training: adapters at init (B = 0, so the
+    base towers) and the config's `pretrained_pth` projector, the one training starts from.
+    """
+    cfg = load_config(config, cfg_options)
+    model = build_model(cfg, start_projector=checkpoint is None)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return cfg, model
+
+
+def square_pixels(image, image_processor) -> torch.Tensor:
+    """(1, 3, H, W) pixel values of `image` padded to a square with the processor's mean colour.
+
+    What LLaVADataset does with `pad_image_to_square=True`: CLIP's processor would otherwise
+    crop the centre and cut off whatever lies outside it.
+    """
+    from xtuner.dataset.utils import expand2square
+
+    background = tuple(int(x * 255) for x in image_processor.image_mean)
+    square = expand2square(image.convert("RGB"), background)
+    return image_processor.preprocess(square, return_tensors="pt")["pixel_values"]
+
+
+def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The image embeddings LLaVA splices into the prompt: (B, 3, H, W) -> (B, patches, d_llm).
+
+    `model` is anything with LLaVAModel's `visual_encoder`, `projector` and `visual_select_layer`
+    (the trained LLaVAModel, or the evaluator's parts read from an export). The pixels go in at the
+    tower's dtype, as LLaVAModel.forward passes them, and the hidden state at the projector's, which
+    an export may keep in another one; moving them to the model's device is the caller's.
+    No `torch.no_grad` here: the memory planner traces this path for backward.
+    """
+    tower = model.visual_encoder
+    hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
+    features = hidden[model.visual_select_layer][:, 1:]  # (B, patches, d_vit): CLS dropped
+    projector_dtype = next(model.projector.parameters()).dtype
+    return model.projector(features.to(projector_dtype))  # (B, patches, d_llm)
