@@ -9,10 +9,8 @@ Each run is scored by `--eval heldout`: the held-out short-answer items that mak
 balanced, each option scored by its log-likelihood). The untrained model scores chance there.
 
 The data: 4,000 images, each with one or two free-form rounds and two short-answer rounds (the
-held-out items' format). Measured with LoRA on 2,000 images (750 steps): make-tiny's default mix
-(two multiple-choice and two yes/no rounds more per image) left it at chance (27.9 +- 0.8 over
-5 seeds); two short-answer rounds instead gave 45-47 (2 seeds); 4,000 images (1,500 steps)
-78.5 +- 4.9 (5 seeds), and 94.6 +- 3.9 with the LLM's adapters at rank 64: rank 8 underfits.
+held-out items' format): with make-tiny's default mix of multiple-choice and yes/no rounds, or
+fewer images, rank-8 LoRA stayed at chance (docs/ablation.md has the measurements).
 
 What differs from tiny_quickstart_moslora.py (whose rates, batch and schedule it inherits), and why:
 rank 8 of the towers' 64 dimensions (the paper's scales kept: LLM alpha/r = 2, ViT 1/4), so that

@@ -43,22 +43,11 @@ Files (`write_task`), next to the training JSON in LLaVA format that XTuner's LL
 under a LLaVAModel, the cheap and exact way to evaluate a tiny model without generation; the
 VLMEvalKit path reads the TSV.
 
-Measured (CPU, `make-tiny --task compositional`, configs/tiny_compositional_moslora.py, r 8): the
-untrained model scores 0.316 on 250 held-out items (chance 0.317); trained for 200 steps (400
-images) or 750 steps (1000 images, 3 epochs) it scores 0.324 with a falling training loss
-(~2.3 -> 0.85): it learns each category's answer prior and always gives one answer per category,
-but does not read the image. The same holds for the default shapes task (after the tiny_moslora
-run, "What colour are the shapes?" is answered right 5 times in 40, chance 10). The image features
-do differ between images (projector outputs 60 % apart), and the evaluation feeds exactly the
-training tokens and pixels (checked), so the tiny LLaVA itself does not learn to route image
-tokens to the answer at this size and budget. Later probes (2,000 training images, 120 held-out
-items, one CPU thread): r 8 adapters with the projector and ViT adapters at 1/20 of the LLM's rate
-(2e-3 / 1e-4 and 5e-3 / 2.5e-4, 300-600 steps) stay at chance; r 64, and even training every
-weight of the LLM (1,000 steps, lr 1e-3), reach only 0.35-0.38, mostly on `colour_at` and
-`where`. The binding this task asks for is beyond the tiny model in a CPU budget, so the measured
-ablation uses the shapes task's held-out items (configs/tiny_ablation.py); this task stays for
-larger models and budgets. The slow test in tests/test_compositional.py is a strict xfail that
-will say when training here beats chance.
+The binding this task asks for (attributes to positions, hard negatives) is beyond the tiny model
+in a CPU budget: it learns each category's answer prior, not to read the image. So the measured
+ablation uses the shapes task's held-out items (configs/tiny_ablation.py), and this task stays for
+larger models and budgets; docs/ablation.md has the measurements. The slow test in
+tests/test_compositional.py is a strict xfail that will say when training here beats chance.
 """
 
 from __future__ import annotations

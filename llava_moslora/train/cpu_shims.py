@@ -64,8 +64,8 @@ def llava_dataset_map_processes() -> None:
 
     `LLaVADataset` tokenizes its JSON with `process_hf_dataset`, whose `map_num_proc` defaults to
     32 and which LLaVADataset gives no way to change; each of its `datasets` map/filter passes
-    then forks 32 copies of the training process. On a 2-core machine that took ~24 s for the
-    320-sample tiny set, most of the tiny run's start-up. The result does not depend on the number
+    then forks 32 copies of the training process: on a machine with few cores, most of a tiny
+    run's start-up. The result does not depend on the number
     of processes, so the default becomes min(32, CPU count); an explicit `map_num_proc` is kept.
     """
     if torch.cuda.is_available():

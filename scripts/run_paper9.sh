@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's 9 benchmarks (Table 5) through VLMEvalKit on a GPU machine, then Table 5 + Figure 5.
 #
-#   bash eval/run_paper9.sh exports/llama3_moslora exports/llama3_lora ...
+#   bash scripts/run_paper9.sh exports/llama3_moslora exports/llama3_lora ...
 #
 # Needs: the exported folders (`llava-moslora export ... --to xtuner|peft-folded|hf-llava`), the
 # benchmark TSVs (VLMEvalKit downloads them into $LMUData on first use, ~10 GB; or copy them there
