@@ -20,10 +20,24 @@ def _ablate(args: argparse.Namespace) -> int:
             raise ValueError(f"`--seeds` should be a positive integer, got {args.seeds}")
         if not Path(args.config).is_file():
             raise ValueError(f"`--config` {args.config!r} is not a file")
+        if args.lr_grid is not None:
+            from .lr_grid import parse_rates
+
+            rates = parse_rates(args.lr_grid)
+            if not 1 <= args.grid_seeds <= args.seeds:
+                raise ValueError(
+                    f"`--grid-seeds` should be between 1 and `--seeds` ({args.seeds}), "
+                    f"got {args.grid_seeds}"
+                )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     seeds = range(args.first_seed, args.first_seed + args.seeds)
+    title = f"Ablation of {Path(args.config).name}"
+    if args.cfg_options:
+        title += f" with {' '.join(args.cfg_options)}"
+    if args.lr_grid is not None:
+        return _ablate_lr_grid(args, variants, seeds, rates, title)
     runs = plan(args.work_dir, variants, seeds)
     try:
         results = run_all(
@@ -36,14 +50,40 @@ def _ablate(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    title = f"Ablation of {Path(args.config).name}"
-    if args.cfg_options:
-        title += f" with {' '.join(args.cfg_options)}"
     paths = write_report(results, args.work_dir, title=title)
+    return _print_report(paths)
+
+
+def _print_report(paths: dict) -> int:
+    from pathlib import Path
+
     print(Path(paths["md"]).read_text())
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
     return 0
+
+
+def _ablate_lr_grid(args: argparse.Namespace, variants, seeds, rates, title: str) -> int:
+    from .lr_grid import config_lr, run_lr_grid
+    from .report import write_lr_grid_report
+
+    try:
+        outcome = run_lr_grid(
+            args.config,
+            variants,
+            seeds,
+            rates,
+            args.work_dir,
+            shared_lr=config_lr(args.config),
+            grid_seeds=args.grid_seeds,
+            launcher=args.launcher,
+            extra=args.cfg_options or [],
+            evaluator=args.eval,
+        )
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return _print_report(write_lr_grid_report(outcome, args.work_dir, title=title))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,5 +115,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ablate.add_argument(
         "--cfg-options", nargs="+", help="KEY=VALUE overrides for every run (e.g. the rank)"
+    )
+    ablate.add_argument(
+        "--lr-grid",
+        metavar="RATES",
+        help="comma-separated learning rates (at least 3, e.g. 5e-4,1e-3,2e-3): pick each "
+        "variant's rate on the config's validation items over --grid-seeds seeds, then run every "
+        "seed at that rate and at the config's own shared rate; the report shows both",
+    )
+    ablate.add_argument(
+        "--grid-seeds", type=int, default=2, help="seeds per variant and rate of --lr-grid (2)"
     )
     ablate.set_defaults(func=_ablate)
