@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output folder (configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--samples", type=int, help="synthetic training samples (320; 32 with --shape)"
+        "--samples",
+        type=int,
+        help="synthetic training samples (320; 32 with --shape; 1000 per family with --pretrain)",
     )
     tiny.add_argument(
         "--shape",
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(llava_moslora/model/pretrain.py); DIR is a cache: the same arguments reuse it",
     )
     tiny.add_argument(
-        "--pretrain-steps", type=int, default=1000, help="optimizer steps of --pretrain (1000)"
+        "--pretrain-steps", type=int, default=400, help="optimizer steps of --pretrain (400)"
     )
     tiny.add_argument(
         "--hidden-size", type=int, default=64, help="both towers' width with --pretrain (64)"

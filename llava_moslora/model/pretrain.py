@@ -53,8 +53,8 @@ class PretrainSpec:
 
     seed: int = 0
     hidden_size: int = 64  # of both towers
-    samples: int = 2000  # family A training images (family B gets as many)
-    steps: int = 1000  # optimizer steps of `batch_size` conversations
+    samples: int = 1000  # family A training images (family B gets as many)
+    steps: int = 400  # optimizer steps of `batch_size` conversations
     batch_size: int = 8
     lr: float = 1e-3  # the LLM's; peak of a linear warm-up (first 3 %) and cosine to 0
     vision_lr_mult: float = 0.2  # projector and vision tower at lr x this
