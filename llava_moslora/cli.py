@@ -74,14 +74,16 @@ def _pretrain(args: argparse.Namespace) -> int:
             seed=args.seed,
             hidden_size=args.hidden_size,
             samples=args.samples if args.samples is not None else PretrainSpec.samples,
-            steps=args.pretrain_steps,
+            steps=args.pretrain,
         )
         base = pretrain_tiny(args.dir, spec, score=_score_base)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     record = base.record
-    print(f"{'reused' if base.reused else 'built'} in {record['seconds']:.0f} s: {base.dir}")
+    print(
+        f"{'reused' if base.reused else 'built'}: {base.dir} (built in {record['seconds']:.0f} s)"
+    )
     for family in ("a", "b"):
         scores = record.get(f"family_{family}_test", {})
         if scores:
@@ -99,7 +101,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .model.make_tiny import make_tiny
 
-    if args.pretrain:
+    if args.pretrain is not None:
         if args.shape != "tiny" or args.task != "shapes":
             print(
                 "error: `--pretrain` builds the tiny shapes LLaVA: drop `--shape` / `--task`",
@@ -256,17 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         "question with the option's text, mcq with its letter; default: %(default)s",
     )
     tiny.add_argument(
-        "--pretrain",
-        action="store_true",
-        help="train every weight of the tiny LLaVA on question family A (colour, shape) and save "
-        "it as the base, with family B (count, position) to adapt on "
-        "(llava_moslora/model/pretrain.py); DIR is a cache: the same arguments reuse it",
-    )
-    tiny.add_argument(
-        "--pretrain-steps", type=int, default=400, help="optimizer steps of --pretrain (400)"
-    )
-    tiny.add_argument(
         "--hidden-size", type=int, default=64, help="both towers' width with --pretrain (64)"
+    )
+    tiny.add_argument(
+        "--pretrain",
+        nargs="?",
+        type=int,
+        const=400,
+        metavar="STEPS",
+        help="train every weight of the tiny LLaVA for STEPS (400) optimizer steps on question "
+        "family A (colour, shape) and save it as the base, with family B (count, position) to "
+        "adapt on (llava_moslora/model/pretrain.py); DIR is a cache: the same arguments reuse it",
     )
     tiny.set_defaults(func=_make_tiny)
 

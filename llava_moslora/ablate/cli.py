@@ -9,7 +9,8 @@ import sys
 def _ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import write_report
+    from .lr_grid import config_lr, parse_rates, run_lr_grid
+    from .report import write_lr_grid_report, write_report
     from .runner import parse_evaluator, plan, run_all
     from .variants import parse_variants
 
@@ -20,15 +21,12 @@ def _ablate(args: argparse.Namespace) -> int:
             raise ValueError(f"`--seeds` should be a positive integer, got {args.seeds}")
         if not Path(args.config).is_file():
             raise ValueError(f"`--config` {args.config!r} is not a file")
-        if args.lr_grid is not None:
-            from .lr_grid import parse_rates
-
-            rates = parse_rates(args.lr_grid)
-            if not 1 <= args.grid_seeds <= args.seeds:
-                raise ValueError(
-                    f"`--grid-seeds` should be between 1 and `--seeds` ({args.seeds}), "
-                    f"got {args.grid_seeds}"
-                )
+        rates = None if args.lr_grid is None else parse_rates(args.lr_grid)
+        if rates is not None and not 1 <= args.grid_seeds <= args.seeds:
+            raise ValueError(
+                f"`--grid-seeds` should be between 1 and `--seeds` ({args.seeds}), "
+                f"got {args.grid_seeds}"
+            )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -36,54 +34,30 @@ def _ablate(args: argparse.Namespace) -> int:
     title = f"Ablation of {Path(args.config).name}"
     if args.cfg_options:
         title += f" with {' '.join(args.cfg_options)}"
-    if args.lr_grid is not None:
-        return _ablate_lr_grid(args, variants, seeds, rates, title)
-    runs = plan(args.work_dir, variants, seeds)
+    common = dict(launcher=args.launcher, extra=args.cfg_options or [], evaluator=args.eval)
     try:
-        results = run_all(
-            runs,
-            args.config,
-            launcher=args.launcher,
-            extra=args.cfg_options or [],
-            evaluator=args.eval,
-        )
+        if args.lr_grid is None:
+            results = run_all(plan(args.work_dir, variants, seeds), args.config, **common)
+            paths = write_report(results, args.work_dir, title=title)
+        else:
+            outcome = run_lr_grid(
+                args.config,
+                variants,
+                seeds,
+                rates,
+                args.work_dir,
+                shared_lr=config_lr(args.config),
+                grid_seeds=args.grid_seeds,
+                **common,
+            )
+            paths = write_lr_grid_report(outcome, args.work_dir, title=title)
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    paths = write_report(results, args.work_dir, title=title)
-    return _print_report(paths)
-
-
-def _print_report(paths: dict) -> int:
-    from pathlib import Path
-
     print(Path(paths["md"]).read_text())
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
     return 0
-
-
-def _ablate_lr_grid(args: argparse.Namespace, variants, seeds, rates, title: str) -> int:
-    from .lr_grid import config_lr, run_lr_grid
-    from .report import write_lr_grid_report
-
-    try:
-        outcome = run_lr_grid(
-            args.config,
-            variants,
-            seeds,
-            rates,
-            args.work_dir,
-            shared_lr=config_lr(args.config),
-            grid_seeds=args.grid_seeds,
-            launcher=args.launcher,
-            extra=args.cfg_options or [],
-            evaluator=args.eval,
-        )
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return _print_report(write_lr_grid_report(outcome, args.work_dir, title=title))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ablate.add_argument(
         "--eval",
         default="heldout",
-        help="heldout (held-out items of the config, option log-likelihood) or suite:NAME (VLMEvalKit)",
+        help="heldout (held-out test items of the config, option log-likelihood), heldout:val "
+        "(its validation items) or suite:NAME (VLMEvalKit)",
     )
     ablate.add_argument(
         "--launcher",

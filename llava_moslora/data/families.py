@@ -28,12 +28,13 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
-from .drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES, draw
+from .drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES
 from .items import OPTION_LETTERS, EvalItem
 from .prompts import IMAGE_TOKEN, short_answer_prompt
-from .synthetic import QUESTIONS, Scene, answer, random_scene
+from .synthetic import QUESTIONS, Scene, answer, draw_matching, write_conversations
 
 YES_NO_ANSWERS = ("Yes", "No")
 SPLITS = ("val", "test")
@@ -139,20 +140,14 @@ def write_dataset(
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"`samples` should be a positive integer, got {samples!r}")
     out_dir = Path(out_dir)
-    images = out_dir / f"family_{spec.name}_images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{seed}-family-{spec.name}-train")
-    records = []
-    for index in range(samples):
-        scene = random_scene(rng)
-        name = f"{index:06d}.png"
-        draw(scene.objects, rng, image_size).save(images / name)
-        records.append(
-            {"id": f"{index:06d}", "image": name, "conversations": conversation(spec, scene, rng)}
-        )
-    path = out_dir / f"family_{spec.name}.json"
-    path.write_text(json.dumps(records, indent=1) + "\n")
-    return path
+    return write_conversations(
+        out_dir / f"family_{spec.name}.json",
+        out_dir / f"family_{spec.name}_images",
+        samples,
+        random.Random(f"{seed}-family-{spec.name}-train"),
+        lambda scene, rng: conversation(spec, scene, rng),
+        image_size,
+    )
 
 
 def write_heldout(
@@ -190,11 +185,9 @@ def write_heldout(
         cell = (turn // len(options)) % len(CELLS)  # asked only by position questions
         # The phrasing changes slowest, so that no phrasing goes with one answer or one cell.
         phrasing = (turn // (len(options) * len(CELLS))) % len(spec.questions[kind])
-        scene = random_scene(rng)
-        while short_answer(scene, kind, cell) != truth:
-            scene = random_scene(rng)
         image = f"{folder}/{index:06d}.png"
-        draw(scene.objects, rng, image_size).save(out_dir / image)
+        answer_of = partial(short_answer, kind=kind, cell=cell)
+        scene = draw_matching(rng, answer_of, truth, out_dir / image, image_size)
         item = EvalItem(
             index=index,
             image=image,
