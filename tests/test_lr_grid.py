@@ -188,3 +188,39 @@ def test_evaluate_scores_the_split_asked_and_the_old_family_on_test(tmp_path, mo
     config.write_text("heldout_eval_path = 'b_test.json'\n")
     with pytest.raises(ValueError, match="`--eval heldout:val` needs `heldout_val_path`"):
         evaluate(run, Path("ckpt"), config, evaluator="heldout:val", log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_ablate_lr_grid_end_to_end_on_a_pretrained_base(tmp_path, monkeypatch):
+    """`make-tiny --pretrain` at toy size, then `ablate --lr-grid` of LoRA on its family B
+    (configs/tiny_ablation_pretrained.py), 1 seed, 3 rates: each rate reaches the optimizer, the
+    grid is scored on the validation items, the config's own rate is one training scored twice."""
+    from llava_moslora.cli import main
+    from llava_moslora.model.pretrain import PretrainSpec, pretrain_tiny
+
+    # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a warm-up of >= 1 iteration.
+    spec = PretrainSpec(hidden_size=16, samples=160, steps=2, val_items=4, test_items=4)
+    pretrain_tiny(tmp_path / "base", spec, log=lambda _: None)
+    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: no oversubscription
+    work = tmp_path / "work"
+    argv = ["ablate", "--config", "configs/tiny_ablation_pretrained.py", "--variants", "lora"]
+    argv += ["--seeds", "1", "--grid-seeds", "1", "--lr-grid", "1e-3,2e-3,4e-3"]
+    assert main([*argv, "--work-dir", str(work)]) == 0
+
+    for rate in ("0.001", "0.002", "0.004"):
+        run = work / f"lr_{rate}" / "lora" / "seed_0"
+        val = json.loads((run / VAL_RESULT).read_text())
+        assert val["evaluator"] == "heldout:val" and val["unit"] == "% validation"
+        assert not any(key.startswith("old_") for key in val["details"])
+        dumped = (run / "train" / "tiny_ablation_pretrained.py").read_text()
+        assert f"lr={rate}," in dumped  # the optimizer's rate, as mmengine ran it
+    # The config's rate (2e-3) was in the grid: its full run is the grid run, scored on test too.
+    shared = json.loads((work / "lr_0.002" / "lora" / "seed_0" / RESULT).read_text())
+    assert shared["evaluator"] == "heldout" and "old_overall" in shared["details"]
+    assert len(list((work / "lr_0.002" / "lora" / "seed_0" / "train").glob("iter_*.pth"))) == 1
+    chosen = json.loads((work / lr_grid.CHOICE).read_text())["chosen"]["lora"]
+    assert (work / f"lr_{chosen:g}" / "lora" / "seed_0" / RESULT).is_file()
+    md = (work / "ablation.md").read_text()
+    assert "## One shared rate, lr 0.002 (as the paper)" in md
+    assert f"| lora | {chosen:g} | 1 |" in md
