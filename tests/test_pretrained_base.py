@@ -139,7 +139,9 @@ def test_pretrain_trains_every_read_weight_and_the_cache_is_reused(tmp_path):
     assert _mtimes(out) == before and len(calls) == 2
 
     # Another spec is refused: runs adapted from one base must not be mixed with another's.
-    with pytest.raises(ValueError, match="holds a base pretrained with .* pass another DIR"):
+    with pytest.raises(
+        ValueError, match="pretrained with steps=2 but this call asks for steps=3. .* another DIR"
+    ):
         pretrain_tiny(out, PretrainSpec(**{**TINY, "steps": 3}), log=lambda _: None)
     assert _mtimes(out) == before
     # A folder that is no base (a plain make-tiny folder) is never overwritten.

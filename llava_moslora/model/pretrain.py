@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..data import families
+from ..jsonfile import read_json_object
 from .make_tiny import (
     IMAGE_SIZE,
     MAX_POSITIONS,
@@ -104,8 +105,6 @@ def corpus_texts() -> list[str]:
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    from ..jsonfile import read_json_object
-
     return read_json_object(path, fix=f"delete {path.parent} to build the base again.")
 
 
@@ -131,10 +130,15 @@ def pretrain_tiny(
         if record.get("spec") == spec.key():
             log(f"reusing the pretrained base in {out_dir} (same spec)")
             return Pretrained(out_dir, record, reused=True)
+        made, wanted = record.get("spec") or {}, spec.key()
+        differs = [key for key in wanted if made.get(key) != wanted[key]]
         raise ValueError(
-            f"{out_dir} holds a base pretrained with {record.get('spec')}, not {spec.key()}. "
-            "Runs adapted from one base must not be compared with another: pass another DIR "
-            f"for this spec, or delete {out_dir} to replace it."
+            f"{out_dir} holds a base pretrained with "
+            + ", ".join(f"{key}={made.get(key)!r}" for key in differs)
+            + " but this call asks for "
+            + ", ".join(f"{key}={wanted[key]!r}" for key in differs)
+            + ". Runs adapted from one base must not be compared with another's: pass another "
+            f"DIR for these arguments, or delete {out_dir} to replace it."
         )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
@@ -156,7 +160,9 @@ def pretrain_tiny(
     return Pretrained(out_dir, _read_record(record_path), reused=False)
 
 
-def _build(out_dir: Path, spec: PretrainSpec, score: Scorer | None, log) -> dict[str, Any]:
+def _build(
+    out_dir: Path, spec: PretrainSpec, score: Scorer | None, log: Callable[[str], None]
+) -> dict[str, Any]:
     from xtuner.model import LLaVAModel
 
     data = out_dir / "data"
@@ -236,7 +242,9 @@ class Conversations(torch.utils.data.Dataset):
         return {**self.encoded[index], "pixel_values": pixels}
 
 
-def _train(model, tokenizer, processor, data_path: Path, spec: PretrainSpec, log) -> list[float]:
+def _train(
+    model, tokenizer, processor, data_path: Path, spec: PretrainSpec, log: Callable[[str], None]
+) -> list[float]:
     """`spec.steps` AdamW steps over every weight of `model` on `data_path`; the loss per step."""
     from xtuner.dataset.collate_fns import default_collate_fn
 
