@@ -11,7 +11,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
     from .lr_grid import config_lr, parse_rates, run_lr_grid
     from .report import write_lr_grid_report, write_report
-    from .runner import parse_evaluator, plan, run_all
+    from .runner import RESULT, VAL_RESULT, parse_evaluator, plan, run_all
     from .variants import parse_variants
 
     try:
@@ -37,7 +37,10 @@ def _ablate(args: argparse.Namespace) -> int:
     common = dict(launcher=args.launcher, extra=args.cfg_options or [], evaluator=args.eval)
     try:
         if args.lr_grid is None:
-            results = run_all(plan(args.work_dir, variants, seeds), args.config, **common)
+            # scored on the validation split: its own record, so a test-split run reuses the training
+            split = parse_evaluator(args.eval)[1] == "val"
+            runs = plan(args.work_dir, variants, seeds, VAL_RESULT if split else RESULT)
+            results = run_all(runs, args.config, **common)
             paths = write_report(results, args.work_dir, title=title)
         else:
             outcome = run_lr_grid(

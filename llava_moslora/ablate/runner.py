@@ -293,12 +293,12 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score `run`'s checkpoint; return {"score": float, "details": {...}}."""
-    kind, suite = parse_evaluator(evaluator)
+    kind, arg = parse_evaluator(evaluator)
     options = parse_cfg_options([*cfg_options(run.variant), *extra])
     if kind == "heldout":
         from ..eval.heldout import evaluate_run
 
-        split = suite
+        split = arg
         items, old_items = heldout_items(config, split)
         log(f"[{run.variant} seed {run.seed}] {split or 'test'} accuracy of {checkpoint.name}")
         details = evaluate_run(config, checkpoint, items=items, cfg_options=options)
@@ -313,6 +313,7 @@ def evaluate(
     from ..eval.runner import run_benchmarks
     from ..export import export
 
+    suite = arg
     export_dir = run.dir / "export"
     log(f"[{run.variant} seed {run.seed}] export + VLMEvalKit suite {suite!r}")
     export(checkpoint, config, "xtuner", export_dir, cfg_options=options, overwrite=True)
