@@ -173,7 +173,8 @@ def write_lr_grid_report(
         paths[f"csv_{key}"] = out_dir / f"ablation_{key}.csv"
         paths[f"png_{key}"] = out_dir / f"ablation_{key}.png"
         _write_csv(rows, paths[f"csv_{key}"])
-        _plot(rows, unit, f"{title}, {key.replace('_', ' ')}", paths[f"png_{key}"])
+        label = "each at its best lr" if rate_of else f"one lr, {outcome.shared_lr:g}"
+        _plot(rows, unit, label, paths[f"png_{key}"])  # the md's title is too long for a plot
         lines += ["", heading, "", *_comparison(rows, unit, rate_of)]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
