@@ -48,9 +48,67 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_base(model, tokenizer, image_processor, items_path) -> dict[str, float]:
+    """Held-out accuracy of a pretrained base (in memory) on the items at `items_path`, and the
+    chance level of those items: what `make-tiny --pretrain` records for each family."""
+    from pathlib import Path
+
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    from .data.items import read_eval_items
+    from .eval.heldout import chance_accuracy, option_accuracy
+    from .model.pretrain import TEMPLATE
+
+    items = read_eval_items(items_path)
+    accuracy = option_accuracy(
+        model, tokenizer, image_processor, items, Path(items_path).parent, PROMPT_TEMPLATE[TEMPLATE]
+    )
+    return {**accuracy, "chance": chance_accuracy(items)}
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .model.pretrain import PretrainSpec, pretrain_tiny
+
+    try:
+        spec = PretrainSpec(
+            seed=args.seed,
+            hidden_size=args.hidden_size,
+            samples=args.samples if args.samples is not None else PretrainSpec.samples,
+            steps=args.pretrain,
+        )
+        base = pretrain_tiny(args.dir, spec, score=_score_base)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    record = base.record
+    print(
+        f"{'reused' if base.reused else 'built'}: {base.dir} (built in {record['seconds']:.0f} s)"
+    )
+    for family in ("a", "b"):
+        scores = record.get(f"family_{family}_test", {})
+        if scores:
+            print(
+                f"family {family.upper()} test: {100 * scores['overall']:.1f} % "
+                f"(chance {100 * scores['chance']:.1f} %; "
+                + ", ".join(
+                    f"{k} {v:.2f}" for k, v in scores.items() if k not in ("overall", "chance")
+                )
+                + ")"
+            )
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from .model.make_tiny import make_tiny
 
+    if args.pretrain is not None:
+        if args.shape != "tiny" or args.task != "shapes":
+            print(
+                "error: `--pretrain` builds the tiny shapes LLaVA: drop `--shape` / `--task`",
+                file=sys.stderr,
+            )
+            return 2
+        return _pretrain(args)
     if args.shape != "tiny":
         from .model.standin import make_standin
 
@@ -170,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output folder (configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--samples", type=int, help="synthetic training samples (320; 32 with --shape)"
+        "--samples",
+        type=int,
+        help="synthetic training samples (320; 32 with --shape; 1000 per family with --pretrain)",
     )
     tiny.add_argument(
         "--shape",
@@ -196,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark-format rounds per shapes conversation, comma-separated from "
         f"{', '.join(BENCHMARK_FORMATS)} ('' for none); mcq_text answers a multiple-choice "
         "question with the option's text, mcq with its letter; default: %(default)s",
+    )
+    tiny.add_argument(
+        "--hidden-size", type=int, default=64, help="both towers' width with --pretrain (64)"
+    )
+    tiny.add_argument(
+        "--pretrain",
+        nargs="?",
+        type=int,
+        const=400,
+        metavar="STEPS",
+        help="train every weight of the tiny LLaVA for STEPS (400) optimizer steps on question "
+        "family A (colour, shape) and save it as the base, with family B (count, position) to "
+        "adapt on (llava_moslora/model/pretrain.py); DIR is a cache: the same arguments reuse it",
     )
     tiny.set_defaults(func=_make_tiny)
 

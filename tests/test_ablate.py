@@ -194,8 +194,13 @@ def test_plan_orders_seeds_outermost_and_evaluator_is_checked(tmp_path):
     ]
     assert runs[1].dir == tmp_path / "init_only" / "seed_3"
     assert parse_evaluator("suite:tiny") == ("suite", "tiny")
-    with pytest.raises(ValueError, match=r"`--eval` should be `heldout` or `suite:NAME`.*'suit'"):
-        parse_evaluator("suit")
+    assert parse_evaluator("heldout:val") == ("heldout", "val")
+    for text in ("suit", "heldout:test"):
+        with pytest.raises(
+            ValueError,
+            match=rf"`--eval` should be `heldout`, `heldout:val` or `suite:NAME`.*'{text}'",
+        ):
+            parse_evaluator(text)
 
 
 def test_a_work_dir_resumes_only_with_the_settings_it_was_made_with(tmp_path, capsys):

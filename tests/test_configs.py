@@ -180,6 +180,16 @@ VARIANTS = {
         | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
         | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
     ),
+    # the pretrained base's family B data and its val / test / old-family items; nothing else
+    "tiny_ablation_pretrained": (
+        "tiny_ablation",
+        {"heldout_eval_path", "heldout_val_path", "forgetting_eval_path", "evaluation_images"}
+        | {
+            f"{where}{k}"
+            for where in ("", "llava_dataset.", "train_dataloader.dataset.")
+            for k in ("data_path", "image_folder")
+        },
+    ),
     "tiny_qlora": ("tiny_qmoslora", {"model.llm_lora.type", "model.visual_encoder_lora.type"}),
     "tiny_compositional_lora": (
         "tiny_compositional_moslora",

@@ -9,8 +9,9 @@ import sys
 def _ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import write_report
-    from .runner import parse_evaluator, plan, run_all
+    from .lr_grid import config_lr, parse_rates, run_lr_grid
+    from .report import write_lr_grid_report, write_report
+    from .runner import RESULT, VAL_RESULT, parse_evaluator, plan, run_all
     from .variants import parse_variants
 
     try:
@@ -20,26 +21,42 @@ def _ablate(args: argparse.Namespace) -> int:
             raise ValueError(f"`--seeds` should be a positive integer, got {args.seeds}")
         if not Path(args.config).is_file():
             raise ValueError(f"`--config` {args.config!r} is not a file")
+        rates = None if args.lr_grid is None else parse_rates(args.lr_grid)
+        if rates is not None and not 1 <= args.grid_seeds <= args.seeds:
+            raise ValueError(
+                f"`--grid-seeds` should be between 1 and `--seeds` ({args.seeds}), "
+                f"got {args.grid_seeds}"
+            )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    runs = plan(args.work_dir, variants, seeds)
-    try:
-        results = run_all(
-            runs,
-            args.config,
-            launcher=args.launcher,
-            extra=args.cfg_options or [],
-            evaluator=args.eval,
-        )
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     title = f"Ablation of {Path(args.config).name}"
     if args.cfg_options:
         title += f" with {' '.join(args.cfg_options)}"
-    paths = write_report(results, args.work_dir, title=title)
+    common = dict(launcher=args.launcher, extra=args.cfg_options or [], evaluator=args.eval)
+    try:
+        if args.lr_grid is None:
+            # scored on the validation split: its own record, so a test-split run reuses the training
+            split = parse_evaluator(args.eval)[1] == "val"
+            runs = plan(args.work_dir, variants, seeds, VAL_RESULT if split else RESULT)
+            results = run_all(runs, args.config, **common)
+            paths = write_report(results, args.work_dir, title=title)
+        else:
+            outcome = run_lr_grid(
+                args.config,
+                variants,
+                seeds,
+                rates,
+                args.work_dir,
+                shared_lr=config_lr(args.config),
+                grid_seeds=args.grid_seeds,
+                **common,
+            )
+            paths = write_lr_grid_report(outcome, args.work_dir, title=title)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(Path(paths["md"]).read_text())
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
@@ -66,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ablate.add_argument(
         "--eval",
         default="heldout",
-        help="heldout (held-out items of the config, option log-likelihood) or suite:NAME (VLMEvalKit)",
+        help="heldout (held-out test items of the config, option log-likelihood), heldout:val "
+        "(its validation items) or suite:NAME (VLMEvalKit)",
     )
     ablate.add_argument(
         "--launcher",
@@ -75,5 +93,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ablate.add_argument(
         "--cfg-options", nargs="+", help="KEY=VALUE overrides for every run (e.g. the rank)"
+    )
+    ablate.add_argument(
+        "--lr-grid",
+        metavar="RATES",
+        help="comma-separated learning rates (at least 3, e.g. 5e-4,1e-3,2e-3): pick each "
+        "variant's rate on the config's validation items over --grid-seeds seeds, then run every "
+        "seed at that rate and at the config's own shared rate; the report shows both",
+    )
+    ablate.add_argument(
+        "--grid-seeds", type=int, default=2, help="seeds per variant and rate of --lr-grid (2)"
     )
     ablate.set_defaults(func=_ablate)

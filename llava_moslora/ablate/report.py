@@ -122,14 +122,72 @@ def write_report(
         "csv": out_dir / "ablation.csv",
         "png": out_dir / "ablation.png",
     }
+    _write_csv(rows, paths["csv"])
+    lines = [f"# {title}", "", *_comparison(rows, unit)]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    _plot(rows, unit, title, paths["png"])
+    return paths
 
+
+def write_lr_grid_report(
+    outcome, out_dir: str | Path, *, title: str = "Ablation"
+) -> dict[str, Path]:
+    """The `--lr-grid` report (`lr_grid.GridOutcome`): the validation grid with each variant's
+    chosen rate, then the comparison at one shared rate and the comparison with every variant at
+    its chosen rate. ablation.md, and a .csv / .png per comparison (`_shared_lr`, `_best_lr`)."""
+    if not outcome.shared or not outcome.best:
+        raise ValueError("no finished runs to report: train and evaluate at least one run first")
+    out_dir = Path(out_dir)
+    paths = {"md": out_dir / "ablation.md"}
+    rates = list(dict.fromkeys(rate for by_rate in outcome.grid.values() for rate in by_rate))
+    lines = [
+        f"# {title}",
+        "",
+        "## Learning rates: the validation grid",
+        "",
+        "Mean validation score per variant and rate (the config's `heldout_val_path` items, "
+        "never the test items; the grid's seeds); **bold**: the rate each variant is run at "
+        "below.",
+        "",
+        "| variant | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | chosen |",
+        "|---|" + "---|" * (len(rates) + 1),
+    ]
+    for variant, by_rate in outcome.grid.items():
+        cells = []
+        for rate in rates:
+            values = by_rate.get(rate) or []
+            cell = _fmt(_mean(values)) + (f" (n={len(values)})" if values else "")
+            cells.append(f"**{cell}**" if rate == outcome.chosen[variant] else cell)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {outcome.chosen[variant]:g} |")
+    for key, results, heading, rate_of in (
+        (
+            "shared_lr",
+            outcome.shared,
+            f"## One shared rate, lr {outcome.shared_lr:g} (as the paper)",
+            None,
+        ),
+        ("best_lr", outcome.best, "## Each variant at its best validation rate", outcome.chosen),
+    ):
+        rows = summarise(results)
+        unit = results[0].get("unit", "score")
+        paths[f"csv_{key}"] = out_dir / f"ablation_{key}.csv"
+        paths[f"png_{key}"] = out_dir / f"ablation_{key}.png"
+        _write_csv(rows, paths[f"csv_{key}"])
+        label = "each at its best lr" if rate_of else f"one lr, {outcome.shared_lr:g}"
+        _plot(rows, unit, label, paths[f"png_{key}"])  # the md's title is too long for a plot
+        lines += ["", heading, "", *_comparison(rows, unit, rate_of)]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     # The md's two mean tables as extra columns: `part_<detail>`, then `diag_<tower>_<measure>`.
     extra = [
         (field, prefix, key)
         for field, prefix in (("parts", "part_"), ("diagnostics", "diag_"))
         for key in _keys(rows, field)
     ]
-    with open(paths["csv"], "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*CSV_COLUMNS, *(prefix + key for _, prefix, key in extra)])
         for row in rows:
@@ -140,21 +198,28 @@ def write_report(
                 + [_fmt(row[field].get(key, math.nan), 4) for field, _, key in extra]
             )
 
+
+def _comparison(
+    rows: Sequence[dict[str, Any]], unit: str, rate_of: dict[str, float] | None = None
+) -> list[str]:
+    """The Markdown of one comparison: the main table (with an `lr` column when `rate_of` gives
+    each variant's rate), the sign-flip note, the per-seed scores, the parts and diagnostics."""
+    rate = "lr | " if rate_of else ""
     lines = [
-        f"# {title}",
-        "",
         f"Score: {unit} (higher is better); mean ± std over seeds, 95% CI from Student's t. "
         f"Paired columns: per-seed difference to `{BASELINE}` (same seed), its 95% CI, the paired "
         "t-test and the exact sign-flip test p-values, and the seeds won / lost.",
         "",
-        "| variant | n | mean ± std | 95% CI | Δ vs LoRA | Δ 95% CI | p (t) | p (sign-flip) "
-        "| wins/losses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| variant | {rate}n | mean ± std | 95% CI | Δ vs LoRA | Δ 95% CI | p (t) "
+        "| p (sign-flip) | wins/losses |",
+        "|---|" + "---|" * (8 + bool(rate_of)),
     ]
     for row in rows:
         paired = "diff_vs_lora" in row
         lines.append(
-            f"| {row['variant']} | {row['n']} | {_fmt(row['mean'])} ± {_fmt(row['std'])} "
+            f"| {row['variant']} | "
+            + (f"{rate_of[row['variant']]:g} | " if rate_of else "")
+            + f"{row['n']} | {_fmt(row['mean'])} ± {_fmt(row['std'])} "
             f"| [{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}] "
             + (
                 f"| {row['diff_vs_lora']:+.2f} | [{_fmt(row['diff_ci95_low'])}, "
@@ -193,10 +258,7 @@ def write_report(
         "rank of ΔW (`erank`) and the mixer's relative distance from its init (`distance`), "
         "averaged over the tower's module groups:",
     )
-    paths["md"].write_text("\n".join(lines) + "\n")
-
-    _plot(rows, unit, title, paths["png"])
-    return paths
+    return lines
 
 
 def _keys(rows: Sequence[dict[str, Any]], field: str) -> list[str]:

@@ -23,7 +23,11 @@ environment variables such as NPROC_PER_NODE pass through). Evaluation is one of
                  (tiny_ablation.py: colour / shape / count on new images) or, without it, the
                  compositional task's; each option scored by its log-likelihood
                  (`llava_moslora.eval.heldout.evaluate_run`): exact, no generation, the
-                 offline default
+                 offline default. A config that names `forgetting_eval_path` (the old task's
+                 items, tiny_ablation_pretrained.py) is scored there too, as `old_*` details
+    heldout:val  the same on the config's `heldout_val_path` items: the validation split that
+                 `ablate --lr-grid` picks each variant's rate on (lr_grid.py), never the test
+                 items; its record is `result_val.json`, next to the test split's
     suite:NAME   export the checkpoint (`xtuner` format) and run `llava-moslora eval --suite NAME`
                  through VLMEvalKit; the score is the mean of the suite's benchmark scores
 """
@@ -49,6 +53,11 @@ from ..train.launch import launch_command, parse_cfg_options
 from .variants import cfg_options
 
 RESULT = "result.json"
+VAL_RESULT = "result_val.json"  # `--eval heldout:val`: one training, scored on either split
+# The config keys of the held-out items a split reads (`heldout` without them: the compositional
+# task's items next to `data_path`), and of the old task's items a test evaluation also scores.
+SPLIT_KEYS = {None: "heldout_eval_path", "val": "heldout_val_path"}
+FORGETTING_KEY = "forgetting_eval_path"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Run:
     variant: str
     seed: int
     dir: Path
+    result_name: str = RESULT
 
     @property
     def train_dir(self) -> Path:
@@ -63,7 +73,7 @@ class Run:
 
     @property
     def result_path(self) -> Path:
-        return self.dir / RESULT
+        return self.dir / self.result_name
 
     def finished(self) -> bool:
         return self.result_path.is_file()
@@ -155,25 +165,51 @@ def check_settings(path: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def plan(work_dir: str | Path, variants: Sequence[str], seeds: Sequence[int]) -> list[Run]:
-    """Every variant x seed, seeds outermost: an interrupted ablation has whole seeds done."""
+def plan(
+    work_dir: str | Path,
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    result_name: str = RESULT,
+) -> list[Run]:
+    """Every variant x seed, seeds outermost: an interrupted ablation has whole seeds done.
+
+    `result_name` is VAL_RESULT for runs scored on the validation split (`heldout:val`)."""
     return [
-        Run(variant, seed, Path(work_dir) / variant / f"seed_{seed}")
+        Run(variant, seed, Path(work_dir) / variant / f"seed_{seed}", result_name)
         for seed in seeds
         for variant in variants
     ]
 
 
 def parse_evaluator(text: str) -> tuple[str, str | None]:
-    """`heldout` -> ("heldout", None); `suite:tiny` -> ("suite", "tiny")."""
-    kind, _, suite = text.partition(":")
-    if kind == "heldout" and not suite:
-        return kind, None
-    if kind == "suite" and suite:
-        return kind, suite
+    """`heldout` -> ("heldout", None); `heldout:val` -> ("heldout", "val");
+    `suite:tiny` -> ("suite", "tiny")."""
+    kind, _, rest = text.partition(":")
+    if kind == "heldout" and rest in ("", "val"):
+        return kind, rest or None
+    if kind == "suite" and rest:
+        return kind, rest
     raise ValueError(
-        f"`--eval` should be `heldout` or `suite:NAME` (e.g. suite:tiny, suite:paper9), got {text!r}"
+        "`--eval` should be `heldout`, `heldout:val` or `suite:NAME` (e.g. suite:tiny, "
+        f"suite:paper9), got {text!r}"
     )
+
+
+def heldout_items(config: str | Path, split: str | None) -> tuple[str | None, str | None]:
+    """The config's items for `split` (None: the test split) and its old task's items (None
+    when it names none). The test split may be left to `evaluate_run`'s default (None); the
+    validation split must be named: without it there is nothing to choose a rate on."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config))
+    items = cfg.get(SPLIT_KEYS[split])
+    if split == "val" and not items:
+        raise ValueError(
+            f"`--eval heldout:val` needs `{SPLIT_KEYS['val']}` in {str(config)!r}: the "
+            "validation items (e.g. configs/tiny_ablation_pretrained.py and make-tiny "
+            "--pretrain); the test items are never used to choose a learning rate."
+        )
+    return items, cfg.get(FORGETTING_KEY)
 
 
 def train_command(
@@ -257,20 +293,27 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score `run`'s checkpoint; return {"score": float, "details": {...}}."""
-    kind, suite = parse_evaluator(evaluator)
+    kind, arg = parse_evaluator(evaluator)
     options = parse_cfg_options([*cfg_options(run.variant), *extra])
     if kind == "heldout":
         from ..eval.heldout import evaluate_run
 
-        log(f"[{run.variant} seed {run.seed}] held-out accuracy of {checkpoint.name}")
-        details = evaluate_run(config, checkpoint, cfg_options=options)
-        return {"score": 100 * details["overall"], "unit": "% held-out", "details": details}
+        split = arg
+        items, old_items = heldout_items(config, split)
+        log(f"[{run.variant} seed {run.seed}] {split or 'test'} accuracy of {checkpoint.name}")
+        details = evaluate_run(config, checkpoint, items=items, cfg_options=options)
+        if split is None and old_items:  # what the adapter kept of the old task
+            old = evaluate_run(config, checkpoint, items=old_items, cfg_options=options)
+            details.update({f"old_{key}": value for key, value in old.items()})
+        unit = "% held-out" if split is None else "% validation"
+        return {"score": 100 * details["overall"], "unit": unit, "details": details}
 
     from ..eval.benchmarks import resolve_datasets
     from ..eval.model import LLaVAMoSLoRA
     from ..eval.runner import run_benchmarks
     from ..export import export
 
+    suite = arg
     export_dir = run.dir / "export"
     log(f"[{run.variant} seed {run.seed}] export + VLMEvalKit suite {suite!r}")
     export(checkpoint, config, "xtuner", export_dir, cfg_options=options, overwrite=True)

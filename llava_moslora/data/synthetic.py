@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from .drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES, Obj, draw
@@ -327,11 +328,10 @@ def write_heldout(
         kind = SHORT_ANSWER_KINDS[index % len(SHORT_ANSWER_KINDS)]
         options = options_of[kind]
         truth = options[(index // len(SHORT_ANSWER_KINDS)) % len(options)]
-        scene = random_scene(rng)
-        while short_answer(scene, kind) != truth:
-            scene = random_scene(rng)
         image = f"heldout_images/{index:06d}.png"
-        draw(scene.objects, rng, image_size).save(out_dir / image)
+        scene = draw_matching(
+            rng, partial(short_answer, kind=kind), truth, out_dir / image, image_size
+        )
         item = EvalItem(
             index=index,
             image=image,
@@ -353,6 +353,22 @@ def write_heldout(
     ]
     write_mcq_tsv(bare, out_dir, out_dir / HELDOUT_TSV)
     return path
+
+
+def draw_matching(
+    rng: random.Random,
+    answer_of: Callable[[Scene], str],
+    truth: str,
+    path: Path,
+    image_size: int = 112,
+) -> Scene:
+    """Draw random scenes until `answer_of` one is `truth`, save its picture at `path`, return
+    it: a held-out item's answer is fixed first (answers balanced), its picture follows."""
+    scene = random_scene(rng)
+    while answer_of(scene) != truth:
+        scene = random_scene(rng)
+    draw(scene.objects, rng, image_size).save(path)
+    return scene
 
 
 def check_benchmark_rounds(benchmark_rounds: tuple[str, ...]) -> None:
@@ -384,21 +400,32 @@ def write_dataset(
         raise ValueError(f"`samples` should be a positive integer, got {samples}")
     check_benchmark_rounds(benchmark_rounds)
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
+    return write_conversations(
+        out_dir / "tiny_llava.json",
+        out_dir / "images",
+        samples,
+        random.Random(seed),
+        lambda scene, rng: conversation(scene, rng, benchmark_rounds=benchmark_rounds),
+        image_size,
+    )
+
+
+def write_conversations(
+    json_path: Path,
+    image_dir: Path,
+    samples: int,
+    rng: random.Random,
+    talk: Callable[[Scene, random.Random], list[dict[str, str]]],
+    image_size: int = 112,
+) -> Path:
+    """`samples` random scenes drawn into `image_dir`, each with the turns `talk(scene, rng)`
+    gives, as LLaVA JSON at `json_path` (image names relative to `image_dir`); its path."""
     image_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     records = []
     for index in range(samples):
         scene = random_scene(rng)
         name = f"{index:06d}.png"
         draw(scene.objects, rng, image_size).save(image_dir / name)
-        records.append(
-            {
-                "id": f"{index:06d}",
-                "image": name,
-                "conversations": conversation(scene, rng, benchmark_rounds=benchmark_rounds),
-            }
-        )
-    json_path = out_dir / "tiny_llava.json"
+        records.append({"id": f"{index:06d}", "image": name, "conversations": talk(scene, rng)})
     json_path.write_text(json.dumps(records, indent=1) + "\n")
     return json_path

@@ -19,7 +19,8 @@ with configs/tiny_compositional_*.py.
 
 Every path is what `from_pretrained` / `LLaVADataset` read, so `configs/tiny_moslora.py` is the
 paper config with these paths swapped in. Weights are random (seeded): the point is that every
-code path of the real run executes, in seconds, on a CPU.
+code path of the real run executes, in seconds, on a CPU. `make-tiny DIR --pretrain` instead
+writes the same layout with every weight trained on one family of questions (pretrain.py).
 """
 
 from __future__ import annotations
