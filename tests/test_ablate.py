@@ -47,6 +47,48 @@ def test_five_seeds_cannot_reach_5_percent_by_sign_flips():
     assert stats.signflip_p([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
 
 
+def test_holm_adjusts_in_input_order_monotone_and_capped():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]  # capped
+    adjusted = stats.holm([math.nan, 0.02, 0.04])  # no test: stays nan, is not counted
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.04, 0.04])
+    assert stats.holm([0.01]) == [0.01]
+
+
+def test_report_corrects_for_every_comparison_and_tests_kaiming_against_init_only(tmp_path):
+    """Six seeds: Kaiming beats LoRA in all six (sign-flip p = 2/64) and init-only in all six; the
+    family is three comparisons (two vs LoRA, one direct pair), so Holm triples the smallest."""
+    from llava_moslora.ablate.report import write_report
+
+    lora = [50.0, 52.0, 51.0, 49.0, 50.0, 53.0]
+    results = _results(
+        {
+            "lora": lora,
+            "moslora_kaiming": [v + d for v, d in zip(lora, (3, 2, 4, 3, 5, 2), strict=True)],
+            "init_only": [v + d for v, d in zip(lora, (1, -1, 0.5, -0.5, 1, -1), strict=True)],
+        }
+    )
+    paths = write_report(results, tmp_path, title="t")
+    rows = {row["variant"]: row for row in csv.DictReader(paths["csv"].open())}
+    kaiming = rows["moslora_kaiming"]
+    assert float(kaiming["p_sign_flip"]) == pytest.approx(2 / 64, abs=1e-4)
+    assert float(kaiming["p_sign_flip_holm"]) == pytest.approx(3 * 2 / 64, abs=1e-4)
+    assert kaiming["control"] == "init_only"
+    diffs = (3 - 1, 2 + 1, 4 - 0.5, 3 + 0.5, 5 - 1, 2 + 1)
+    assert float(kaiming["diff_vs_control"]) == pytest.approx(sum(diffs) / 6, abs=1e-4)
+    assert float(kaiming["p_sign_flip_vs_control"]) == pytest.approx(2 / 64, abs=1e-4)
+    # tied smallest: both at 3 x 2/64 (Holm: the second may not fall below the first)
+    assert float(kaiming["p_sign_flip_vs_control_holm"]) == pytest.approx(6 / 64, abs=1e-4)
+    init_only = rows["init_only"]
+    assert init_only["control"] == "–" and init_only["p_sign_flip_vs_control"] == "–"
+    assert float(init_only["p_sign_flip_holm"]) >= float(init_only["p_sign_flip"])
+    md = paths["md"].read_text()
+    assert "| variant | control | Δ |" in md
+    assert f"| moslora_kaiming | init_only | {sum(diffs) / 6:+.2f} |" in md
+    assert "p (sign-flip, Holm)" in md
+
+
 def test_variants_become_cfg_options_for_both_towers():
     assert parse_variants("lora, moslora_kaiming,lora") == ["lora", "moslora_kaiming"]
     with pytest.raises(ValueError, match=r"`--variants` .* got 'lora,moslra' \(moslra unknown\)"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stats
-from .variants import BASELINE
+from .variants import BASELINE, DIRECT_PAIRS
 
 CSV_COLUMNS = (
     "variant",
@@ -29,7 +29,17 @@ CSV_COLUMNS = (
     "p_sign_flip",
     "wins",
     "losses",
+    "p_paired_t_holm",
+    "p_sign_flip_holm",
+    "control",
+    "diff_vs_control",
+    "p_paired_t_vs_control",
+    "p_sign_flip_vs_control",
+    "p_paired_t_vs_control_holm",
+    "p_sign_flip_vs_control_holm",
 )
+# The columns `_write_csv` writes as numbers, after variant and n and before wins / losses.
+_NUMBER_COLUMNS = CSV_COLUMNS[2:11]
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -66,8 +76,10 @@ def final_diagnostics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant (in first-seen order) with its spread and its paired test vs LoRA,
-    plus the mean over seeds of each part of the runs' `details` and of their final diagnostics."""
+    """One row per variant (in first-seen order) with its spread, its paired test vs LoRA and, for
+    the first variant of a `DIRECT_PAIRS` pair, its paired test vs the pair's control; every
+    p-value also Holm-adjusted over all those comparisons (`_holm`). Plus the mean over seeds of
+    each part of the runs' `details` and of their final diagnostics."""
     by_variant: dict[str, dict[int, float]] = {}
     parts: dict[str, dict[str, list[float]]] = {}
     diagnostics: dict[str, dict[str, list[float]]] = {}
@@ -105,7 +117,34 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 losses=paired.losses,
             )
         rows.append(row)
+    for variant, control in DIRECT_PAIRS:
+        if (
+            variant in by_variant
+            and by_variant[variant].keys() & by_variant.get(control, {}).keys()
+        ):
+            paired = stats.paired(by_variant[variant], by_variant[control])
+            row = next(r for r in rows if r["variant"] == variant)
+            row.update(
+                control=control,
+                diff_vs_control=paired.mean_diff,
+                p_paired_t_vs_control=paired.p_ttest,
+                p_sign_flip_vs_control=paired.p_signflip,
+                wins_vs_control=paired.wins,
+                losses_vs_control=paired.losses,
+            )
+    _holm(rows)
     return rows
+
+
+def _holm(rows: list[dict[str, Any]]) -> None:
+    """Add `<p>_holm` next to every p-value of `rows`: each test's p-value Holm-adjusted over the
+    family of every comparison the report makes (all vs LoRA and the direct pairs), one family per
+    test kind (t, sign-flip)."""
+    for kind in ("p_paired_t", "p_sign_flip"):
+        keys = [(row, key) for row in rows for key in (kind, f"{kind}_vs_control") if key in row]
+        adjusted = stats.holm([row[key] for row, key in keys])
+        for (row, key), value in zip(keys, adjusted, strict=True):
+            row[f"{key}_holm"] = value
 
 
 def write_report(
@@ -193,8 +232,11 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         for row in rows:
             writer.writerow(
                 [row["variant"], row["n"]]
-                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[2:11]]
+                + [_fmt(row.get(c, math.nan), 4) for c in _NUMBER_COLUMNS]
                 + [row.get("wins", "–"), row.get("losses", "–")]
+                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[13:15]]
+                + [row.get("control", "–")]
+                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[16:]]
                 + [_fmt(row[field].get(key, math.nan), 4) for field, _, key in extra]
             )
 
@@ -208,11 +250,13 @@ def _comparison(
     lines = [
         f"Score: {unit} (higher is better); mean ± std over seeds, 95% CI from Student's t. "
         f"Paired columns: per-seed difference to `{BASELINE}` (same seed), its 95% CI, the paired "
-        "t-test and the exact sign-flip test p-values, and the seeds won / lost.",
+        "t-test and the exact sign-flip test p-values, the sign-flip p-value Holm-adjusted over "
+        "every comparison of this table and the direct pairs below (the multiple-comparison "
+        "correction: read significance off that column), and the seeds won / lost.",
         "",
         f"| variant | {rate}n | mean ± std | 95% CI | Δ vs LoRA | Δ 95% CI | p (t) "
-        "| p (sign-flip) | wins/losses |",
-        "|---|" + "---|" * (8 + bool(rate_of)),
+        "| p (sign-flip) | p (sign-flip, Holm) | wins/losses |",
+        "|---|" + "---|" * (9 + bool(rate_of)),
     ]
     for row in rows:
         paired = "diff_vs_lora" in row
@@ -224,11 +268,32 @@ def _comparison(
             + (
                 f"| {row['diff_vs_lora']:+.2f} | [{_fmt(row['diff_ci95_low'])}, "
                 f"{_fmt(row['diff_ci95_high'])}] | {_fmt(row['p_paired_t'], 3)} "
-                f"| {_fmt(row['p_sign_flip'], 3)} | {row['wins']}/{row['losses']} |"
+                f"| {_fmt(row['p_sign_flip'], 3)} | {_fmt(row['p_sign_flip_holm'], 3)} "
+                f"| {row['wins']}/{row['losses']} |"
                 if paired
-                else "| – | – | – | – | – |"
+                else "| – | – | – | – | – | – |"
             )
         )
+    pairs = [row for row in rows if "control" in row]
+    if pairs:
+        lines += [
+            "",
+            "Direct pairs (a variant against its own control, same seeds; Holm over the same "
+            "family):",
+            "",
+            "| variant | control | Δ | p (t) | p (sign-flip) | p (t, Holm) | p (sign-flip, Holm) "
+            "| wins/losses |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['variant']} | {row['control']} | {row['diff_vs_control']:+.2f} "
+            f"| {_fmt(row['p_paired_t_vs_control'], 3)} "
+            f"| {_fmt(row['p_sign_flip_vs_control'], 3)} "
+            f"| {_fmt(row['p_paired_t_vs_control_holm'], 3)} "
+            f"| {_fmt(row['p_sign_flip_vs_control_holm'], 3)} "
+            f"| {row['wins_vs_control']}/{row['losses_vs_control']} |"
+            for row in pairs
+        ]
     if any("diff_vs_lora" in row for row in rows):
         n_min = min(row["n"] for row in rows)
         lines += [

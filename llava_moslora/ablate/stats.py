@@ -6,6 +6,11 @@ same data order and the same initial A where the variants share it), its mean wi
 the paired t-test p-value, and an exact sign-flip permutation p-value, which assumes only that
 the differences are symmetric about 0 under "no effect" (with 5 seeds its smallest value is
 2/32 = 0.0625: five seeds can never be "significant at 0.05" by that test, and the table says so).
+
+A report makes several comparisons at once (every variant against LoRA, plus the direct pairs), so
+`holm` adjusts their p-values for it: Holm's step-down method keeps the chance of any false
+"significant" in the family at the nominal level without assuming the tests independent (they are
+not: they share the baseline's seeds), and is uniformly more powerful than Bonferroni.
 """
 
 from __future__ import annotations
@@ -92,3 +97,18 @@ def paired(variant: Mapping[int, float], baseline: Mapping[int, float]) -> Paire
         wins=sum(d > 0 for d in diffs),
         losses=sum(d < 0 for d in diffs),
     )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the input order; a nan (no test) stays nan and does not count.
+
+    The k-th smallest of m p-values is multiplied by m - k + 1 (k from 1), then made monotone
+    (never below an adjusted smaller one) and capped at 1.
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * p))
+        adjusted[i] = running
+    return adjusted

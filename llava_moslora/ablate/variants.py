@@ -32,6 +32,12 @@ VARIANTS: dict[str, dict[str, object]] = {
 BASELINE = "lora"
 
 
+# Pairs compared directly, besides every variant against BASELINE: (variant, its control). The
+# learned Kaiming mixer against the same init folded into A and frozen says whether *learning* the
+# mixer matters, apart from its init.
+DIRECT_PAIRS: tuple[tuple[str, str], ...] = (("moslora_kaiming", "init_only"),)
+
+
 def parse_variants(text: str) -> list[str]:
     """`lora,moslora_kaiming` -> ["lora", "moslora_kaiming"]; unknown names are refused."""
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
