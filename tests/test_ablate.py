@@ -303,17 +303,16 @@ def test_a_work_dir_resumes_only_with_the_settings_it_was_made_with(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_ablate_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_ablate_end_to_end_and_resume(tiny_llava, tmp_path, monkeypatch):
     """2 variants x 2 seeds of the README's ablation (configs/tiny_ablation.py, held-out items)
     through `llava-moslora ablate`, then again: finished runs are not redone."""
     from llava_moslora.cli import main
-    from llava_moslora.model.make_tiny import make_tiny
     from llava_moslora.train.checkpoints import load_trained_state
 
     # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a few steps, with a warm-up >= 1.
     # The README's data: two short-answer rounds per image besides the free-form ones.
-    make_tiny(tmp_path / "tiny", samples=160, benchmark_rounds=("short", "short"))
-    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "tiny"))
+    tiny = tiny_llava(samples=160, benchmark_rounds=("short", "short"))
+    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: no oversubscription
     work = tmp_path / "ablation"
     args = [

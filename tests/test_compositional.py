@@ -192,7 +192,7 @@ def test_tokenizer_corpus_covers_every_question(task):
     "(held-out accuracy stays at chance, 0.324 vs 0.317, after 750 steps); see the module "
     "docstring of llava_moslora/data/compositional.py. Remove this marker when it passes.",
 )
-def test_training_beats_the_untrained_model_on_held_out_scenes(tmp_path, monkeypatch):
+def test_training_beats_the_untrained_model_on_held_out_scenes(tiny_llava, tmp_path, monkeypatch):
     """make-tiny --task compositional, train in-process with the config's runner, score options.
 
     mmengine's Runner is built from the config in this process (what `xtuner train` does in a
@@ -203,14 +203,12 @@ def test_training_beats_the_untrained_model_on_held_out_scenes(tmp_path, monkeyp
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from llava_moslora.model.make_tiny import make_tiny
     from llava_moslora.train.checkpoints import last_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tiny = tmp_path / "tiny"
-        make_tiny(tiny, samples=400, task="compositional")
+        tiny = tiny_llava(samples=400, task="compositional")
         monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny))  # read when the config is parsed
         config = REPO / "configs" / "tiny_compositional_moslora.py"
         untrained = evaluate_run(config)

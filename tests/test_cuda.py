@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from llava_moslora.moslora import merge_and_unload_dequantized, moslora_config
-from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers
+from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers, nf4_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,17 +40,14 @@ def test_bf16_moslora_on_cuda_trains_merges_and_moves_devices():
 
 
 def test_qmoslora_4bit_on_cuda_trains_and_merges_into_bf16(tmp_path):
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     make_tiny_llama(0).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
     model = LlamaForCausalLM.from_pretrained(
-        tmp_path, quantization_config=quant, torch_dtype=torch.bfloat16, device_map={"": 0}
+        tmp_path,
+        quantization_config=nf4_config(torch.bfloat16),
+        torch_dtype=torch.bfloat16,
+        device_map={"": 0},
     )
     mos = get_peft_model(model, moslora_config(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS))
     ids = IDS.cuda()

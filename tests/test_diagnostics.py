@@ -28,8 +28,7 @@ from llava_moslora.train.diagnostics import (
     read_diagnostics,
     relative_distance,
 )
-from tests.conftest import make_mlp, moslora_layers
-from tests.test_xtuner_llava import build_llava
+from tests.conftest import build_llava, make_mlp, moslora_layers, qmoslora
 
 LLM_GROUPS = {f"llm/{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
     f"llm/{t}" for t in ("gate_proj", "up_proj", "down_proj")
@@ -143,13 +142,9 @@ def test_zero3_partitioned_weights_are_gathered_before_reading(monkeypatch):
     assert [id(p) for p in params] == [id(w) for w in weights] and rank is None  # read only
 
 
-def test_layer_stats_on_a_4bit_base(tmp_path):
+def test_layer_stats_on_a_4bit_base(llama_4bit_dir):
     bnb = pytest.importorskip("bitsandbytes")
-    from tests.conftest import HIDDEN_4BIT, make_tiny_llama
-    from tests.test_qmoslora import qmoslora
-
-    make_tiny_llama(0, hidden_size=HIDDEN_4BIT).save_pretrained(tmp_path)
-    model = qmoslora(tmp_path)
+    model = qmoslora(llama_4bit_dir)
     summary = group_stats(model)
     assert len(summary) == 7 and all(s["mixer"] == 1 for s in summary.values())
     layer = moslora_layers(model)[0]

@@ -3,10 +3,9 @@ end to end through VLMEvalKit's own dataset classes and scoring, with the networ
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import string
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from llava_moslora.eval.benchmarks import (
 )
 from llava_moslora.eval.manifest import read_export_manifest
 from llava_moslora.eval.runner import resolve_judge
-from llava_moslora.eval.tiny_bench import CIRCULAR_OFFSET, image_key, write_tiny_bench
+from llava_moslora.eval.tiny_bench import CIRCULAR_OFFSET
+from tests.conftest import make_constant
 
 QUESTION = "What colour are the shapes?"
 
@@ -93,129 +93,9 @@ def test_offline_names_are_unknown_to_vlmevalkit_and_classes_score_them():
     assert {full: abbr for full, abbr, _ in benchmarks.MMBENCH_ABILITIES} == MMB_abbrs
 
 
-# ----------------------------------------------------------------------------- export fixtures
-def _manifest(fmt: str, tiny: dict, merged: bool) -> object:
-    from llava_moslora.export.manifest import ExportManifest
-
-    return ExportManifest(
-        format=fmt,
-        llm=None if merged else str(tiny["llm"]),
-        visual_encoder=None if merged else str(tiny["clip"]),
-        prompt_template="llama3_chat",
-        system="",
-        visual_select_layer=-2,
-        pad_image_to_square=True,
-        adapter_kind="moslora",
-        mixer={"llm": {"init": "kaiming"}, "visual_encoder": {"init": "kaiming"}},
-        quantized_base=False,
-        dtype="float32",
-        config="configs/tiny_moslora.py",
-        checkpoint="tests/test_eval.py fixture",
-        seed=0,
-        trust_remote_code=False,
-    )
-
-
-# test_report.py imports these fixtures; a fixture imported into another module gets its own
-# FixtureDef, so the expensive bodies are memoised here to run once per session.
-_SESSION_CACHE: dict[str, dict] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_exports(tmp_path_factory):
-    if "exports" not in _SESSION_CACHE:
-        _SESSION_CACHE["exports"] = _build_exports(tmp_path_factory)
-    return _SESSION_CACHE["exports"]
-
-
-def _build_exports(tmp_path_factory):
-    """The tiny LLaVA with random MoSLoRA adapters on both towers, in all four export layouts
-    (written here with PEFT/transformers/xtuner + our io helpers), plus the adapter-free base."""
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
-    from xtuner.model.modules import ProjectorConfig, ProjectorModel
-    from xtuner.utils import PROMPT_TEMPLATE
-
-    from llava_moslora.export.hf_llava import build_hf_llava
-    from llava_moslora.export.manifest import write_manifest
-    from llava_moslora.model.make_tiny import make_tiny
-    from llava_moslora.model.tiny import CLIP_TARGETS, LLAMA_TARGETS
-    from llava_moslora.moslora import moslora_config, save_adapter, save_folded
-
-    root = tmp_path_factory.mktemp("exports")
-    tiny = make_tiny(root / "tiny", samples=4)
-    tokenizer = AutoTokenizer.from_pretrained(tiny["llm"])
-    processor = CLIPImageProcessor.from_pretrained(tiny["clip"])
-    projector = ProjectorModel(ProjectorConfig(visual_hidden_size=64, llm_hidden_size=64, depth=2))
-    state = torch.load(tiny["projector"], weights_only=True)["state_dict"]
-    projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
-
-    torch.manual_seed(0)
-    # init_lora_weights=False: random B, so the adapters change the outputs (equalities mean something)
-    llm = get_peft_model(
-        LlamaForCausalLM.from_pretrained(tiny["llm"]),
-        moslora_config(
-            r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS), init_lora_weights=False
-        ),
-    )
-    vit = get_peft_model(
-        CLIPVisionModel.from_pretrained(tiny["clip"]),
-        moslora_config(
-            r=8, lora_alpha=16, target_modules=list(CLIP_TARGETS), init_lora_weights=False
-        ),
-    )
-    out = {}
-    for fmt, save in (("xtuner", save_adapter), ("peft-folded", save_folded)):
-        out[fmt] = root / fmt
-        save(llm, out[fmt] / "llm_adapter")
-        save(vit, out[fmt] / "visual_encoder_adapter")
-        projector.save_pretrained(out[fmt] / "projector")
-        write_manifest(out[fmt], _manifest(fmt, tiny, merged=False))
-
-    merged_llm = copy.deepcopy(llm).merge_and_unload()
-    merged_vit = copy.deepcopy(vit).merge_and_unload()
-    for name, (lm, vt) in {
-        "merged-xtuner": (merged_llm, merged_vit),
-        "base": (LlamaForCausalLM.from_pretrained(tiny["llm"]), CLIPVisionModel.from_pretrained(tiny["clip"])),
-    }.items():  # fmt: skip
-        out[name] = root / name
-        lm.save_pretrained(out[name] / "llm")
-        tokenizer.save_pretrained(out[name] / "llm")
-        vt.save_pretrained(out[name] / "visual_encoder")
-        processor.save_pretrained(out[name] / "visual_encoder")
-        projector.save_pretrained(out[name] / "projector")
-        write_manifest(out[name], _manifest("merged-xtuner", tiny, merged=True))
-
-    hf_model, hf_processor = build_hf_llava(
-        copy.deepcopy(merged_llm),
-        copy.deepcopy(merged_vit),
-        projector,
-        AutoTokenizer.from_pretrained(tiny["llm"]),
-        processor,
-        visual_select_layer=-2,
-        prompt_template=PROMPT_TEMPLATE.llama3_chat,
-        pad_image_to_square=True,
-    )
-    out["hf-llava"] = root / "hf-llava"
-    hf_model.save_pretrained(out["hf-llava"])
-    hf_processor.save_pretrained(out["hf-llava"])
-    write_manifest(out["hf-llava"], _manifest("hf-llava", tiny, merged=True))
-    image = root / "scene.png"
-    _scene_image().save(image)
-    out["image"] = image
-    return out
-
-
-def _scene_image():
-    import random
-
-    from llava_moslora.data import synthetic
-    from llava_moslora.data.drawing import draw
-
-    rng = random.Random(3)
-    return draw(synthetic.random_scene(rng).objects, rng)
-
-
+# ----------------------------------------------------------------------------- export layouts
+# `tiny_exports` and `tiny_runs` (below) are session fixtures of tests/conftest.py, shared with
+# test_report.py.
 def _last_logits(model, image) -> torch.Tensor:
     with torch.no_grad():
         return model.llm(**model.prepare_inputs(QUESTION, str(image))).logits[0, -1]
@@ -281,116 +161,6 @@ def test_generation_settings_are_checked():
 
 
 # ----------------------------------------------------------------------------- offline suite
-class SceneOracle:
-    """A test double that answers from the known scene (via the image's pixels)."""
-
-    def __init__(self, records: dict) -> None:
-        self.answers: dict[tuple[str, str], str] = {}
-        self.records = records
-
-    def bind(self, lmu_data: Path):
-        from PIL import Image
-
-        for name, recs in self.records.items():
-            frame = pd.read_csv(lmu_data / f"{name}.tsv", sep="\t")
-            images = {str(i): img for i, img in zip(frame["index"], frame["image"], strict=True)}
-            for rec in recs:
-                b64 = images[str(rec.index)]
-                b64 = images[b64] if len(b64) <= 64 else b64
-                import base64
-                import io
-
-                key = image_key(Image.open(io.BytesIO(base64.b64decode(b64))))
-                self.answers[(key, rec.question)] = rec.answer_text
-        return self
-
-
-def _base_model_class():
-    from vlmeval.vlm.base import BaseModel
-
-    return BaseModel
-
-
-def make_oracle(records, lmu_data):
-    from PIL import Image
-
-    class Oracle(_base_model_class()):
-        """Answers every question right, from the scene drawn in the image."""
-
-        def __init__(self):
-            super().__init__()
-            self.table = SceneOracle(records).bind(lmu_data).answers
-
-        def generate_inner(self, message, dataset=None):
-            prompt, image = self.message_to_promptimg(message, dataset)
-            key = image_key(Image.open(image))
-            answer = next(a for (k, q), a in self.table.items() if k == key and q in prompt)
-            if TINY_TYPE[dataset] == "MCQ":  # the letter whose option text is the answer
-                return next(
-                    letter
-                    for letter in string.ascii_uppercase[:4]
-                    if re.search(rf"^{letter}\. {re.escape(answer)}$", prompt, re.M)
-                )
-            return answer
-
-    return Oracle()
-
-
-def make_constant():
-    class Constant(_base_model_class()):
-        """Always "A" / "Yes" / "red": chance-level by construction."""
-
-        def generate_inner(self, message, dataset=None):
-            return {"MCQ": "A", "Y/N": "Yes", "VQA": "red"}[TINY_TYPE[dataset]]
-
-    return Constant()
-
-
-@pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory, tiny_exports):
-    if "runs" not in _SESSION_CACHE:
-        _SESSION_CACHE["runs"] = _run_offline_suite(tmp_path_factory, tiny_exports)
-    return _SESSION_CACHE["runs"]
-
-
-def _run_offline_suite(tmp_path_factory, tiny_exports):
-    """The offline suite in a temporary $LMUData, run for an oracle, a constant answerer and the
-    tiny LLaVA (xtuner export), offline: any download or TCP connection raises."""
-    from llava_moslora.eval.model import GenerationSettings, LLaVAMoSLoRA
-    from llava_moslora.eval.runner import run_benchmarks
-
-    lmu = tmp_path_factory.mktemp("LMUData")
-    records = write_tiny_bench(lmu, per_category=1)  # 6 questions per MMBench language
-    work = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LMUData", str(lmu))
-    mp.delenv("OPENAI_API_KEY", raising=False)
-    settings = GenerationSettings(max_new_tokens=8, short_max_new_tokens=8)
-    manifest = read_export_manifest(tiny_exports["xtuner"])
-    try:
-        models = {
-            "oracle": make_oracle(records, lmu),
-            "constant": make_constant(),
-            "tiny_llava": LLaVAMoSLoRA(tiny_exports["xtuner"], generation=settings),
-        }
-        summaries = {
-            name: run_benchmarks(
-                list(TINY),
-                work_dir=work,
-                run_name=name,
-                model=model,
-                manifest=manifest,
-                generation=settings.as_dict(),
-                offline=True,
-                log=lambda _: None,
-            )
-            for name, model in models.items()
-        }
-    finally:
-        mp.undo()
-    return {"work": work, "lmu": lmu, "records": records, "summaries": summaries}
-
-
 def _scores(summary):
     return {name: entry["score"] for name, entry in summary["benchmarks"].items()}
 
@@ -540,10 +310,25 @@ def test_offline_refusals_are_immediate_and_explain_themselves(tmp_path, monkeyp
         urllib.request.urlopen("http://192.0.2.1/", timeout=30)  # TEST-NET-1: would hang, not fail
 
 
+def test_import_vlmeval_keeps_the_grad_mode_an_import_switches_off(tmp_path, monkeypatch):
+    """What `vlmeval/vlm/__init__.py` does when imported, done by a module of our own: through
+    `import_vlmeval` the grad mode after the import is the one before it. (The real import, in a
+    fresh interpreter: the next test.)"""
+    from llava_moslora.eval import import_vlmeval
+
+    (tmp_path / "grad_off_on_import.py").write_text("import torch\ntorch.set_grad_enabled(False)\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.delitem(sys.modules, "grad_off_on_import", raising=False)
+    assert torch.is_grad_enabled()
+    module = import_vlmeval("grad_off_on_import")
+    assert module.__file__ == str(tmp_path / "grad_off_on_import.py") and torch.is_grad_enabled()
+    sys.modules.pop("grad_off_on_import")
+
+
+@pytest.mark.slow  # a fresh interpreter importing VLMEvalKit: 10-50 s, most of it imports
 def test_importing_the_model_class_keeps_autograd_on():
     """`vlmeval/vlm/__init__.py` runs torch.set_grad_enabled(False); our import undoes it."""
     import subprocess
-    import sys
 
     code = (
         "import sys, torch, llava_moslora.eval.model\n"

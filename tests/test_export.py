@@ -9,9 +9,6 @@ relies on `trained` asserting that the adapted model differs from the base one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,101 +16,18 @@ import torch
 
 from llava_moslora.export import FORMATS, MANIFEST_NAME, ExportManifest, export, read_manifest
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_MOSLORA = str(REPO / "configs" / "tiny_moslora.py")
-TINY_LORA = str(REPO / "configs" / "tiny_lora.py")
-IMAGE_TOKEN_INDEX = -200  # xtuner.utils.IMAGE_TOKEN_INDEX: where LLaVAModel splices the image
-QUESTION = "How many shapes are there?"
-# float32 throughout, same base weights: the reloaded adapters compute the same products, so
-# only summation order can differ (fused vs chained B·M, merged W0 + ΔW vs W0 x + ΔW x).
-FP32_ATOL = 1e-4
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from llava_moslora.model.make_tiny import make_tiny
-
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny(out, samples=40)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tiny_dir):
-    """configs/tiny_*.py read $LLAVA_MOSLORA_TINY_DIR when they are parsed."""
-    old = os.environ.get("LLAVA_MOSLORA_TINY_DIR")
-    os.environ["LLAVA_MOSLORA_TINY_DIR"] = str(tiny_dir)
-    yield tiny_dir
-    if old is None:
-        os.environ.pop("LLAVA_MOSLORA_TINY_DIR", None)
-    else:
-        os.environ["LLAVA_MOSLORA_TINY_DIR"] = old
-
-
-def randomise_trained_tensors(model, seed: int = 1) -> None:
-    """What training would have moved: B (zero at init), the mixers, the projector."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_mixer" in name or name.startswith("projector."):
-                noise = torch.randn(param.shape, generator=generator) * 0.1
-                param.add_(noise.to(param.dtype))
-
-
-def save_mmengine_checkpoint(model, path: Path, seed: int | None = 7) -> Path:
-    torch.save({"state_dict": model.state_dict(), "meta": {"seed": seed}}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_env):
-    """One image question as XTuner lays it out: ids with one IMAGE_TOKEN_INDEX, pixel values."""
-    from PIL import Image
-    from transformers import AutoTokenizer, CLIPImageProcessor
-    from xtuner.utils import PROMPT_TEMPLATE
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_env / "llm")
-    prompt = PROMPT_TEMPLATE.llama3_chat.INSTRUCTION.format(input="<image>\n" + QUESTION, round=1)
-    before, after = prompt.split("<image>")
-    # xtuner chat / EvaluateChatHook: BOS + first chunk, the image index, the rest without BOS.
-    ids = tokenizer.encode(before) + [IMAGE_TOKEN_INDEX]
-    ids += tokenizer.encode(after, add_special_tokens=False)
-    image = Image.open(tiny_env / "data" / "images" / "000000.png").convert("RGB")
-    processor = CLIPImageProcessor.from_pretrained(tiny_env / "clip")
-    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
-    return {
-        "input_ids": torch.tensor([ids]),
-        "pixel_values": pixel_values,
-        "prompt": prompt,
-        "image": image,
-    }
-
-
-def llava_model_logits(model, inputs) -> torch.Tensor:
-    """The training model's own forward (LLaVAModel, mode="tensor"); it mutates `data`."""
-    data = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"].clone()}
-    with torch.no_grad():
-        return model(data, mode="tensor").logits.float()
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_env, tmp_path_factory, inputs):
-    """(model, iter_1.pth, logits): the tiny MoSLoRA LLaVA, perturbed, saved like mmengine."""
-    model = build_model(load_config(TINY_MOSLORA))
-    before = llava_model_logits(model, inputs)
-    randomise_trained_tensors(model)
-    logits = llava_model_logits(model, inputs)
-    with model.llm.disable_adapter(), model.visual_encoder.disable_adapter():
-        no_adapters = llava_model_logits(model, inputs)
-    # The adapters and the projector change the output: equalities below mean something.
-    assert (logits - before).abs().max() > 0.5
-    assert (logits - no_adapters).abs().max() > 0.5
-    path = save_mmengine_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "iter_1.pth")
-    return model, path, logits
+from tests.conftest import (
+    FP32_ATOL,
+    IMAGE_TOKEN_INDEX,
+    QUESTION,
+    TINY_LORA,
+    TINY_MOSLORA,
+    llava_model_logits,
+    max_diff,
+    randomise_trained_tensors,
+    run_train,
+    save_mmengine_checkpoint,
+)
 
 
 def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2):
@@ -127,12 +41,6 @@ def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2)
             llm=llm, input_ids=inputs["input_ids"], pixel_values=features
         )
         return llm(**data).logits.float()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    diff = (a.float() - b.float()).abs().max().item()
-    print(f"max abs diff {diff:.3g}")  # shown with `pytest -s`: the measured values quoted here
-    return diff
 
 
 # --- xtuner ----------------------------------------------------------------------------------
@@ -180,11 +88,11 @@ def test_default_dtype_writes_bfloat16_adapters_and_projector(trained, tmp_path)
 
 # --- peft-folded and merged-xtuner, read by stock libraries only -----------------------------
 
-# Runs in a fresh interpreter: stock transformers + PEFT, the folder layout probed the way
-# VLMEvalKit's LLaVA_XTuner and `xtuner chat --llava` probe it (llm/ and visual_encoder/ if
-# present, else the manifest's base models plus llm_adapter/ and visual_encoder_adapter/), the
-# projector through AutoModel with trust_remote_code (its code is saved next to it), and the
-# image features spliced where the image index sits. It must never import llava_moslora.
+# Runs in `stock_python`, which never imports llava_moslora: stock transformers + PEFT, the folder
+# layout probed the way VLMEvalKit's LLaVA_XTuner and `xtuner chat --llava` probe it (llm/ and
+# visual_encoder/ if present, else the manifest's base models plus llm_adapter/ and
+# visual_encoder_adapter/), the projector through AutoModel with trust_remote_code (its code is
+# saved next to it), and the image features spliced where the image index sits.
 STOCK_READER = r"""
 import json, os, sys
 import torch
@@ -226,7 +134,7 @@ torch.save(results, sys.argv[2])
 
 
 @pytest.fixture(scope="module")
-def stock_reads(trained, inputs, tmp_path_factory):
+def stock_reads(trained, inputs, tmp_path_factory, stock_python):
     """{format: logits} for peft-folded and merged-xtuner exports, computed by STOCK_READER."""
     _, checkpoint, _ = trained
     work = tmp_path_factory.mktemp("stock")
@@ -235,23 +143,9 @@ def stock_reads(trained, inputs, tmp_path_factory):
         dirs[fmt] = work / fmt
         export(checkpoint, TINY_MOSLORA, fmt, dirs[fmt], dtype="float32")
     torch.save({k: inputs[k] for k in ("input_ids", "pixel_values")}, work / "inputs.pt")
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(work / "hf_home"),  # the projector's remote code is cached here
-        PYTHONPATH="",
+    stock_python(
+        STOCK_READER, str(work / "inputs.pt"), str(work / "logits.pt"), *map(str, dirs.values())
     )
-    run = subprocess.run(
-        [sys.executable, "-c", STOCK_READER, str(work / "inputs.pt"), str(work / "logits.pt")]
-        + [str(d) for d in dirs.values()],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
     logits = torch.load(work / "logits.pt")
     return {fmt: logits[str(d)] for fmt, d in dirs.items()}, dirs
 
@@ -546,33 +440,18 @@ def xtuner_train_deepspeed(tiny_dir: Path, work_dir: Path) -> Path:
     XTuner's tools/train.py is run directly: `xtuner train` would only re-launch it in a second
     Python process, paying the ~30 s of torch/DeepSpeed/XTuner imports twice.
     """
-    import importlib.util
+    from llava_moslora.train.checkpoints import last_checkpoint
 
-    from tests.test_scale import xtuner_env
-
-    train_py = importlib.util.find_spec("xtuner.tools.train").origin
     options = [
         "train_cfg.max_epochs=None",
         "train_cfg.max_iters=2",
-        "param_scheduler.0.end=0.2",  # 2 of the 10 iterations of an epoch of 40 samples / batch 4
-        "param_scheduler.1.begin=0.2",
+        "param_scheduler.0.end=0.05",  # 2 of the 40 iterations of an epoch of 160 samples / batch 4
+        "param_scheduler.1.begin=0.05",
         "model.use_activation_checkpointing=False",  # no recomputation: faster on CPU
         "custom_hooks.1.max_new_tokens=1",  # the chat hook's sample generations
     ]
-    run = subprocess.run(
-        [sys.executable, train_py, TINY_MOSLORA, "--work-dir", str(work_dir), "--seed", "0"]
-        + ["--deepspeed", "deepspeed_zero2", "--cfg-options", *options],
-        cwd=REPO,
-        env=xtuner_env(tiny_dir),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = run.stdout + run.stderr
-    # (`xtuner train` can exit 0 after a failure: check the checkpoint and the log.)
-    assert (work_dir / "last_checkpoint").exists() and "Traceback" not in output, output[-4000:]
-    from llava_moslora.train.checkpoints import last_checkpoint
-
+    deepspeed = ["--deepspeed", "deepspeed_zero2", "--cfg-options", *options]
+    run_train("tiny_moslora", tiny_dir, work_dir, *deepspeed, launcher="tools")
     return last_checkpoint(work_dir)
 
 

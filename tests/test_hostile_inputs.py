@@ -5,8 +5,6 @@ CLI paths run `llava_moslora.cli.main([...])` in-process and check the exit code
 holds exactly one `error:` line and no traceback. Every test is fast: no training, no VLMEvalKit.
 """
 
-# ruff: noqa: F811 - test_export's fixtures are imported by name and then requested as arguments
-
 from __future__ import annotations
 
 import json
@@ -23,8 +21,7 @@ from llava_moslora.data import synthetic
 from llava_moslora.export.manifest import MANIFEST_NAME
 from llava_moslora.moslora import load_adapter, moslora_config, save_adapter
 from llava_moslora.moslora.safety import CorruptCheckpointError
-from tests.conftest import make_mlp
-from tests.test_export import TINY_MOSLORA, tiny_dir, tiny_env  # noqa: F401 - fixtures
+from tests.conftest import TINY_MOSLORA, make_mlp, make_tiny_llama
 
 MLP_TARGETS = ["lin0", "lin1"]
 
@@ -371,7 +368,6 @@ def test_ablate_logs_the_half_finished_run_folder_it_deletes(tmp_path):
 
 def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
     from llava_moslora.export.manifest import ExportManifest, write_manifest
-    from tests.conftest import make_tiny_llama
 
     export = tmp_path / "export"
     make_tiny_llama().save_pretrained(export / "llm")

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from llava_moslora.moslora import load_adapter, moslora_config, save_adapter, save_folded
-from tests.conftest import LLAMA_TARGETS, make_tiny_llama
-
-
-def trained_moslora(seed=0):
-    base = make_tiny_llama(seed)
-    config = moslora_config(
-        r=8,
-        lora_alpha=16,
-        target_modules=LLAMA_TARGETS,
-        init_lora_weights=False,
-        mixer_init="orthogonal",
-    )
-    return base, get_peft_model(copy.deepcopy(base), config)
-
+from llava_moslora.moslora import load_adapter, save_adapter, save_folded
+from tests.conftest import make_tiny_llama, trained_moslora
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 4]])
 
@@ -125,25 +109,16 @@ STOCK_PEFT_SCRIPT = textwrap.dedent(
 ).format(ids=IDS.tolist())
 
 
-def test_folded_adapter_in_stock_peft_subprocess_equals_moslora(tmp_path):
-    """The subprocess builds the same tiny LLaMA and never imports llava_moslora."""
+def test_folded_adapter_in_stock_peft_subprocess_equals_moslora(tmp_path, stock_python):
+    """Stock PEFT in an interpreter that never imports llava_moslora, on the same tiny LLaMA built
+    there from its config."""
     base, mos = trained_moslora()
     with torch.no_grad():
         expected = mos(input_ids=IDS).logits
     save_folded(mos, tmp_path / "folded")
     saved = load_file(tmp_path / "folded" / "adapter_model.safetensors")
     assert saved and not any("mixer" in k for k in saved)
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            STOCK_PEFT_SCRIPT,
-            str(tmp_path / "folded"),
-            str(tmp_path / "out.pt"),
-        ],
-        check=True,
-        cwd=tmp_path,
-    )
+    stock_python(STOCK_PEFT_SCRIPT, str(tmp_path / "folded"), str(tmp_path / "out.pt"))
     got = torch.load(tmp_path / "out.pt")
     assert (got - base(input_ids=IDS).logits).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from llava_moslora.train.launch import USAGE_ERROR, launch_command
+from tests.conftest import run_train
 
-REPO = Path(__file__).resolve().parent.parent
 CHILD = ["-m", "llava_moslora.train.launch"]
 
 
@@ -59,27 +58,10 @@ def test_several_processes_go_through_torchrun_with_xtuners_variables():
 # --- the exit code of real runs ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from llava_moslora.cli import main
-
-    out = tmp_path_factory.mktemp("tiny_launch")
-    # 160 samples: 20 iterations an epoch, enough for the config's 3 % warm-up to be one or more
-    assert main(["make-tiny", str(out), "--samples", "160"]) == 0
-    return out
-
-
 def train(tiny_dir: Path, work_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    bin_dir = Path(sys.executable).parent
-    command = shutil.which("llava-moslora", path=str(bin_dir))
-    assert command, "the `llava-moslora` command is not installed"
-    return subprocess.run(
-        [command, "train", "configs/tiny_moslora.py", "--work-dir", str(work_dir), *args],
-        cwd=REPO,
-        env=dict(os.environ, LLAVA_MOSLORA_TINY_DIR=str(tiny_dir), HF_HUB_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    """`llava-moslora train configs/tiny_moslora.py --work-dir WORK_DIR --seed 0 ARGS`."""
+    return run_train(
+        "tiny_moslora", tiny_dir, work_dir, *args, launcher="llava-moslora", check=False
     )
 
 
@@ -127,6 +109,6 @@ def test_a_crash_exits_non_zero_with_its_traceback(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_a_finished_run_exits_0(tiny_dir, tmp_path):
     work = tmp_path / "work"
-    run = train(tiny_dir, work, "--seed", "0", "--cfg-options", "train_cfg.max_epochs=1")
+    run = train(tiny_dir, work, "--cfg-options", "train_cfg.max_epochs=1")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "last_checkpoint").is_file()

@@ -17,19 +17,21 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ACTIVATION_TOLERANCE = 0.02
 
 
-def real_step(cfg) -> dict[str, int]:
-    """Bytes of a real build + one forward/backward/AdamW step (batch 1, no checkpointing)."""
+def real_step(cfg, sample: dict | None = None) -> dict[str, int]:
+    """Bytes of a real build + one forward/backward/AdamW step (batch 1, no checkpointing) on
+    `sample`, or on the first sample of the config's dataset."""
     from xtuner.dataset.collate_fns import default_collate_fn
     from xtuner.registry import BUILDER
 
     cfg.model.use_activation_checkpointing = False
     torch.manual_seed(0)
     model = BUILDER.build(cfg.model).train()
-    dataset = BUILDER.build(cfg.train_dataloader.dataset)
+    if sample is None:
+        sample = BUILDER.build(cfg.train_dataloader.dataset)[0]
     params = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.untyped_storage().nbytes() for p in params)
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
-    data = default_collate_fn([dataset[0]])["data"]
+    data = default_collate_fn([sample])["data"]
     with SavedBytes() as saved:
         loss = model(data, mode="loss")["loss"]
     loss.backward()
@@ -52,12 +54,12 @@ def real_step(cfg) -> dict[str, int]:
     )
 
 
-def check_against_real(config: Path, options: dict) -> None:
+def check_against_real(config: Path, options: dict, sample: dict | None = None) -> None:
     from llava_moslora.runs import load_config
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()
-    real = real_step(load_config(config, options))
+    real = real_step(load_config(config, options), sample)
     plan = plan_memory(config, cfg_options=options, seq_len=real["seq_len"])
     assert plan.weights == real["weights"]
     assert plan.gradients == real["gradients"]
@@ -68,18 +70,8 @@ def check_against_real(config: Path, options: dict) -> None:
     assert "largest per-device batch" in format_plan(plan)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from llava_moslora.model.make_tiny import make_tiny
-
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny(out, samples=4)
-    return out
-
-
-def test_plan_matches_a_real_tiny_step_exactly(tiny_dir, monkeypatch):
-    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny_dir))
-    check_against_real(CONFIGS / "tiny_moslora.py", {})
+def test_plan_matches_a_real_tiny_step_exactly(tiny_env, tiny_samples):
+    check_against_real(CONFIGS / "tiny_moslora.py", {}, tiny_samples[0])
 
 
 @pytest.mark.slow
@@ -92,7 +84,7 @@ def test_plan_matches_a_real_mid_size_step_exactly(tmp_path):
     check_against_real(config, path_overrides(config, paths))
 
 
-def test_nf4_bytes_match_bitsandbytes(tiny_dir, monkeypatch):
+def test_nf4_bytes_match_bitsandbytes(tiny_env):
     """The 4-bit weights of tiny_qmoslora: packed nibbles + double-quantized absmax, exactly."""
     import bitsandbytes as bnb
     from xtuner.registry import BUILDER
@@ -102,7 +94,6 @@ def test_nf4_bytes_match_bitsandbytes(tiny_dir, monkeypatch):
     from llava_moslora.train import cpu_shims
 
     cpu_shims.apply()
-    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny_dir))
     cfg = load_config(CONFIGS / "tiny_qmoslora.py")
     real = BUILDER.build(cfg.model)
     layers = [m for m in real.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -4,48 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
 
-from llava_moslora.moslora import merge_and_unload_dequantized, moslora_config
-from tests.conftest import HIDDEN_4BIT, LLAMA_TARGETS, make_tiny_llama, moslora_layers
+from llava_moslora.moslora import merge_and_unload_dequantized
+from tests.conftest import load_4bit, moslora_layers, qmoslora
 
 bnb = pytest.importorskip("bitsandbytes")
 
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 12]])
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_llama(0, hidden_size=HIDDEN_4BIT).save_pretrained(path)
-    return path
-
-
-def load_4bit(path):
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    # 4-bit loading on CPU wants float32 around the quantized layers (bitsandbytes' CPU kernels).
-    return LlamaForCausalLM.from_pretrained(
-        path, quantization_config=quant, torch_dtype=torch.float32
-    )
-
-
-def qmoslora(path, **kwargs):
-    model = prepare_model_for_kbit_training(load_4bit(path), use_gradient_checkpointing=False)
-    config = moslora_config(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, **kwargs)
-    return get_peft_model(model, config)
-
-
-def test_4bit_layers_get_qmoslora_and_train(llama_dir):
+def test_4bit_layers_get_qmoslora_and_train(llama_4bit_dir):
     from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
 
-    model = qmoslora(llama_dir)
+    model = qmoslora(llama_4bit_dir)
     layers = moslora_layers(model)
     assert len(layers) == 2 * 7 and all(isinstance(m, MoSLoRALinear4bit) for m in layers)
     assert all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in layers)
@@ -69,8 +40,8 @@ def test_4bit_layers_get_qmoslora_and_train(llama_dir):
     )
 
 
-def test_4bit_merge_requantizes_and_unmerge_restores_exact_weights(llama_dir):
-    model = qmoslora(llama_dir, init_lora_weights=False)
+def test_4bit_merge_requantizes_and_unmerge_restores_exact_weights(llama_4bit_dir):
+    model = qmoslora(llama_4bit_dir, init_lora_weights=False)
     layer = moslora_layers(model)[0]
     quantized = layer.get_base_layer().weight.detach().clone()
     with torch.no_grad():
@@ -87,10 +58,10 @@ def test_4bit_merge_requantizes_and_unmerge_restores_exact_weights(llama_dir):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_merge_into_dequantized_copy(llama_dir, dtype, tol):
+def test_merge_into_dequantized_copy(llama_4bit_dir, dtype, tol):
     from transformers import LlamaForCausalLM
 
-    model = qmoslora(llama_dir, init_lora_weights=False)
+    model = qmoslora(llama_4bit_dir, init_lora_weights=False)
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
         plain = merge_and_unload_dequantized(model, dtype=dtype)
@@ -99,11 +70,11 @@ def test_merge_into_dequantized_copy(llama_dir, dtype, tol):
         assert not hasattr(plain.config, "quantization_config") and not plain.is_quantized
         assert plain.model.layers[0].mlp.up_proj.weight.dtype == dtype
         got = plain(input_ids=IDS).logits.float()
-    assert (expected - load_4bit(llama_dir)(input_ids=IDS).logits).abs().max() > 5 * tol
+    assert (expected - load_4bit(llama_4bit_dir)(input_ids=IDS).logits).abs().max() > 5 * tol
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
-def test_4bit_layers_stay_in_the_standard_layout_that_merges_dequantize(llama_dir):
+def test_4bit_layers_stay_in_the_standard_layout_that_merges_dequantize(llama_4bit_dir):
     """bitsandbytes repacks a CPU Linear4bit's weight in place on an AVX512-BF16 CPU at its first
     eval forward without grad, into a layout `dequantize_4bit` does not read. Wrapping switches
     that off and undoes a repacking that already happened (forced here, so any CPU runs it)."""
@@ -111,7 +82,7 @@ def test_4bit_layers_stay_in_the_standard_layout_that_merges_dequantize(llama_di
 
     from llava_moslora.moslora.layers_bnb import keep_standard_4bit_layout
 
-    base = load_4bit(llama_dir).model.layers[0].mlp.up_proj  # 64 -> 128
+    base = load_4bit(llama_4bit_dir).model.layers[0].mlp.up_proj  # 64 -> 128
     packed_bytes = base.weight.data.clone()
     weight = dequantize_4bit(base.weight.data, base.weight.quant_state)
     base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(
@@ -126,13 +97,13 @@ def test_4bit_layers_stay_in_the_standard_layout_that_merges_dequantize(llama_di
         dequantize_4bit(base.weight.data, base.weight.quant_state), weight, atol=1e-2, rtol=0
     )  # absmax went through bf16 in the packed layout
 
-    model = qmoslora(llama_dir)
+    model = qmoslora(llama_4bit_dir)
     assert all(
         m.get_base_layer().support_avx512bf16_for_cpu is False for m in moslora_layers(model)
     )
 
 
-def test_a_4bit_layer_the_cpu_kernel_dequantizes_wrongly_is_refused(llama_dir, monkeypatch):
+def test_a_4bit_layer_the_cpu_kernel_dequantizes_wrongly_is_refused(llama_4bit_dir, monkeypatch):
     """Which widths bitsandbytes' CPU kernel gets wrong depends on the CPU (AVX512: multiples of
     16 that are not of 64); the probe is exact where the kernel is right, and a layer it flags is
     refused at wrapping with the width, the block size and the fixes."""
@@ -143,5 +114,5 @@ def test_a_4bit_layer_the_cpu_kernel_dequantizes_wrongly_is_refused(llama_dir, m
         assert layers_bnb.cpu_dequantizes_rows_of(width, 64, "fp4")
     monkeypatch.setattr(layers_bnb, "cpu_dequantizes_rows_of", lambda w, b, q: w != 128)
     with pytest.raises(RuntimeError, match=r"`in_features` = 128 wrongly .* block size 64") as err:
-        qmoslora(llama_dir)  # down_proj reads the 128-wide MLP
+        qmoslora(llama_4bit_dir)  # down_proj reads the 128-wide MLP
     assert "llm_int8_skip_modules" in str(err.value) and "GPU" in str(err.value)

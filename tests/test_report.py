@@ -19,7 +19,6 @@ from llava_moslora.eval.report import (
     write_table,
 )
 from llava_moslora.eval.runner import SUMMARY_NAME
-from tests.test_eval import tiny_exports, tiny_runs  # noqa: F401  (session fixtures)
 
 HEADER = [
     "Run", "Config", "Adapter", "Seed", "Judge",
@@ -106,7 +105,7 @@ def test_report_errors_name_the_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):  # noqa: F811
+def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):
     from llava_moslora.cli import main
 
     runs = [tiny_runs["work"] / name for name in ("oracle", "constant", "tiny_llava")]

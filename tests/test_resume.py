@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from llava_moslora.train.checkpoints import last_checkpoint, load_trained_state
-
-from .test_scale import (
+from tests.conftest import (
     REPO,
     assert_both_towers_have_mixers,
-    small_tiny_dir,  # noqa: F401  (fixture)
-    xtuner_command,
-    xtuner_env,
-    xtuner_train,
+    run_train,
+    train_command,
+    train_env,
 )
 
 # 160 samples at batch 4: 40 iterations an epoch, the config's 2 epochs = 80 iterations (40
@@ -45,23 +43,19 @@ def trained_adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
-    small_tiny_dir,  # noqa: F811
-    tmp_path,
-    monkeypatch,
-):
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)  # the default load path
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    xtuner_train(small_tiny_dir, reference, *RUN)
+    run_train("tiny_moslora", tiny_dir, reference, *RUN)
     assert last_checkpoint(reference).name == FINAL
 
     # Start the same run and SIGKILL it (xtuner's launcher and its training process, one process
     # group) as soon as its first checkpoint is on disk: mmengine writes `last_checkpoint` after
     # the checkpoint file itself.
     run = subprocess.Popen(
-        xtuner_command(resumed, *RUN),
+        train_command("tiny_moslora", resumed, *RUN),
         cwd=REPO,
-        env=xtuner_env(small_tiny_dir),
+        env=train_env(tiny_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -82,7 +76,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
     # torch >= 2.6 loads with weights_only=True, and `xtuner train --resume` reads the seed and
     # mmengine the state with a bare torch.load: the configs allow exactly the globals mmengine
     # checkpoints hold (llava_moslora/train/compat.py), so no TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
-    output = xtuner_train(small_tiny_dir, resumed, *RUN, "--resume", str(killed_at))
+    run = run_train("tiny_moslora", tiny_dir, resumed, *RUN, "--resume", str(killed_at))
+    output = run.stdout + run.stderr
     iteration = int(killed_at.stem.removeprefix("iter_"))
     assert re.search(rf"resumed epoch: \d+, iter: {iteration}\b", output), output[-4000:]
     assert last_checkpoint(resumed).name == FINAL

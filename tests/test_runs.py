@@ -6,8 +6,6 @@ checkpoint was scored without a word, a rank mismatch surfaced as torch's Runtim
 loads through `runs.load_run`, so it refuses exactly what export refuses, with the same error.
 """
 
-# ruff: noqa: F811 - test_export's fixtures are imported by name and then requested as arguments
-
 from __future__ import annotations
 
 import json
@@ -26,16 +24,7 @@ from llava_moslora.runs import (
     load_run,
     square_pixels,
 )
-from tests.test_export import (  # noqa: F401 - fixtures, used by name
-    TINY_LORA,
-    TINY_MOSLORA,
-    inputs,
-    llava_model_logits,
-    save_mmengine_checkpoint,
-    tiny_dir,
-    tiny_env,
-    trained,
-)
+from tests.conftest import TINY_LORA, TINY_MOSLORA, llava_model_logits, save_mmengine_checkpoint
 
 FROZEN_IDENTITY = {
     f"model.{tower}.{key}": value

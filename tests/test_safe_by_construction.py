@@ -5,8 +5,6 @@ Each test fails without its fix: the payload tests assert the payload's file is 
 overwrite tests that every file survives, the refusals pin their message.
 """
 
-# ruff: noqa: F811 - test_export's fixtures are imported by name and then requested as arguments
-
 from __future__ import annotations
 
 import contextlib
@@ -31,21 +29,17 @@ from llava_moslora.moslora.safety import (
 )
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
-from tests.test_export import (  # noqa: F401 - fixtures, used by name
+from tests.conftest import (
     FP32_ATOL,
+    LLAMA_TARGETS,
     TINY_MOSLORA,
-    inputs,
     llava_model_logits,
+    make_tiny_llama,
     max_diff,
     randomise_trained_tensors,
     save_mmengine_checkpoint,
-    tiny_dir,
-    tiny_env,
-    trained,
+    trained_moslora,
 )
-from tests.test_io import trained_moslora
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Payload:
@@ -389,7 +383,6 @@ def test_a_frozen_mixer_checkpoint_exports_under_its_own_config(tiny_env, tmp_pa
 
 def test_an_adapter_without_its_moslora_config_never_loads_a_frozen_mixer_as_trainable(tmp_path):
     from llava_moslora.moslora import moslora_config
-    from tests.conftest import LLAMA_TARGETS, make_tiny_llama
 
     config = moslora_config(
         r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, mixer_init="identity",
@@ -437,7 +430,7 @@ def test_load_adapter_without_weights_never_reaches_the_hub(tmp_path):
 
 # --- 5. stock tools read exports correctly ----------------------------------------------------
 
-# Runs in a fresh interpreter that never imports llava_moslora: only transformers reads the export.
+# Runs in `stock_python`, which never imports llava_moslora: only transformers reads the export.
 STOCK_SCRIPT = """
 import sys
 import torch
@@ -457,7 +450,7 @@ torch.save({"logits": logits, "pixel_values": batch["pixel_values"], "generated"
 
 
 def test_stock_transformers_answers_a_non_square_image_like_the_training_model(
-    trained, inputs, tmp_path
+    trained, inputs, tiny_dir, tmp_path, stock_python
 ):
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -475,7 +468,7 @@ def test_stock_transformers_answers_a_non_square_image_like_the_training_model(
     image_path = tmp_path / "wide.png"
     wide.save(image_path)
 
-    clip = CLIPImageProcessor.from_pretrained(Path(os.environ["LLAVA_MOSLORA_TINY_DIR"]) / "clip")
+    clip = CLIPImageProcessor.from_pretrained(tiny_dir / "clip")
     mean = tuple(int(x * 255) for x in clip.image_mean)
     padded = clip(expand2square(wide, mean), return_tensors="pt")["pixel_values"]  # training's
     cropped = clip(wide, return_tensors="pt")["pixel_values"]  # a plain CLIP processor's
@@ -486,23 +479,7 @@ def test_stock_transformers_answers_a_non_square_image_like_the_training_model(
     assert max_diff(as_cropped, expected) > 1e-3  # cropping would change the answer's logits
 
     result = tmp_path / "stock.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            STOCK_SCRIPT,
-            str(out),
-            str(image_path),
-            inputs["prompt"],
-            str(result),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    stock_python(STOCK_SCRIPT, str(out), str(image_path), inputs["prompt"], str(result))
     stock = torch.load(result, weights_only=True)
     assert torch.equal(stock["pixel_values"], padded)  # the pad colour and offset are training's
     vocab = expected.shape[-1]  # the export's vocabulary grew by the <image> token

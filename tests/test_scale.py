@@ -6,84 +6,14 @@ Each run is a subprocess (`xtuner train` exits 0 even when training fails: check
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from llava_moslora.train.checkpoints import last_checkpoint, load_trained_state
-
-REPO = Path(__file__).resolve().parent.parent
-LLM_MIXERS = 2 * 7  # 2 layers x q,k,v,o,gate,up,down
-# layers 0-1 of 3 x q,k,v,out_proj,fc1,fc2: the last layer runs after the hidden state LLaVA reads
-# (visual_select_layer=-2), so the tiny configs leave it out
-VIT_MIXERS = 2 * 6
-
-
-@pytest.fixture(scope="session")
-def small_tiny_dir(tmp_path_factory) -> Path:
-    """The tiny LLaVA with 160 training samples: 40 iterations per epoch at batch 4.
-
-    Fewer would round the config's warm-up (3 % of 2 epochs) to zero iterations, which mmengine
-    refuses ("end should be larger than begin").
-    """
-    from llava_moslora.cli import main
-
-    out = tmp_path_factory.mktemp("tiny160")
-    assert main(["make-tiny", str(out), "--samples", "160"]) == 0
-    return out
-
-
-def xtuner_command(work_dir: Path, *args: str, config: str = "tiny_moslora") -> list[str]:
-    bin_dir = Path(sys.executable).parent
-    xtuner = shutil.which("xtuner", path=str(bin_dir)) or shutil.which("xtuner")
-    assert xtuner, "the `xtuner` command is not installed"
-    return [
-        xtuner,
-        "train",
-        str(REPO / "configs" / f"{config}.py"),
-        "--work-dir",
-        str(work_dir),
-        "--seed",
-        "0",
-        *args,
-    ]
-
-
-def xtuner_env(tiny_dir: Path, **extra: str) -> dict[str, str]:
-    bin_dir = Path(sys.executable).parent
-    return dict(
-        os.environ,
-        LLAVA_MOSLORA_TINY_DIR=str(tiny_dir),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        # `xtuner train` re-launches `python` (or torchrun) from PATH: make it this environment's.
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        **extra,
-    )
-
-
-def xtuner_train(
-    tiny_dir: Path, work_dir: Path, *args: str, config: str = "tiny_moslora", **env: str
-) -> str:
-    """Run `xtuner train configs/CONFIG.py ARGS`; return its output, checked for success."""
-    run = subprocess.run(
-        xtuner_command(work_dir, *args, config=config),
-        cwd=REPO,
-        env=xtuner_env(tiny_dir, **env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = run.stdout + run.stderr
-    assert (work_dir / "last_checkpoint").exists() and "Traceback" not in output, output[-4000:]
-    return output
+from tests.conftest import assert_both_towers_have_mixers, run_train
 
 
 def logged_losses(work_dir: Path) -> list[float]:
@@ -94,27 +24,27 @@ def logged_losses(work_dir: Path) -> list[float]:
     ]
 
 
-def assert_both_towers_have_mixers(state: dict[str, torch.Tensor]) -> None:
-    mixers = [key for key in state if "lora_mixer" in key]
-    assert len([k for k in mixers if k.startswith("llm.")]) == LLM_MIXERS, mixers
-    assert len([k for k in mixers if k.startswith("visual_encoder.")]) == VIT_MIXERS, mixers
-    assert any(key.startswith("projector.") for key in state)
-
-
 # --- DeepSpeed ZeRO-2 / ZeRO-3 in one process -------------------------------------------------
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_xtuner_deepspeed_on_cpu(preset, small_tiny_dir, tmp_path):
+def test_xtuner_deepspeed_on_cpu(preset, tiny_dir, tmp_path):
     """XTuner's own presets, unchanged: the CPU shims make one process work, in float32 where
     this CPU cannot run DeepSpeed's fp16 and in fp16 where it can (AVX512-FP16/AMX)."""
     from llava_moslora.train.cpu_shims import deepspeed_supports_fp16
 
     work_dir = tmp_path / "work"
-    output = xtuner_train(
-        small_tiny_dir, work_dir, "--deepspeed", preset, "--cfg-options", "train_cfg.max_epochs=1"
+    run = run_train(
+        "tiny_moslora",
+        tiny_dir,
+        work_dir,
+        "--deepspeed",
+        preset,
+        "--cfg-options",
+        "train_cfg.max_epochs=1",
     )
+    output = run.stdout + run.stderr
     # deepspeed_fp32_on_cpu turns the preset's fp16 off exactly where this machine lacks it (both
     # branches are forced in test_train_tiny.py); DeepSpeed logs the dtype its optimizer runs in.
     fp16 = deepspeed_supports_fp16()
@@ -135,18 +65,19 @@ def test_xtuner_deepspeed_on_cpu(preset, small_tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_qmoslora_with_deepspeed_zero3_on_cpu(small_tiny_dir, tmp_path):
+def test_qmoslora_with_deepspeed_zero3_on_cpu(tiny_dir, tmp_path):
     """QLoRA + ZeRO-3: XTuner repacks the 4-bit weights into a half dtype DeepSpeed can shard."""
     work_dir = tmp_path / "work"
-    output = xtuner_train(
-        small_tiny_dir,
+    run = run_train(
+        "tiny_qmoslora",
+        tiny_dir,
         work_dir,
         "--deepspeed",
         "deepspeed_zero3",
         "--cfg-options",
         "train_cfg.max_epochs=1",
-        config="tiny_qmoslora",
     )
+    output = run.stdout + run.stderr
     # tiny_qmoslora.py asks for float32 compute and the default uint8 packing; XTuner's
     # LLaVAModel._prepare_for_qlora_zero3 rewrites both to float16 (bfloat16 where supported),
     # and the summary hook reads the storage dtype off the built Linear4bit weights. 12 layers:
@@ -188,12 +119,13 @@ SAME_STEPS = [
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(small_tiny_dir, tmp_path):
+def test_two_processes_train_like_one(tiny_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # torchrun gives each of its processes one thread; the same for the single process, so that
     # both compute every per-sample gradient with the same kernels.
-    xtuner_train(
-        small_tiny_dir,
+    run_train(
+        "tiny_moslora",
+        tiny_dir,
         one,
         "--cfg-options",
         *SAME_STEPS,
@@ -201,8 +133,9 @@ def test_two_processes_train_like_one(small_tiny_dir, tmp_path):
         "train_dataloader.sampler.per_device_batch_size=2",
         OMP_NUM_THREADS="1",
     )
-    xtuner_train(
-        small_tiny_dir,
+    run_train(
+        "tiny_moslora",
+        tiny_dir,
         two,
         "--cfg-options",
         *SAME_STEPS,
@@ -218,7 +151,7 @@ def test_two_processes_train_like_one(small_tiny_dir, tmp_path):
     assert_both_towers_have_mixers(state_two)
     assert state_one.keys() == state_two.keys()
 
-    start = load_trained_state(small_tiny_dir / "projector" / "iter_0.pth")
+    start = load_trained_state(tiny_dir / "projector" / "iter_0.pth")
     moved = {k for k in start if not torch.equal(start[k], state_one[k])}
     assert moved == set(
         start

@@ -3,8 +3,6 @@ trainable tensors that cannot receive a gradient."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,10 +14,8 @@ from llava_moslora.train.summary import (
     unreachable_line,
     unreachable_parameters,
 )
-from tests.conftest import CLIP_LAYER_LINEARS, HIDDEN_4BIT, make_tiny_llama
-from tests.test_xtuner_llava import build_llava
+from tests.conftest import CLIP_LAYER_LINEARS, build_from_config, build_llava, load_4bit
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_mixer")
 # The documented switch back to the paper's exact target list (every ViT layer adapted).
 PAPER_TARGETS = {"model.visual_encoder_lora.layers_to_transform": None}
@@ -72,26 +68,17 @@ def test_adapter_kind_and_summary_lines():
 
 
 @pytest.mark.parametrize("storage", [None, torch.float16])
-def test_base_weights_reports_4bit_storage_as_built(tmp_path, storage):
+def test_base_weights_reports_4bit_storage_as_built(llama_4bit_dir, storage):
     from peft import get_peft_model
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     from llava_moslora.moslora import moslora_config
 
-    make_tiny_llama(hidden_size=HIDDEN_4BIT).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        # None: bitsandbytes' default uint8 packing; float16: what XTuner's LLaVAModel asks for
-        # under ZeRO-3, so that DeepSpeed can partition the packed weights.
-        **({} if storage is None else {"bnb_4bit_quant_storage": storage}),
+    # None: bitsandbytes' default uint8 packing; float16: what XTuner's LLaVAModel asks for
+    # under ZeRO-3, so that DeepSpeed can partition the packed weights.
+    extra = {} if storage is None else {"bnb_4bit_quant_storage": storage}
+    llm = get_peft_model(
+        load_4bit(llama_4bit_dir, **extra), moslora_config(r=4, target_modules=["q_proj"])
     )
-    llm = LlamaForCausalLM.from_pretrained(
-        tmp_path, quantization_config=quant, torch_dtype=torch.float32
-    )
-    llm = get_peft_model(llm, moslora_config(r=4, target_modules=["q_proj"]))
     expected = "uint8" if storage is None else "float16"
     layers = 2 * 7  # 2 decoder layers x q, k, v, o, gate, up, down
     assert base_weights(llm) == (
@@ -99,42 +86,19 @@ def test_base_weights_reports_4bit_storage_as_built(tmp_path, storage):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from llava_moslora.model.make_tiny import make_tiny
-
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny(out, samples=4)
-    return out
-
-
-def build_tiny(tiny_dir: Path, monkeypatch, name: str, options: dict):
-    """`configs/{name}.py` on the make-tiny LLaVA (3-layer CLIP), as `xtuner train` builds it."""
-    from mmengine.config import Config
-    from xtuner.registry import BUILDER
-
-    monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tiny_dir))
-    cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
-    cfg.merge_from_dict(options)
-    torch.manual_seed(0)
-    return cfg, BUILDER.build(cfg.model).train()
-
-
-def without_gradient(cfg, model) -> set[str]:
-    """Trainable tensors whose gradient is missing or all zero after one backward on 2 samples.
+def without_gradient(model, samples: list[dict]) -> set[str]:
+    """Trainable tensors whose gradient is missing or all zero after one backward on `samples`.
 
     LoRA's B starts at zero, which by design gives A and the mixer a zero gradient at step 0; B
     gets random values first, so that a zero gradient can only mean a tensor out of reach.
     """
     from xtuner.dataset.collate_fns import default_collate_fn
-    from xtuner.registry import BUILDER
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.02)
-    dataset = BUILDER.build(cfg.train_dataloader.dataset)
-    model(default_collate_fn([dataset[0], dataset[1]])["data"], mode="loss")["loss"].backward()
+    model(default_collate_fn(samples)["data"], mode="loss")["loss"].backward()
     return {
         name
         for name, param in model.named_parameters()
@@ -142,8 +106,9 @@ def without_gradient(cfg, model) -> set[str]:
     }
 
 
-def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_dir, monkeypatch):
-    cfg, model = build_tiny(tiny_dir, monkeypatch, "tiny_moslora", PAPER_TARGETS)
+def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_env, tiny_samples):
+    """On the make-tiny LLaVA (3-layer CLIP), built from the config as `xtuner train` builds it."""
+    _, model = build_from_config("tiny_moslora", PAPER_TARGETS)
     found = unreachable_parameters(model)
     assert (found.select_layer, found.num_layers, found.layers) == (-2, 3, [2])
     names = {f"{m}.{t}.default.weight" for m in CLIP_LAYER_LINEARS for t in ADAPTER_TENSORS}
@@ -162,14 +127,14 @@ def test_summary_names_the_unread_vit_layer_with_the_papers_targets(tiny_dir, mo
     assert summary_lines(model)[-1] == line
     # What the line claims is what backward does: exactly those tensors get no gradient.
     layer_2 = "visual_encoder.base_model.model.vision_model.encoder.layers.2."
-    assert without_gradient(cfg, model) == {layer_2 + name for name in names}
+    assert without_gradient(model, tiny_samples) == {layer_2 + name for name in names}
 
 
 @pytest.mark.parametrize("name", ["tiny_moslora", "tiny_lora"])
 def test_with_the_default_configs_every_trainable_tensor_gets_a_gradient(
-    name, tiny_dir, monkeypatch
+    name, tiny_env, tiny_samples
 ):
-    cfg, model = build_tiny(tiny_dir, monkeypatch, name, {})
+    _, model = build_from_config(name)
     counts = trainable_by_group(model)
     # The ViT is adapted in its layers 0 and 1 (r=64, hidden 64 / MLP 256), the mixers if MoSLoRA.
     assert counts["vit adapter"] == 2 * (4 * 2 * 64 * 64 + 2 * (64 * 64 + 64 * 256))
@@ -180,4 +145,4 @@ def test_with_the_default_configs_every_trainable_tensor_gets_a_gradient(
         "Parameters that cannot receive a gradient: none "
         "(ViT visual_select_layer=-2 reads the output of layer 1; nothing above it is trained)"
     )
-    assert without_gradient(cfg, model) == set()
+    assert without_gradient(model, tiny_samples) == set()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +14,20 @@ from llava_moslora.data import prompts
 from llava_moslora.data.items import OPTION_LETTERS, read_eval_items
 from llava_moslora.train import cpu_shims
 from llava_moslora.train.checkpoints import load_checkpoint_file
-from tests.conftest import vlmevalkit_mcq_prompts
+from tests.conftest import (
+    REPO,
+    assert_both_towers_have_mixers,
+    run_train,
+    vlmevalkit_mcq_prompts,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from llava_moslora.cli import main
-
-    out = tmp_path_factory.mktemp("tiny")
-    assert main(["make-tiny", str(out)]) == 0
-    return out
+def tiny_dir(tiny_llava) -> Path:
+    """`make-tiny`'s default 320 samples (the training run below, the image counts)."""
+    return tiny_llava(samples=320)
 
 
 # --- make-tiny ------------------------------------------------------------------------------
@@ -581,45 +579,10 @@ def test_shim_bnb_standard_4bit_layout_on_cpu(monkeypatch, cpu_has_avx512bf16):
 # --- xtuner train -----------------------------------------------------------------------------
 
 
-def xtuner_train(config: str, tiny_dir: Path, work_dir: Path) -> str:
-    """Run `xtuner train CONFIG` offline; return its output. (It exits 0 even when training fails.)"""
-    bin_dir = Path(sys.executable).parent
-    xtuner = shutil.which("xtuner", path=str(bin_dir)) or shutil.which("xtuner")
-    assert xtuner, "the `xtuner` command is not installed"
-    env = dict(
-        os.environ,
-        LLAVA_MOSLORA_TINY_DIR=str(tiny_dir),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        # `xtuner train` re-launches `python` from PATH: make it this environment's.
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    run = subprocess.run(
-        [
-            xtuner,
-            "train",
-            str(REPO / "configs" / config),
-            "--work-dir",
-            str(work_dir),
-            "--seed",
-            "0",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return run.stdout + run.stderr
-
-
 @pytest.mark.slow
 def test_xtuner_train_tiny_moslora(tiny_dir, tmp_path):
     work_dir = tmp_path / "work"
-    output = xtuner_train("tiny_moslora.py", tiny_dir, work_dir)
-    last = work_dir / "last_checkpoint"
-    assert last.exists() and "Traceback" not in output, output[-4000:]
+    run_train("tiny_moslora", tiny_dir, work_dir)  # checks that it trained
 
     (scalars,) = work_dir.glob("*/vis_data/scalars.json")
     losses = [
@@ -628,16 +591,10 @@ def test_xtuner_train_tiny_moslora(tiny_dir, tmp_path):
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # ~6.0 -> ~1.7 measured
 
-    checkpoint = Path(last.read_text().strip())
+    checkpoint = Path((work_dir / "last_checkpoint").read_text().strip())
     state = load_checkpoint_file(checkpoint)["state_dict"]  # read as data: no code runs
+    assert_both_towers_have_mixers(state)
     mixers = {k: v for k, v in state.items() if "lora_mixer" in k}
-    llm_mixers = [k for k in mixers if k.startswith("llm.")]
-    vit_mixers = [k for k in mixers if k.startswith("visual_encoder.")]
-    assert len(llm_mixers) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
-    # layers 0-1 of 3 x q,k,v,out_proj,fc1,fc2: the last layer, whose output LLaVA never reads
-    # (visual_select_layer=-2), is left out
-    assert len(vit_mixers) == 2 * 6
-    assert any(k.startswith("projector.") for k in state)
 
     # The mixers were learned: they moved between the last two checkpoints.
     earlier = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))[-2]

@@ -8,32 +8,7 @@ import torch
 from peft import get_peft_model
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import make_mlp, make_tiny_clip_vision, make_tiny_llama, moslora_layers
-
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def build_llava(seed: int = 0):
-    from xtuner.model import LLaVAModel
-
-    torch.manual_seed(seed)
-    return LLaVAModel(
-        llm=make_tiny_llama(seed),
-        visual_encoder=make_tiny_clip_vision(seed),
-        freeze_llm=True,
-        freeze_visual_encoder=True,
-        llm_lora=dict(
-            type=moslora_config,
-            r=8,
-            lora_alpha=16,
-            lora_dropout=0.05,
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-        visual_encoder_lora=dict(
-            type=moslora_config, r=4, lora_alpha=2, target_modules=VIT_TARGETS, bias="none"
-        ),
-    )
+from tests.conftest import build_llava, make_mlp, moslora_layers
 
 
 def assert_kaiming(mixer: torch.Tensor) -> None:
