@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch import nn
 
+from llava_moslora.model.tiny import CLIP_TARGETS, tiny_clip_vision, tiny_llama
 from llava_moslora.model.tiny import LLAMA_TARGETS as _LLAMA
-from llava_moslora.model.tiny import tiny_clip_vision, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -36,7 +36,6 @@ TINY_MOSLORA = str(CONFIGS / "tiny_moslora.py")
 TINY_LORA = str(CONFIGS / "tiny_lora.py")
 
 LLAMA_TARGETS = list(_LLAMA)
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # CLIP's adapted linears inside one encoder layer, as PEFT names them, in the order CLIPAttention
 # and CLIPMLP define them (and named_parameters lists them).
 CLIP_LAYER_LINEARS = (
@@ -109,7 +108,7 @@ def build_llava(seed: int = 0):
             task_type="CAUSAL_LM",
         ),
         visual_encoder_lora=dict(
-            type=moslora_config, r=4, lora_alpha=2, target_modules=VIT_TARGETS, bias="none"
+            type=moslora_config, r=4, lora_alpha=2, target_modules=list(CLIP_TARGETS), bias="none"
         ),
     )
 
@@ -588,7 +587,6 @@ def tiny_exports(tiny_dir, tmp_path_factory) -> dict[str, Path]:
 
     from llava_moslora.export.hf_llava import build_hf_llava
     from llava_moslora.export.manifest import write_manifest
-    from llava_moslora.model.tiny import CLIP_TARGETS
     from llava_moslora.moslora import moslora_config, save_adapter, save_folded
 
     root = tmp_path_factory.mktemp("exports")
