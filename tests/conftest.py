@@ -18,6 +18,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,13 +47,6 @@ CLIP_LAYER_LINEARS = (
     "mlp.fc1",
     "mlp.fc2",
 )
-
-# One torch thread in the test process: the models here are tiny, so a thread pool buys nothing,
-# and on a shared machine (CI, a 2-core box with other jobs) each op's pool waits for threads the
-# scheduler has parked: measured 22 s instead of 3 s for test_demo.py under load. Subprocesses
-# keep their own default; the tests that compare runs bit for bit set OMP_NUM_THREADS themselves.
-torch.set_num_threads(1)
-
 
 # --- tiny models in memory ---------------------------------------------------------------------
 
@@ -392,13 +386,16 @@ def trained(_trained, tiny_env):
 
 # --- one interpreter that never imports llava_moslora ------------------------------------------
 
-# Reads one job a line ({"script", "argv"}), runs the script as `python -c SCRIPT ARGV...` would,
-# and answers one line: the traceback, or null. The replies keep the original stdout to
-# themselves; whatever a job prints goes to stderr. Checked after every job: nothing imported
-# llava_moslora.
+# Imports torch and PEFT (and with it transformers) first, while the tests before the first job
+# run; then reads one job a line ({"script", "argv"}), runs the script as `python -c SCRIPT
+# ARGV...` would, and answers one line: the traceback, or null. The replies keep the original
+# stdout to themselves; whatever a job prints goes to stderr. Checked after every job: nothing
+# imported llava_moslora.
 _STOCK_SERVER = textwrap.dedent(
     """
     import json, os, sys, traceback
+    import torch
+    from peft import PeftModel
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     for line in sys.stdin:
@@ -418,49 +415,84 @@ _STOCK_SERVER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="session")
-def stock_python(tmp_path_factory) -> Iterator[Callable[..., None]]:
-    """`stock_python(script, *args)`: run `script` as `python -c script args` would, in one
-    interpreter kept for the session that never imports llava_moslora: what a user's stock
-    transformers and PEFT see. One interpreter, because each start re-imports torch,
-    transformers and PEFT (seconds to a minute on a busy machine). Offline; $HF_HOME (where
-    remote code is cached) is its own; the working directory is empty."""
-    work = tmp_path_factory.mktemp("stock_python")
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(work / "hf_home"),
-        PYTHONPATH="",
-        OMP_NUM_THREADS="1",  # tiny models; see torch.set_num_threads above
-    )
-    log = work / "stderr.log"
-    with open(log, "w") as stderr:
-        server = subprocess.Popen(
-            [sys.executable, "-c", _STOCK_SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            cwd=work,
-            env=env,
-            text=True,
-        )
+class _StockInterpreter:
+    """The interpreter behind `stock_python`: offline, its own $HF_HOME (where remote code is
+    cached), an empty working directory, one thread (tiny models)."""
 
-    def run(script: str, *args: str, timeout: float = 600) -> None:
-        assert server.poll() is None, log.read_text()[-4000:]
-        server.stdin.write(json.dumps({"script": script, "argv": list(args)}) + "\n")
-        server.stdin.flush()
-        ready, _, _ = select.select([server.stdout], [], [], timeout)
-        reply = server.stdout.readline() if ready else ""
-        assert reply, f"no answer within {timeout} s: {log.read_text()[-4000:]}"
+    def __init__(self) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="stock_python_"))
+        self.log = self.work / "stderr.log"
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_HOME=str(self.work / "hf_home"),
+            PYTHONPATH="",
+            OMP_NUM_THREADS="1",  # tiny models: see pytest_collection_finish
+        )
+        with open(self.log, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _STOCK_SERVER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=self.work,
+                env=env,
+                text=True,
+            )
+
+    def run(self, script: str, *args: str, timeout: float = 600) -> None:
+        process = self.process
+        assert process.poll() is None, self.log.read_text()[-4000:]
+        process.stdin.write(json.dumps({"script": script, "argv": list(args)}) + "\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        reply = process.stdout.readline() if ready else ""
+        assert reply, f"no answer within {timeout} s: {self.log.read_text()[-4000:]}"
         error = json.loads(reply)
         assert error is None, error[-4000:]
 
-    yield run
-    server.kill()  # nothing to flush: every job wrote its results before it answered
-    server.wait()
-    server.stdin.close()
-    server.stdout.close()
+    def close(self) -> None:
+        self.process.kill()  # nothing to flush: every job wrote its results before it answered
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+_stock_interpreters: list[_StockInterpreter] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once the tests that will run are known: without a slow test among them (the fast lane),
+    torch runs on one thread in this process. Their models are tiny, so a thread pool buys
+    nothing, and on a shared machine (CI, a 2-core box with other jobs) each op waits for pool
+    threads the scheduler has parked: test_demo.py took 22 s instead of 3 s under load. (The
+    stand-ins of the slow tests are 4096 wide: they keep the default.) And if a test uses
+    `stock_python`, its interpreter starts now: its imports (seconds to a minute) run beside the
+    tests before that one."""
+    if session.config.option.collectonly:
+        return
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        torch.set_num_threads(1)
+    if any("stock_python" in getattr(item, "fixturenames", ()) for item in session.items):
+        _stock_interpreters.append(_StockInterpreter())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _stock_interpreters:
+        _stock_interpreters.pop().close()
+
+
+@pytest.fixture(scope="session")
+def stock_python() -> Callable[..., None]:
+    """`stock_python(script, *args)`: run `script` as `python -c script args` would, in one
+    interpreter for the session that never imports llava_moslora: what a user's stock
+    transformers and PEFT see. One interpreter, started as collection ends, because each start
+    imports torch, transformers and PEFT again (seconds to a minute on a busy machine)."""
+    if not _stock_interpreters:
+        _stock_interpreters.append(_StockInterpreter())
+    return _stock_interpreters[0].run
 
 
 # --- launching a training run ------------------------------------------------------------------

@@ -112,18 +112,38 @@ def test_nf4_bytes_match_bitsandbytes(tiny_env):
     assert nf4_bytes(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024
 
 
-def test_paper_config_plans_offline_from_hub_ids():
-    """No files, no network: the hub ids of the paper configs resolve to their known shapes."""
-    plan = plan_memory(CONFIGS / "llama3_moslora.py", gpus=8, deepspeed="zero2", llm_layers=2)
-    trainable = sum(r.numel for r in plan.trainable.values())
-    # r64 on q,k,v,o,gate,up,down of 2 LLaMA-3-8B layers, r64 on 6 linears of CLIP-L's layers
-    # 0-22 (the 24th runs after the hidden state LLaVA reads, visual_select_layer=-2, and is not
-    # adapted), the 1024 -> 4096 -> 4096 projector; mixers 64 x 64 each.
+def paper_trainable(llm_layers: int) -> int:
+    """Trainable elements of configs/llama3_moslora.py on `llm_layers` LLaMA-3-8B layers.
+
+    r64 on q,k,v,o,gate,up,down of each LLaMA layer, r64 on 6 linears of CLIP-L's layers 0-22
+    (the 24th runs after the hidden state LLaVA reads, visual_select_layer=-2, and is not
+    adapted), the 1024 -> 4096 -> 4096 projector; mixers 64 x 64 each.
+    """
     per_llm_layer = 64 * (4096 * 2 + (4096 + 1024) * 2 + 4096 * 2 + (4096 + 14336) * 3)
     per_vit_layer = 64 * (2048 * 4 + (1024 + 4096) * 2)
     projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-    mixers = 64 * 64 * (7 * 2 + 6 * 23)
-    assert trainable == 2 * per_llm_layer + 23 * per_vit_layer + projector + mixers
+    mixers = 64 * 64 * (7 * llm_layers + 6 * 23)
+    return llm_layers * per_llm_layer + 23 * per_vit_layer + projector + mixers
+
+
+def test_paper_config_builds_offline_from_hub_ids():
+    """No files, no network: the hub ids of the paper config resolve to their known shapes, on
+    the meta device (what `plan` builds first; the whole plan of this config is the next test)."""
+    from llava_moslora.plan.planner import build_meta_llava, parameter_rows
+    from llava_moslora.runs import load_config
+
+    meta = build_meta_llava(load_config(CONFIGS / "llama3_moslora.py"), llm_layers=2)
+    frozen, trainable, _ = parameter_rows(meta, "zero2")
+    assert sum(r.numel for r in trainable.values()) == paper_trainable(2)
+    assert frozen["llm weights"].bytes == 2 * frozen["llm weights"].numel  # bf16
+
+
+@pytest.mark.slow  # ~20 s: traces the 24-layer CLIP-L at 336 px four times, on fake tensors
+def test_paper_config_plans_offline_from_hub_ids():
+    """No files, no network: the plan of the paper config from its hub ids."""
+    plan = plan_memory(CONFIGS / "llama3_moslora.py", gpus=8, deepspeed="zero2", llm_layers=2)
+    trainable = sum(r.numel for r in plan.trainable.values())
+    assert trainable == paper_trainable(2)
     assert plan.seq_len == 2047 and plan.image_tokens == 576
     assert plan.frozen["llm weights"].bytes == 2 * plan.frozen["llm weights"].numel  # bf16
     assert plan.gradients == -(-6 * trainable // 8) and plan.optimizer == -(-12 * trainable // 8)
