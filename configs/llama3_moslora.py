@@ -33,7 +33,7 @@ visual_encoder_target_modules = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"
 # adapts every layer; for its exact targets pass
 #   --cfg-options model.visual_encoder_lora.layers_to_transform=None
 visual_encoder_layers_to_transform = __import__(
-    "llava_moslora.model.vision_layers", fromlist=["layers_feeding"]
+    "llava_moslora.builders.vision_layers", fromlist=["layers_feeding"]
 ).layers_feeding(visual_encoder_num_layers, visual_select_layer)
 
 #######################################################################

@@ -5,7 +5,7 @@
         --config configs/tiny_ablation_pretrained.py --seeds 5 --work-dir work_dirs/ablation_pretrained \
         --lr-grid 5e-4,1e-3,2e-3,4e-3
 
-The base (`make-tiny --pretrain`, llava_moslora/model/pretrain.py) had every weight trained on
+The base (`make-tiny --pretrain`, llava_moslora/builders/pretrain.py) had every weight trained on
 family A of llava_moslora.data.families (colour and shape questions) and scores chance on
 family B (count and position questions, in phrasings it never saw). The adapters train on
 family B's conversations; a run is scored on family B's held-out test items (`--eval heldout`),

@@ -37,10 +37,10 @@ max_length = 512 - (56 // 14) ** 2  # tiny LLaMA's 512 positions, 16 image token
 # The tiny CLIP's 3 layers: adapt 0-1, the two that feed visual_select_layer=-2 (see
 # llama3_moslora.py; `model.visual_encoder_lora.layers_to_transform=None` adapts all three).
 visual_encoder_num_layers = __import__(
-    "llava_moslora.model.make_tiny", fromlist=["TINY_CLIP_LAYERS"]
+    "llava_moslora.builders.make_tiny", fromlist=["TINY_CLIP_LAYERS"]
 ).TINY_CLIP_LAYERS
 visual_encoder_layers_to_transform = __import__(
-    "llava_moslora.model.vision_layers", fromlist=["layers_feeding"]
+    "llava_moslora.builders.vision_layers", fromlist=["layers_feeding"]
 ).layers_feeding(visual_encoder_num_layers, visual_select_layer)
 dataloader_num_workers = 0
 

@@ -22,7 +22,7 @@ SHAPES = ("llama3-8b", "internlm2-7b", "mid")
 
 
 def _standin_options(args: argparse.Namespace) -> int:
-    from .model.standin import path_overrides, standin_paths
+    from .builders.standin import path_overrides, standin_paths
 
     paths = standin_paths(args.dir)
     missing = [str(p) for p in paths.values() if not p.exists()]
@@ -55,9 +55,9 @@ def _score_base(model, tokenizer, image_processor, items_path) -> dict[str, floa
 
     from xtuner.utils import PROMPT_TEMPLATE
 
+    from .builders.pretrain import TEMPLATE
     from .data.items import read_eval_items
     from .eval.heldout import chance_accuracy, option_accuracy
-    from .model.pretrain import TEMPLATE
 
     items = read_eval_items(items_path)
     accuracy = option_accuracy(
@@ -67,7 +67,7 @@ def _score_base(model, tokenizer, image_processor, items_path) -> dict[str, floa
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .model.pretrain import PretrainSpec, pretrain_tiny
+    from .builders.pretrain import PretrainSpec, pretrain_tiny
 
     try:
         spec = PretrainSpec(
@@ -99,7 +99,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .model.make_tiny import make_tiny
+    from .builders.make_tiny import make_tiny
 
     if args.pretrain is not None:
         if args.shape != "tiny" or args.task != "shapes":
@@ -110,7 +110,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
             return 2
         return _pretrain(args)
     if args.shape != "tiny":
-        from .model.standin import make_standin
+        from .builders.standin import make_standin
 
         try:
             paths = make_standin(
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         choices=("tiny",) + SHAPES,
         help="tiny (default): toy widths; llama3-8b / internlm2-7b: the paper's towers at their "
-        "real widths with few layers and 2048-position samples (llava_moslora/model/standin.py); "
+        "real widths with few layers and 2048-position samples (llava_moslora/builders/standin.py); "
         "mid: hidden 1024, the CPU benchmark size",
     )
     tiny.add_argument("--llm-layers", type=int, help="LLM layers of a --shape stand-in")
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="train every weight of the tiny LLaVA for STEPS (400) optimizer steps on question "
         "family A (colour, shape) and save it as the base, with family B (count, position) to "
-        "adapt on (llava_moslora/model/pretrain.py); DIR is a cache: the same arguments reuse it",
+        "adapt on (llava_moslora/builders/pretrain.py); DIR is a cache: the same arguments reuse it",
     )
     tiny.set_defaults(func=_make_tiny)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, get_peft_model
 
-from .model.tiny import LLAMA_TARGETS, tiny_llama
+from .builders.tiny import LLAMA_TARGETS, tiny_llama
 from .moslora import moslora_config
 
 

@@ -3,7 +3,7 @@
 
 Not a test: it prints ratios from one run. Both models come from real configs (XTuner's
 LLaVAModel and LLaVADataset, adapters on both towers) pointed at a stand-in with path overrides
-only (`llava_moslora.model.standin.path_overrides`), see the same batches, and are stepped in
+only (`llava_moslora.builders.standin.path_overrides`), see the same batches, and are stepped in
 interleaved rounds (forward, backward, AdamW step), so drift of the machine hits both alike.
 
     uv run llava-moslora make-tiny ./mid --shape mid            # or llama3-8b, internlm2-7b, tiny
@@ -40,7 +40,7 @@ PAIRS = {
 def build(config_name: str, standin: Path, args):
     from xtuner.registry import BUILDER
 
-    from llava_moslora.model.standin import path_overrides, standin_paths
+    from llava_moslora.builders.standin import path_overrides, standin_paths
     from llava_moslora.runs import load_config
     from llava_moslora.train.launch import parse_cfg_options
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 from torch import nn
 
-from llava_moslora.model.tiny import CLIP_TARGETS, tiny_clip_vision, tiny_llama
-from llava_moslora.model.tiny import LLAMA_TARGETS as _LLAMA
+from llava_moslora.builders.tiny import CLIP_TARGETS, tiny_clip_vision, tiny_llama
+from llava_moslora.builders.tiny import LLAMA_TARGETS as _LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -223,7 +223,7 @@ def tiny_llava(tmp_path_factory) -> Callable[..., Path]:
     """`tiny_llava(samples=160, **make_tiny_options)`: the folder `make-tiny` writes, built once
     per setting in a session. The models are the same whatever the samples (seeded); the first
     N samples are the same for any count above N."""
-    from llava_moslora.model.make_tiny import make_tiny
+    from llava_moslora.builders.make_tiny import make_tiny
 
     built: dict[tuple, Path] = {}
 

@@ -59,7 +59,7 @@ BAD_INDICES = {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from llava_moslora.model.make_tiny import build_tokenizer, chat_texts
+    from llava_moslora.builders.make_tiny import build_tokenizer, chat_texts
 
     return build_tokenizer(chat_texts())
 

@@ -166,7 +166,7 @@ def test_bad_sizes_name_the_field(tmp_path):
 
 def test_make_tiny_task_option_and_cli_choices_agree():
     from llava_moslora import cli
-    from llava_moslora.model import make_tiny
+    from llava_moslora.builders import make_tiny
 
     assert cli.TASKS == make_tiny.TASKS
     with pytest.raises(ValueError, match=r"`task` should be one of shapes, compositional .*'vqa'"):

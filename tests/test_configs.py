@@ -295,7 +295,7 @@ def test_internlm2_qmoslora_has_table_8_numbers():
 
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory):
-    from llava_moslora.model.make_tiny import make_tiny
+    from llava_moslora.builders.make_tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"), samples=4)
 

@@ -195,8 +195,8 @@ def test_ablate_lr_grid_end_to_end_on_a_pretrained_base(tmp_path, monkeypatch):
     """`make-tiny --pretrain` at toy size, then `ablate --lr-grid` of LoRA on its family B
     (configs/tiny_ablation_pretrained.py), 1 seed, 3 rates: each rate reaches the optimizer, the
     grid is scored on the validation items, the config's own rate is one training scored twice."""
+    from llava_moslora.builders.pretrain import PretrainSpec, pretrain_tiny
     from llava_moslora.cli import main
-    from llava_moslora.model.pretrain import PretrainSpec, pretrain_tiny
 
     # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a warm-up of >= 1 iteration.
     spec = PretrainSpec(hidden_size=16, samples=160, steps=2, val_items=4, test_items=4)

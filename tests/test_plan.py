@@ -77,7 +77,7 @@ def test_plan_matches_a_real_tiny_step_exactly(tiny_env, tiny_samples):
 @pytest.mark.slow
 def test_plan_matches_a_real_mid_size_step_exactly(tmp_path):
     """The `mid` stand-in (hidden 1024, CLIP-L at 336 px) through the paper config: ~40 s."""
-    from llava_moslora.model.standin import make_standin, path_overrides
+    from llava_moslora.builders.standin import make_standin, path_overrides
 
     paths = make_standin(tmp_path, "mid", samples=1)
     config = CONFIGS / "llama3_moslora.py"

@@ -95,8 +95,8 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_pretrain_trains_every_read_weight_and_the_cache_is_reused(tmp_path):
     from safetensors.torch import load_file
 
-    from llava_moslora.model.make_tiny import build_tokenizer, tiny_clip, tiny_llama3
-    from llava_moslora.model.pretrain import RECORD, PretrainSpec, corpus_texts, pretrain_tiny
+    from llava_moslora.builders.make_tiny import build_tokenizer, tiny_clip, tiny_llama3
+    from llava_moslora.builders.pretrain import RECORD, PretrainSpec, corpus_texts, pretrain_tiny
 
     spec = PretrainSpec(**TINY)
     calls = []
@@ -152,7 +152,7 @@ def test_pretrain_trains_every_read_weight_and_the_cache_is_reused(tmp_path):
 
 
 def test_pretrain_spec_is_checked():
-    from llava_moslora.model.pretrain import PretrainSpec, pretrain_tiny
+    from llava_moslora.builders.pretrain import PretrainSpec, pretrain_tiny
 
     with pytest.raises(ValueError, match="`steps` should be a positive integer, got 0"):
         pretrain_tiny("unused", PretrainSpec(steps=0))

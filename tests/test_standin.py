@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_moslora.model import standin
-from llava_moslora.model.internlm2 import InternLM2Config, write_remote_code
+from llava_moslora.builders import standin
+from llava_moslora.builders.internlm2 import InternLM2Config, write_remote_code
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -114,9 +114,9 @@ def test_benchmark_rounds_set_each_conversations_formats(tmp_path, rounds):
 
 
 def test_bad_benchmark_rounds_are_refused_before_anything_is_written(tmp_path):
+    from llava_moslora.builders.make_tiny import make_tiny
     from llava_moslora.cli import main
     from llava_moslora.data import synthetic
-    from llava_moslora.model.make_tiny import make_tiny
 
     expected = r"`benchmark_rounds` \(make-tiny --benchmark-rounds\) should be formats from mcq"
     with pytest.raises(ValueError, match=expected + r".*\('short', 'vqa'\)"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_moslora.model.tiny import tiny_clip_vision
-from llava_moslora.model.vision_layers import layers_above, layers_feeding
+from llava_moslora.builders.tiny import tiny_clip_vision
+from llava_moslora.builders.vision_layers import layers_above, layers_feeding
 from tests.conftest import CLIP_LAYER_LINEARS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -40,8 +40,8 @@ def test_bad_select_layers_are_refused():
 
 
 def test_the_layer_counts_are_the_towers():
-    from llava_moslora.model.make_tiny import TINY_CLIP_LAYERS, tiny_clip
-    from llava_moslora.model.standin import CLIP_L_336
+    from llava_moslora.builders.make_tiny import TINY_CLIP_LAYERS, tiny_clip
+    from llava_moslora.builders.standin import CLIP_L_336
 
     # open_clip's own ViT-L/14-336 definition, read as a file (open_clip is not imported).
     spec = importlib.util.find_spec("open_clip")
@@ -82,7 +82,7 @@ def test_paper_config_adapts_clip_l_layers_0_to_22():
 
 
 def test_tiny_config_adapts_the_tiny_clips_layers_0_and_1():
-    from llava_moslora.model.make_tiny import tiny_clip
+    from llava_moslora.builders.make_tiny import tiny_clip
 
     assert adapted_modules("tiny_moslora", tiny_clip()[0]) == expected(range(2))
     paper = {"model.visual_encoder_lora.layers_to_transform": None}

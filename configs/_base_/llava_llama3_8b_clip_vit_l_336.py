@@ -24,10 +24,10 @@ with read_base():
 # Model
 llm_name_or_path = "meta-llama/Meta-Llama-3-8B-Instruct"
 visual_encoder_name_or_path = "openai/clip-vit-large-patch14-336"
-# Its 24 encoder layers (llava_moslora.model.standin.CLIP_L_336, the shape `plan` also reads), of
+# Its 24 encoder layers (llava_moslora.builders.standin.CLIP_L_336, the shape `plan` also reads), of
 # which LLaVA-1.5 feeds the projector the second-to-last one's output.
 visual_encoder_num_layers = __import__(
-    "llava_moslora.model.standin", fromlist=["CLIP_L_336"]
+    "llava_moslora.builders.standin", fromlist=["CLIP_L_336"]
 ).CLIP_L_336.layers
 visual_select_layer = -2
 # The projector pre-trained by XTuner's

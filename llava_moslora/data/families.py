@@ -1,6 +1,6 @@
 """Two families of questions about the shapes task's images: one to pretrain on, one to adapt to.
 
-`make-tiny --pretrain` (llava_moslora/model/pretrain.py) trains every weight of the tiny LLaVA on
+`make-tiny --pretrain` (llava_moslora/builders/pretrain.py) trains every weight of the tiny LLaVA on
 family A until it reads colours and shapes; the adapters are then trained on family B, whose
 question kinds and phrasings the base has never seen, and scored on both (B: what was learned,
 A: what was forgotten).

@@ -72,7 +72,7 @@ def _dtype(value) -> torch.dtype | None:
 
 def _pretrained_config(path: str, kind: str, trust_remote_code: bool):
     """The LLM / ViT config behind a config's `pretrained_model_name_or_path`, offline."""
-    from ..model import standin
+    from ..builders import standin
 
     if (Path(path) / "config.json").is_file():
         if kind == "vit":
@@ -127,7 +127,7 @@ def build_meta_llava(cfg, llm_layers: int | None = None, vit_layers: int | None 
     """XTuner's LLaVAModel of `cfg.model` on the meta device (towers from their configs)."""
     from transformers import CLIPVisionModel
 
-    from ..model.standin import build_llm
+    from ..builders.standin import build_llm
 
     model_cfg = copy.deepcopy(cfg.model)
     llm_cfg, vit_cfg = model_cfg.pop("llm"), model_cfg.pop("visual_encoder")

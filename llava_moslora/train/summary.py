@@ -3,7 +3,7 @@
 A MoSLoRA run that silently trains plain LoRA (the mixer frozen, or never created) looks like any
 other run in its loss curve; this summary makes the difference visible in the first lines of the log.
 It also names trainable tensors that can never learn: those of vision-encoder layers computed
-after the hidden state LLaVA reads (`visual_select_layer`; llava_moslora/model/vision_layers.py).
+after the hidden state LLaVA reads (`visual_select_layer`; llava_moslora/builders/vision_layers.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..model.vision_layers import layers_above, selected_index
+from ..builders.vision_layers import layers_above, selected_index
 from ..moslora import mixer_options_of
 from ..probes import full_numel, is_4bit
 

@@ -320,9 +320,9 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
 
 REMOTE_CODE = {
-    "configuration_internlm2.py": "from llava_moslora.model.internlm2 import InternLM2Config\n",
+    "configuration_internlm2.py": "from llava_moslora.builders.internlm2 import InternLM2Config\n",
     "modeling_internlm2.py": (
-        "from llava_moslora.model.internlm2 import InternLM2Config, InternLM2ForCausalLM\n"
+        "from llava_moslora.builders.internlm2 import InternLM2Config, InternLM2ForCausalLM\n"
     ),
 }
 AUTO_MAP = {

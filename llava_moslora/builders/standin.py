@@ -3,7 +3,7 @@
 `llava-moslora make-tiny DIR --shape llama3-8b|internlm2-7b|mid [--llm-layers N --vit-layers M]`
 
     DIR/llm/         LLaMA-3-8B (hidden 4096, MLP 14336, 32 heads over 8 KV heads, vocab 128256) or
-                     InternLM2-7B (same widths, vocab 92544, fused wqkv; llava_moslora.model.internlm2
+                     InternLM2-7B (same widths, vocab 92544, fused wqkv; llava_moslora.builders.internlm2
                      as remote code) with N layers, bf16 safetensors, + a byte-level BPE tokenizer
                      with the family's real chat tokens
     DIR/clip/        CLIP ViT-L/14-336 (1024 wide, 16 heads, MLP 4096, (336 // 14) ** 2 = 576 image
