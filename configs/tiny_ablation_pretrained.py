@@ -12,8 +12,11 @@ family B's conversations; a run is scored on family B's held-out test items (`--
 and on family A's test items as `old_*` parts (what the adapter made the base forget). The
 validation items, other pictures of family B, are what `ablate --lr-grid` picks rates on.
 
-Everything else (rank 8, the paper's scales, per-module rates, schedule, diagnostics) is
-tiny_ablation.py's.
+Two epochs of family B's 1,000 pictures (250 optimizer steps, not tiny_ablation.py's three), so
+that the whole measurement (5 variants x rank 8 and 64 x a 3-rate grid on 2 seeds, then 6 seeds at
+the shared and at each variant's rate) stays within about two hours on 2 CPU cores; the rate grid
+is centred on that budget (docs/ablation.md). Everything else (rank 8, the paper's scales,
+per-module rates, diagnostics) is tiny_ablation.py's.
 """
 
 from mmengine.config import read_base
@@ -30,9 +33,11 @@ evaluation_images = f"{image_folder}/000000.png"
 heldout_eval_path = f"{tiny_dir}/data/family_b_test.json"  # `--eval heldout`
 heldout_val_path = f"{tiny_dir}/data/family_b_val.json"  # `--eval heldout:val`, `--lr-grid`
 forgetting_eval_path = f"{tiny_dir}/data/family_a_test.json"  # scored as `old_*` parts
+max_epochs = 2  # 1,000 pictures / 8 per step x 2 = 250 optimizer steps
 
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
 llava_dataset.update(data_path=data_path, image_folder=image_folder)
 train_dataloader.dataset = llava_dataset
+__import__("llava_moslora.train.schedule", fromlist=["derive_schedule"]).derive_schedule(globals())

@@ -180,10 +180,12 @@ VARIANTS = {
         | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
         | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
     ),
-    # the pretrained base's family B data and its val / test / old-family items; nothing else
+    # the pretrained base's family B data, its val / test / old-family items and 2 epochs
     "tiny_ablation_pretrained": (
         "tiny_ablation",
         {"heldout_eval_path", "heldout_val_path", "forgetting_eval_path", "evaluation_images"}
+        | {"max_epochs", "train_cfg.max_epochs", "param_scheduler[0].end"}
+        | {"param_scheduler[1].begin", "param_scheduler[1].end"}
         | {
             f"{where}{k}"
             for where in ("", "llava_dataset.", "train_dataloader.dataset.")
