@@ -69,3 +69,4 @@ for hook in custom_hooks:
     hook.tokenizer = tokenizer
     if "prompt_template" in hook:
         hook.prompt_template = prompt_template
+del hook  # a loop variable would stay in the config (and its children) as a key

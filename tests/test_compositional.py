@@ -189,8 +189,8 @@ def test_tokenizer_corpus_covers_every_question(task):
     strict=True,
     raises=AssertionError,  # only the accuracy check may fail: an error in the pipeline fails
     reason="measured: the tiny LLaVA learns the answer priors but not to read the image "
-    "(held-out accuracy stays at chance, 0.324 vs 0.317, after 750 steps); see the module "
-    "docstring of llava_moslora/data/compositional.py. Remove this marker when it passes.",
+    "(held-out accuracy stays at chance, 0.324 vs 0.317, after 750 steps); see docs/ablation.md, "
+    "'A harder task the tiny model does not learn'. Remove this marker when it passes.",
 )
 def test_training_beats_the_untrained_model_on_held_out_scenes(tiny_llava, tmp_path, monkeypatch):
     """make-tiny --task compositional, train in-process with the config's runner, score options.

@@ -246,6 +246,13 @@ def test_vit_adapters_sit_in_the_layers_that_feed_the_selected_hidden_state(name
     assert cfg.model.visual_encoder_lora.layers_to_transform == list(range(feeding))
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_no_loop_variable_is_left_as_a_config_key(name):
+    """A `for hook in custom_hooks:` at a config's top level leaves `hook` as a key of it and of
+    every child (a second copy of one hook that `--cfg-options` would not reach)."""
+    assert not {"hook", "key", "value", "item", "name", "i"} & set(load(name).keys())
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_overrides_only_what_it_names(name):
     parent_name, keys = VARIANTS[name]

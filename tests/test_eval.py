@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -242,6 +243,52 @@ def test_scores_equal_an_independent_recount_of_the_prediction_files(tiny_runs, 
     assert frame["prediction"].notna().all()
     # One row per rotation: colour 4 options, shape 3, count 4, warmth 2, rows 3, parity 2.
     assert len(frame) == summary["benchmarks"][TINY_MMBENCH_EN]["questions"] == 18
+
+
+def test_circular_scoring_leaves_no_scratch_file_and_names_it_per_call(tmp_path, monkeypatch):
+    """VLMEvalKit's MMBench scoring round-trips its table through /tmp/<second>.xlsx: shared by
+    two scorings in the same second, and never removed. Ours is unique per call and removed."""
+    from vlmeval.dataset.utils import multiple_choice
+
+    from llava_moslora.eval import runner
+    from llava_moslora.eval.tiny_bench import write_tiny_bench
+
+    original_timestr = multiple_choice.timestr
+    dumped = []
+    real_dump = multiple_choice.dump
+
+    def recording_dump(data, path, *args, **kwargs):
+        dumped.append((Path(path), Path(path).parent == runner.SCRATCH_DIR))
+        return real_dump(data, path, *args, **kwargs)
+
+    monkeypatch.setattr(multiple_choice, "dump", recording_dump)
+    # a file of the same kind that this run did not write stays where it is
+    stranger = runner.SCRATCH_DIR / f"{runner.SCRATCH_PREFIX}{uuid.uuid4().hex}.xlsx"
+    stranger.write_bytes(b"not ours")
+    try:
+        lmu = tmp_path / "LMUData"
+        lmu.mkdir()
+        write_tiny_bench(lmu, per_category=1)
+        monkeypatch.setenv("LMUData", str(lmu))
+        summary = runner.run_benchmarks(
+            [TINY_MMBENCH_EN, TINY_MMBENCH_CN],
+            work_dir=tmp_path / "runs",
+            run_name="constant",
+            model=make_constant(),
+            offline=True,
+            log=lambda _: None,
+        )
+        assert stranger.read_bytes() == b"not ours"
+    finally:
+        stranger.unlink()
+    scratch = [path for path, in_scratch_dir in dumped if in_scratch_dir]
+    assert len(scratch) == 2 == len(set(scratch))  # one per benchmark, each its own name
+    assert all(p.name.startswith(runner.SCRATCH_PREFIX) for p in scratch)
+    assert not any(p.exists() for p in scratch)
+    assert multiple_choice.timestr is original_timestr
+    # the scoring itself is VLMEvalKit's, unchanged: always "A" is right on no circular group
+    assert summary["benchmarks"][TINY_MMBENCH_EN]["score"] == 0.0
+    assert summary["benchmarks"][TINY_MMBENCH_CN]["score"] == 0.0
 
 
 @pytest.mark.slow

@@ -16,11 +16,13 @@ predictions and the status "pending"; `--score-only` later scores the saved pred
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,41 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+SCRATCH_DIR = Path("/tmp")  # VLMEvalKit's literal, in mcq_circular_eval
+SCRATCH_PREFIX = "llava_moslora_scratch_"
+
+
+@contextlib.contextmanager
+def private_scratch_files() -> Iterator[list[Path]]:
+    """Give VLMEvalKit's circular multiple-choice scoring a scratch file of its own, and remove it.
+
+    `mcq_circular_eval` (MMBench's scoring) round-trips its table through
+    `/tmp/<timestr()>.xlsx`: a name to the second, never removed. Two scorings in the same second
+    (the main job scores its two runs side by side) then read each other's table, and every MMBench
+    scoring leaves a file in /tmp. Within the block, that module's `timestr` returns a name unique
+    to the call, and the files written under those names (made here, so ours to remove) are
+    deleted on the way out. Yields the list of those paths, filled as VLMEvalKit asks for names.
+    """
+    from vlmeval.dataset.utils import multiple_choice
+
+    original = multiple_choice.timestr
+    made: list[Path] = []
+
+    def unique_name(granularity: str = "second") -> str:
+        name = f"{SCRATCH_PREFIX}{os.getpid()}_{uuid.uuid4().hex}"
+        made.append(SCRATCH_DIR / name)
+        return name
+
+    multiple_choice.timestr = unique_name
+    try:
+        yield made
+    finally:
+        multiple_choice.timestr = original
+        for stem in made:
+            for path in stem.parent.glob(f"{stem.name}.*"):
+                path.unlink(missing_ok=True)
+
+
 def run_benchmarks(
     datasets: list[str],
     *,
@@ -264,8 +301,6 @@ def run_benchmarks(
     `model` is any VLMEvalKit BaseModel; `model_factory` builds one only if inference is needed
     (score-only runs and finished predictions never load the weights).
     """
-    import contextlib
-
     from . import import_vlmeval
 
     infer_data_job = import_vlmeval("vlmeval.inference").infer_data_job
@@ -343,7 +378,8 @@ def run_benchmarks(
                     judge_kwargs["model"] = "exact_matching"
                     entry["judge"] = "exact_matching"
                 log(f"[{name}] scoring with {entry['judge']}")
-                result = dataset.evaluate(str(pred_file), **judge_kwargs)
+                with private_scratch_files():
+                    result = dataset.evaluate(str(pred_file), **judge_kwargs)
                 entry.update(headline(name, result), status="scored", note=None)
                 if not math.isfinite(entry["score"]):
                     raise ValueError(f"VLMEvalKit gave {name} a non-finite score: {entry['score']}")
