@@ -15,13 +15,8 @@
 set -euo pipefail
 OUT=${1:-work_dirs/offline}
 SEED=0
-MARKER="$OUT/.llava_moslora_offline_pipeline"
-# Rerunning replaces what an earlier run of this script wrote, and nothing else.
-if [ -e "$OUT" ] && [ ! -e "$MARKER" ] && [ -n "$(ls -A "$OUT")" ]; then
-    echo "error: $OUT exists and was not written by this script; pass another folder as OUT" >&2
-    exit 2
-fi
-mkdir -p "$OUT" && touch "$MARKER"
+source "$(dirname "$0")/claim_folder.sh"
+claim_folder "$OUT" offline_pipeline  # a rerun replaces what an earlier run wrote, nothing else
 export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 

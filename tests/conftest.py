@@ -62,6 +62,52 @@ class MLP(nn.Module):
         return self.lin1(self.act(self.lin0(x)))
 
 
+# A stand-in for the `llava-moslora` command, for the scripts' control flow: it records each call
+# in $CALLS; `train` writes the checkpoint pointer a script reads and fails for the configs named
+# in $FAIL_TRAIN; `ablate` fails for the work dirs named in $FAIL_ABLATE; `report` prints a table
+# line; every other subcommand succeeds.
+RECORDER = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+if [ "$1" = train ]; then
+    for name in $FAIL_TRAIN; do
+        case "$2" in *"$name"*) echo "Traceback: boom in $2"; exit 1;; esac
+    done
+    shift 2
+    while [ $# -gt 0 ]; do
+        if [ "$1" = --work-dir ]; then mkdir -p "$2"; echo "$2/iter_1200.pth" > "$2/last_checkpoint"; fi
+        shift
+    done
+fi
+if [ "$1" = ablate ]; then
+    for name in $FAIL_ABLATE; do
+        case "$*" in *"--work-dir "*"/$name"*) echo "Traceback: boom in $name"; exit 1;; esac
+    done
+fi
+[ "$1" = report ] && echo "| the table |"
+exit 0
+"""
+
+
+def run_script(script: Path, tmp_path: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    """`bash script out` from the repository root, with RECORDER as `llava-moslora`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    recorder = bin_dir / "llava-moslora"
+    recorder.write_text(RECORDER)
+    recorder.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    env = dict(os.environ, PATH=path, CALLS=str(tmp_path / "calls"), **env)
+    return subprocess.run(
+        ["bash", str(script), str(out)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+def recorded_calls(tmp_path: Path) -> list[list[str]]:
+    """The recorder's calls under `run_script`, each split into words."""
+    path = tmp_path / "calls"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def make_mlp(seed: int = 0, **kwargs) -> MLP:
     torch.manual_seed(seed)
     return MLP(**kwargs)
