@@ -20,9 +20,14 @@ claim_folder "$OUT" offline_pipeline  # a rerun replaces what an earlier run wro
 export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 
+# The model and data, and the benchmarks, side by side (each ~20 s, most of it Python imports).
 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 3200 \
-    --benchmark-rounds mcq_text,yes_no,short > /dev/null
-llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null
+    --benchmark-rounds mcq_text,yes_no,short > /dev/null &
+tiny=$!
+llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null &
+bench=$!
+wait "$tiny" || { echo "error: make-tiny failed" >&2; exit 1; }
+wait "$bench" || { echo "error: make-tiny-bench failed" >&2; exit 1; }
 
 # Each adapter's chain (train -> export -> VLMEvalKit) runs on its own core; the first to finish
 # training is scored while the other still trains.
