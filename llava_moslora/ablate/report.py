@@ -38,8 +38,8 @@ CSV_COLUMNS = (
     "p_paired_t_vs_control_holm",
     "p_sign_flip_vs_control_holm",
 )
-# The columns `_write_csv` writes as numbers, after variant and n and before wins / losses.
-_NUMBER_COLUMNS = CSV_COLUMNS[2:11]
+# The columns of CSV_COLUMNS written as they are (names and counts); every other one is a number.
+_TEXT_COLUMNS = frozenset({"variant", "n", "wins", "losses", "control"})
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -231,12 +231,12 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         writer.writerow([*CSV_COLUMNS, *(prefix + key for _, prefix, key in extra)])
         for row in rows:
             writer.writerow(
-                [row["variant"], row["n"]]
-                + [_fmt(row.get(c, math.nan), 4) for c in _NUMBER_COLUMNS]
-                + [row.get("wins", "–"), row.get("losses", "–")]
-                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[13:15]]
-                + [row.get("control", "–")]
-                + [_fmt(row.get(c, math.nan), 4) for c in CSV_COLUMNS[16:]]
+                [
+                    row.get(column, "–")
+                    if column in _TEXT_COLUMNS
+                    else _fmt(row.get(column, math.nan), 4)
+                    for column in CSV_COLUMNS
+                ]
                 + [_fmt(row[field].get(key, math.nan), 4) for field, _, key in extra]
             )
 
