@@ -3,7 +3,7 @@
 # (`make-tiny --pretrain`, trained on question family A; cached), then adapt it to family B with
 # LoRA, TS-Mixing, MoSLoRA Kaiming and orthogonal, and init-only, at rank 8 and at rank 64 (the
 # paper's scales: LLM alpha/r 2, ViT 1/4), each rank an `ablate --lr-grid` on its own core: a
-# 3-rate grid on 2 seeds scored on family B's validation items, then 6 seeds at the shared rate
+# 3-rate grid on 2 seeds scored on family B's validation items, then 5 seeds at the shared rate
 # (the config's 2e-3) and at each variant's chosen rate, scored on family B's and family A's test
 # items. About 2 hours on 2 CPU cores. Run it through uv:
 #
@@ -19,7 +19,7 @@
 # by `ablate`), and the base is reused.
 set -euo pipefail
 OUT=${1:-work_dirs/ablation_pretrained}
-SEEDS=6
+SEEDS=5
 GRID_SEEDS=2
 RATES=2e-3,4e-3,8e-3
 VARIANTS=lora,ts_mixing,moslora_kaiming,moslora_orthogonal,init_only
