@@ -86,7 +86,10 @@ def test_report_corrects_for_every_comparison_and_tests_kaiming_against_init_onl
     md = paths["md"].read_text()
     assert "| variant | control | Δ |" in md
     assert f"| moslora_kaiming | init_only | {sum(diffs) / 6:+.2f} |" in md
-    assert "p (sign-flip, Holm)" in md
+    assert "| p (t) | p (sign-flip) | p (t, Holm) | p (sign-flip, Holm) | wins/losses |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| moslora_kaiming | 6 |"))
+    assert f"| {float(kaiming['p_paired_t_holm']):.3f} | {3 * 2 / 64:.3f} | 6/0 |" in row
+    assert "Holm-adjusted over these 3 comparisons, the smallest possible is 0.094." in md
 
 
 def test_variants_become_cfg_options_for_both_towers():

@@ -250,13 +250,15 @@ def _comparison(
     lines = [
         f"Score: {unit} (higher is better); mean ± std over seeds, 95% CI from Student's t. "
         f"Paired columns: per-seed difference to `{BASELINE}` (same seed), its 95% CI, the paired "
-        "t-test and the exact sign-flip test p-values, the sign-flip p-value Holm-adjusted over "
-        "every comparison of this table and the direct pairs below (the multiple-comparison "
-        "correction: read significance off that column), and the seeds won / lost.",
+        "t-test and the exact sign-flip test p-values, both Holm-adjusted over every comparison of "
+        "this table and the direct pairs below (the multiple-comparison correction: read "
+        "significance off the Holm columns; the sign-flip test assumes nothing about the "
+        "differences' distribution but cannot go below 2 / 2^n before the adjustment, the t-test "
+        "assumes them normal), and the seeds won / lost.",
         "",
         f"| variant | {rate}n | mean ± std | 95% CI | Δ vs LoRA | Δ 95% CI | p (t) "
-        "| p (sign-flip) | p (sign-flip, Holm) | wins/losses |",
-        "|---|" + "---|" * (9 + bool(rate_of)),
+        "| p (sign-flip) | p (t, Holm) | p (sign-flip, Holm) | wins/losses |",
+        "|---|" + "---|" * (10 + bool(rate_of)),
     ]
     for row in rows:
         paired = "diff_vs_lora" in row
@@ -268,10 +270,10 @@ def _comparison(
             + (
                 f"| {row['diff_vs_lora']:+.2f} | [{_fmt(row['diff_ci95_low'])}, "
                 f"{_fmt(row['diff_ci95_high'])}] | {_fmt(row['p_paired_t'], 3)} "
-                f"| {_fmt(row['p_sign_flip'], 3)} | {_fmt(row['p_sign_flip_holm'], 3)} "
-                f"| {row['wins']}/{row['losses']} |"
+                f"| {_fmt(row['p_sign_flip'], 3)} | {_fmt(row['p_paired_t_holm'], 3)} "
+                f"| {_fmt(row['p_sign_flip_holm'], 3)} | {row['wins']}/{row['losses']} |"
                 if paired
-                else "| – | – | – | – | – | – |"
+                else "| – | – | – | – | – | – | – |"
             )
         )
     pairs = [row for row in rows if "control" in row]
@@ -296,10 +298,13 @@ def _comparison(
         ]
     if any("diff_vs_lora" in row for row in rows):
         n_min = min(row["n"] for row in rows)
+        tests = sum(1 for row in rows if "diff_vs_lora" in row) + len(pairs)
+        floor = 2 / 2**n_min
         lines += [
             "",
-            f"With {n_min} seed(s) the smallest possible sign-flip p-value is {2 / 2**n_min:.3f}; "
-            "it can reach 0.05 only with 6 or more seeds per variant.",
+            f"With {n_min} seed(s) the smallest possible sign-flip p-value is {floor:.3f} (it can "
+            "reach 0.05 only with 6 or more seeds per variant); Holm-adjusted over these "
+            f"{tests} comparisons, the smallest possible is {min(1.0, tests * floor):.3f}.",
         ]
     lines += [
         "",
