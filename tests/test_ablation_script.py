@@ -43,6 +43,8 @@ def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid(tmp_p
         rates = [float(r) for r in _flag(call, "--lr-grid").split(",")]
         shared = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py")).lr
         assert len(rates) >= 3 and shared in rates  # the shared-rate runs reuse the grid's
+    # rank 64 chose the grid's lowest rate on 2e-3..8e-3, so its grid reaches below the shared one
+    assert min(float(r) for r in _flag(ablations[f"{out}/r64"], "--lr-grid").split(",")) < shared
     assert "--cfg-options" not in ablations[f"{out}/r8"]  # the config's own rank 8
     assert Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py")).llm_rank == 8
     options = ablations[f"{out}/r64"][ablations[f"{out}/r64"].index("--cfg-options") + 1 :]
