@@ -13,9 +13,9 @@ and on family A's test items as `old_*` parts (what the adapter made the base fo
 validation items, other pictures of family B, are what `ablate --lr-grid` picks rates on.
 
 Two epochs of family B's 1,000 pictures (250 optimizer steps, not tiny_ablation.py's three), so
-that the whole measurement (5 variants x rank 8 and 64 x a 3-rate grid on 2 seeds, then 5 seeds at
-the shared and at each variant's rate) stays within about two hours on 2 CPU cores; the rate grid
-is centred on that budget (docs/ablation.md). Everything else (rank 8, the paper's scales,
+that the whole measurement (scripts/ablation_pretrained.sh: 5 variants x rank 8 and 64 x a rate
+grid on 2 seeds, then 5 seeds at the shared and at each variant's rate) stays within about two
+hours on 2 CPU cores; the grids are placed for that length (docs/ablation.md). Everything else (rank 8, the paper's scales,
 per-module rates, diagnostics) is tiny_ablation.py's.
 """
 
