@@ -34,6 +34,7 @@ def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid(tmp_p
     assert made[0] == ["make-tiny", f"{out}/base", "--pretrain"]
     ablations = {_flag(call, "--work-dir"): call for call in made[1:]}
     assert set(ablations) == {f"{out}/r8", f"{out}/r64"} and len(made) == 3
+    config = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py"))
     for call in ablations.values():
         assert call[0] == "ablate" and _flag(call, "--config").endswith(
             "tiny_ablation_pretrained.py"
@@ -41,12 +42,11 @@ def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid(tmp_p
         assert set(_flag(call, "--variants").split(",")) == set(VARIANTS) - {"dora"}
         assert int(_flag(call, "--seeds")) >= 5 and int(_flag(call, "--grid-seeds")) == 2
         rates = [float(r) for r in _flag(call, "--lr-grid").split(",")]
-        shared = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py")).lr
-        assert len(rates) >= 3 and shared in rates  # the shared-rate runs reuse the grid's
+        assert len(rates) >= 3 and config.lr in rates  # the shared-rate runs reuse the grid's
     # rank 64 chose the grid's lowest rate on 2e-3..8e-3, so its grid reaches below the shared one
-    assert min(float(r) for r in _flag(ablations[f"{out}/r64"], "--lr-grid").split(",")) < shared
+    assert min(float(r) for r in _flag(ablations[f"{out}/r64"], "--lr-grid").split(",")) < config.lr
     assert "--cfg-options" not in ablations[f"{out}/r8"]  # the config's own rank 8
-    assert Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py")).llm_rank == 8
+    assert config.llm_rank == 8
     options = ablations[f"{out}/r64"][ablations[f"{out}/r64"].index("--cfg-options") + 1 :]
     # rank 64 at the paper's scales (Table 8: LLM alpha 128, ViT alpha 16)
     assert sorted(options) == sorted(

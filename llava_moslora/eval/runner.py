@@ -251,7 +251,7 @@ SCRATCH_PREFIX = "llava_moslora_scratch_"
 
 
 @contextlib.contextmanager
-def private_scratch_files() -> Iterator[list[Path]]:
+def private_scratch_files() -> Iterator[None]:
     """Give VLMEvalKit's circular multiple-choice scoring a scratch file of its own, and remove it.
 
     `mcq_circular_eval` (MMBench's scoring) round-trips its table through
@@ -259,7 +259,7 @@ def private_scratch_files() -> Iterator[list[Path]]:
     (the main job scores its two runs side by side) then read each other's table, and every MMBench
     scoring leaves a file in /tmp. Within the block, that module's `timestr` returns a name unique
     to the call, and the files written under those names (made here, so ours to remove) are
-    deleted on the way out. Yields the list of those paths, filled as VLMEvalKit asks for names.
+    deleted on the way out.
     """
     from vlmeval.dataset.utils import multiple_choice
 
@@ -273,7 +273,7 @@ def private_scratch_files() -> Iterator[list[Path]]:
 
     multiple_choice.timestr = unique_name
     try:
-        yield made
+        yield
     finally:
         multiple_choice.timestr = original
         for stem in made:
