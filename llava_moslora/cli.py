@@ -101,6 +101,21 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .builders.make_tiny import make_tiny
 
+    if args.verdict_steps is not None:
+        from .builders.verdict import check_steps
+
+        if args.pretrain is not None or args.shape != "tiny" or args.task != "shapes":
+            print(
+                "error: `--verdict-steps` trains the random LLM of the tiny shapes LLaVA: drop "
+                "`--pretrain` / `--shape` / `--task`",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            check_steps(args.verdict_steps)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.pretrain is not None:
         if args.shape != "tiny" or args.task != "shapes":
             print(
@@ -142,6 +157,10 @@ def _make_tiny(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.verdict_steps is not None:
+        from .builders.verdict import teach_verdict
+
+        teach_verdict(paths, steps=args.verdict_steps, seed=args.seed)
     for name, path in paths.items():
         print(f"{name:>11}: {path}")
     return 0
@@ -256,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark-format rounds per shapes conversation, comma-separated from "
         f"{', '.join(BENCHMARK_FORMATS)} ('' for none); mcq_text answers a multiple-choice "
         "question with the option's text, mcq with its letter; default: %(default)s",
+    )
+    tiny.add_argument(
+        "--verdict-steps",
+        type=int,
+        metavar="STEPS",
+        help="then train the LLM STEPS steps on the yes/no verdict after a word of the picture "
+        "(the yes_no_read format), the tiny stand-in for language pretraining "
+        "(llava_moslora/builders/verdict.py); without it the LLM stays random",
     )
     tiny.add_argument(
         "--hidden-size", type=int, default=64, help="both towers' width with --pretrain (64)"

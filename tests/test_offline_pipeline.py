@@ -33,6 +33,11 @@ def test_each_adapter_is_trained_exported_and_scored_then_reported(tmp_path):
     assert result.returncode == 0, result.stderr
     made = recorded_calls(tmp_path)
     assert sorted(c[0] for c in made[:2]) == ["make-tiny", "make-tiny-bench"]
+    # MME's yes/no rounds say the picture's word first, and the tiny LLM is taught the verdict
+    # (llava_moslora/builders/verdict.py); without both MME stays at its "always one answer" floor.
+    (tiny,) = [c for c in made if c[0] == "make-tiny"]
+    assert "yes_no_read" in tiny[tiny.index("--benchmark-rounds") + 1].split(",")
+    assert int(tiny[tiny.index("--verdict-steps") + 1]) > 0
     for kind in ("moslora", "lora"):
         chain = [c for c in made if f"configs/tiny_quickstart_{kind}.py" in c or kind in c]
         assert [c[0] for c in chain] == ["train", "export", "eval"], chain

@@ -325,8 +325,13 @@ def _holds(scene, kind: str, value: str) -> bool:
     return synthetic.CELLS.index(value) in scene.cells  # position
 
 
-def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
+@pytest.mark.parametrize("yes_no", ["yes_no", "yes_no_read"])
+def test_synthetic_yes_no_and_short_answers_agree_with_the_scene(yes_no):
+    """Each yes/no answer is the question's truth; `yes_no_read` says the picture's word first
+    ("blue No"), except for position questions, and VLMEvalKit's MME scoring reads its verdict."""
     import re
+
+    from vlmeval.dataset.utils.yorn import YOrN_Extraction
 
     from llava_moslora.data import synthetic
 
@@ -335,15 +340,24 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
         kind: re.compile(re.escape(ask).replace(r"\{\}", "(.+)") + "\n")
         for kind, ask in synthetic.YES_NO_QUESTIONS.items()
     }
-    yes_no, kinds = [], set()
-    for scene, prompt, reply in _rounds():
+    seen_word = {
+        "color": lambda scene: scene.colour,
+        "count": lambda scene: synthetic.COUNT_WORDS[scene.count - 1],
+        "existence": lambda scene: scene.shape,
+    }
+    yes_no_verdicts, kinds = [], set()
+    rounds = ("mcq", "mcq", yes_no, yes_no, "short")
+    for scene, prompt, reply in _rounds(benchmark_rounds=rounds):
         if prompt.endswith(yes_no_tail):
             ((kind, value),) = [
                 (k, m.group(1)) for k, p in patterns.items() if (m := p.match(prompt))
             ]
-            truth = _holds(scene, kind, value)
-            assert reply == ("Yes" if truth else "No"), (scene, prompt, reply)
-            yes_no.append(reply)
+            verdict = "Yes" if _holds(scene, kind, value) else "No"
+            read = yes_no == "yes_no_read" and kind != "position"
+            expected = f"{seen_word[kind](scene)} {verdict}" if read else verdict
+            assert reply == expected, (scene, prompt, reply)
+            assert YOrN_Extraction(reply) == verdict, reply
+            yes_no_verdicts.append(verdict)
             kinds.add(kind)
         elif prompt.endswith("\n" + prompts.SHORT_ANSWER_INSTRUCTION):
             question = prompt.split("\n")[0]
@@ -355,7 +369,17 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene():
             }[kind]
             assert reply == expected, (scene, prompt, reply)
     assert kinds == set(synthetic.YES_NO_QUESTIONS)
-    assert 0.45 < yes_no.count("Yes") / len(yes_no) < 0.55  # "always Yes" gets half
+    assert 0.45 < yes_no_verdicts.count("Yes") / len(yes_no_verdicts) < 0.55  # "always Yes": half
+
+
+def test_yes_no_read_asks_what_yes_no_asks():
+    """The two yes/no formats draw the same scenes, questions and verdicts from the same seed:
+    only the answer's text differs, so switching format changes nothing else of the data."""
+    plain = list(_rounds(samples=300, benchmark_rounds=("yes_no", "short")))
+    read = list(_rounds(samples=300, benchmark_rounds=("yes_no_read", "short")))
+    assert [(s, p) for s, p, _ in plain] == [(s, p) for s, p, _ in read]
+    assert [r.split()[-1] for _, _, r in plain] == [r.split()[-1] for _, _, r in read]
+    assert sum(a != b for (_, _, a), (_, _, b) in zip(plain, read, strict=True)) > 100
 
 
 def test_benchmark_images_are_not_training_images(tiny_dir, tmp_path):

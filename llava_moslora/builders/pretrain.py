@@ -179,7 +179,16 @@ def _build(
     clip, processor = tiny_clip(spec.seed, spec.hidden_size)
     torch.manual_seed(spec.seed)  # the projector's init
     model = LLaVAModel(llm, clip, use_activation_checkpointing=False)  # every weight trains
-    losses = _train(model, tokenizer, processor, paths["family_a"], spec, log)
+    losses = train_steps(
+        model,
+        Conversations(paths["family_a"], tokenizer, processor),
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        vision_lr_mult=spec.vision_lr_mult,
+        seed=spec.seed,
+        log=log,
+    )
 
     llm.save_pretrained(out_dir / "llm")
     tokenizer.save_pretrained(out_dir / "llm")
@@ -207,11 +216,14 @@ def _build(
 
 class Conversations(torch.utils.data.Dataset):
     """A LLaVA JSON encoded as XTuner's LLaVADataset encodes it (llava_map_fn, the template's
-    map fn, encode_fn; images padded to a square), without its 32-process `datasets.map`, which
+    map fn, encode_fn; images padded to a square; with `learn`, the loss only on those token
+    ids of the answers), without its 32-process `datasets.map`, which
     on a 2-core machine takes longer than the tiny training itself. Images are read per item from
     the `<json stem>_images/` folder next to the JSON."""
 
-    def __init__(self, data_path: Path, tokenizer, processor) -> None:
+    def __init__(
+        self, data_path: Path, tokenizer, processor, learn: frozenset[int] | None = None
+    ) -> None:
         from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
         from xtuner.dataset.utils import encode_fn
         from xtuner.utils import PROMPT_TEMPLATE
@@ -227,6 +239,11 @@ class Conversations(torch.utils.data.Dataset):
             )
             for record in self.records
         ]
+        if learn is not None:  # the loss on these token ids only
+            from xtuner.utils import IGNORE_INDEX
+
+            for encoded in self.encoded:
+                encoded["labels"] = [t if t in learn else IGNORE_INDEX for t in encoded["labels"]]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -242,41 +259,53 @@ class Conversations(torch.utils.data.Dataset):
         return {**self.encoded[index], "pixel_values": pixels}
 
 
-def _train(
-    model, tokenizer, processor, data_path: Path, spec: PretrainSpec, log: Callable[[str], None]
+def train_steps(
+    model,
+    dataset: Conversations,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    vision_lr_mult: float,
+    seed: int,
+    log: Callable[[str], None],
 ) -> list[float]:
-    """`spec.steps` AdamW steps over every weight of `model` on `data_path`; the loss per step."""
+    """`steps` AdamW steps over the trainable weights of `model` on `dataset`; the loss per step.
+
+    The LLM's weights at `lr`, the projector's and the vision tower's at `lr * vision_lr_mult`,
+    the rate a linear warm-up (first 3 %) then a cosine to 0; gradients clipped at 1.
+    """
     from xtuner.dataset.collate_fns import default_collate_fn
 
-    dataset = Conversations(data_path, tokenizer, processor)
-    generator = torch.Generator().manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=spec.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         generator=generator,
         collate_fn=default_collate_fn,
         drop_last=True,
     )
-    slow = [p for n, p in model.named_parameters() if not n.startswith("llm.")]
-    fast = [p for n, p in model.named_parameters() if n.startswith("llm.")]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    slow = [p for n, p in trainable if not n.startswith("llm.")]
+    fast = [p for n, p in trainable if n.startswith("llm.")]
     optimizer = torch.optim.AdamW(
-        [{"params": fast}, {"params": slow, "lr": spec.lr * spec.vision_lr_mult}],
-        lr=spec.lr,
+        [{"params": fast}, {"params": slow, "lr": lr * vision_lr_mult}],
+        lr=lr,
         weight_decay=0.0,
     )
-    warmup = max(1, round(0.03 * spec.steps))
+    warmup = max(1, round(0.03 * steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.steps - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     losses: list[float] = []
     batches = iter(())
-    while len(losses) < spec.steps:
+    while len(losses) < steps:
         try:
             batch = next(batches)
         except StopIteration:
@@ -285,12 +314,12 @@ def _train(
         loss = model(batch["data"], mode="loss")["loss"]
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if len(losses) % 50 == 0 or len(losses) == spec.steps:
+        if len(losses) % 50 == 0 or len(losses) == steps:
             recent = losses[-50:]
-            log(f"pretrain step {len(losses)}/{spec.steps}: loss {sum(recent) / len(recent):.3f}")
+            log(f"pretrain step {len(losses)}/{steps}: loss {sum(recent) / len(recent):.3f}")
     model.eval()
     return losses

@@ -138,7 +138,13 @@ SHORT_ANSWER_KINDS = ("colour", "shape", "count")
 # VLMEvalKit's exact matching maps back to the letter (`can_infer_text`: the one option whose text
 # the answer contains). The quickstart trains it: the tiny LLM does not learn, within its budget,
 # to look the letter up next to the matching option (docs/evaluation.md has the measurements).
-BENCHMARK_FORMATS = ("mcq", "mcq_text", "yes_no", "short")
+# "yes_no_read" is a yes/no round answered with what the picture shows, then the verdict
+# ("Are the shapes red ...?" -> "blue No"); VLMEvalKit's MME scoring reads the yes or the no word
+# (`YOrN_Extraction`). The verdict is then a comparison of two words of the text, which a language
+# model brings from pretraining (make-tiny --verdict-steps gives the tiny LLM that skill), while the
+# word before it is the reading of the image, which the adapters learn. Position questions, which
+# no single word of the picture answers, keep the bare verdict.
+BENCHMARK_FORMATS = ("mcq", "mcq_text", "yes_no", "yes_no_read", "short")
 # The benchmark-format rounds of each conversation (make-tiny's default; `--benchmark-rounds`
 # picks others). Two multiple-choice and two yes/no rounds, as answering them means matching the
 # image against the question's text (which option, which value), the slowest skill for the tiny
@@ -192,6 +198,32 @@ def short_answer(scene: Scene, kind: str) -> str:
     return COUNT_WORDS[truth - 1] if kind == "count" else truth
 
 
+def seen_value(scene: Scene, kind: str) -> str | None:
+    """The word of the picture a yes/no question of `kind` compares with ("red", "three",
+    "circle"); None for "position", whose answer is no single word of the picture."""
+    if kind not in YES_NO_QUESTIONS:
+        raise ValueError(f"`kind` should be one of {list(YES_NO_QUESTIONS)}, got {kind!r}")
+    if kind == "position":
+        return None
+    return short_answer(scene, {"color": "colour", "count": "count", "existence": "shape"}[kind])
+
+
+def yes_no_reply(scene: Scene, kind: str, verdict: str, read: bool) -> str:
+    """The answer of a yes/no round: the verdict, after the word of the picture if `read`."""
+    seen = seen_value(scene, kind) if read else None
+    return verdict if seen is None else f"{seen} {verdict}"
+
+
+def yes_no_turn(scene: Scene, rng: random.Random, read: bool = False) -> tuple[str, str]:
+    """A yes/no round about `scene` (kind and truth drawn from `rng`, half "Yes"): (prompt, answer)."""
+    kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
+    kind = rng.choice(kinds)
+    pair = yes_no_pair(scene, kind, rng)
+    truth = rng.randrange(2)  # half "Yes", half "No"
+    reply = yes_no_reply(scene, kind, ("Yes", "No")[truth], read)
+    return short_answer_prompt(pair[truth]), reply
+
+
 def yes_no_pair(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     """A question about `scene` whose answer is Yes and one whose answer is No."""
     ask = YES_NO_QUESTIONS.get(kind)
@@ -222,11 +254,8 @@ def benchmark_turn(scene: Scene, fmt: str, rng: random.Random) -> tuple[str, str
         prompt = mcq_prompt(MCQ_QUESTIONS[kind][lang], lettered(texts), lang)
         right = options.index(mcq_truth(scene, kind))
         return prompt, OPTION_LETTERS[right] if fmt == "mcq" else texts[right]
-    if fmt == "yes_no":
-        kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
-        pair = yes_no_pair(scene, rng.choice(kinds), rng)
-        truth = rng.randrange(2)  # half "Yes", half "No"
-        return short_answer_prompt(pair[truth]), ("Yes", "No")[truth]
+    if fmt in ("yes_no", "yes_no_read"):
+        return yes_no_turn(scene, rng, read=fmt == "yes_no_read")
     if fmt == "short":
         kind = rng.choice(SHORT_ANSWER_KINDS)
         question = rng.choice(QUESTIONS[kind])
