@@ -4,7 +4,9 @@ word it has just said is the one the question asks about.
 A real LLM brings that comparison from its language pretraining; the random tiny LLM does not, and
 it does not learn it inside an adapter run either: its yes/no verdict stays at the prior (MME's
 floor), even with every weight trained on yes/no rounds alone (docs/evaluation.md has the
-measurements). Learned on its own, with the loss on the verdict only, it takes a few hundred steps.
+measurements). Learned on its own, the picture in context and the loss on the verdict only, it
+takes 500-1,000 steps of batch 16 (verdict loss 0.18 after 500); with fewer, the adapter runs
+wear it away (at 450 steps MoSLoRA's verdict went back to "Yes" in the main job).
 So this is the tiny model's stand-in for language pretraining:
 
     "Are the shapes red in the image? ..." -> "blue No"    (synthetic's `yes_no_read` answer)
