@@ -269,8 +269,10 @@ def train_steps(
     vision_lr_mult: float,
     seed: int,
     log: Callable[[str], None],
+    name: str = "pretrain",
 ) -> list[float]:
-    """`steps` AdamW steps over the trainable weights of `model` on `dataset`; the loss per step.
+    """`steps` AdamW steps over the trainable weights of `model` on `dataset`; the loss per step
+    (every 50 steps logged as "<name> step i/steps: loss x").
 
     The LLM's weights at `lr`, the projector's and the vision tower's at `lr * vision_lr_mult`,
     the rate a linear warm-up (first 3 %) then a cosine to 0; gradients clipped at 1.
@@ -320,6 +322,6 @@ def train_steps(
         losses.append(loss.item())
         if len(losses) % 50 == 0 or len(losses) == steps:
             recent = losses[-50:]
-            log(f"pretrain step {len(losses)}/{steps}: loss {sum(recent) / len(recent):.3f}")
+            log(f"{name} step {len(losses)}/{steps}: loss {sum(recent) / len(recent):.3f}")
     model.eval()
     return losses

@@ -137,7 +137,8 @@ def teach_verdict(
         lr=LR,
         vision_lr_mult=1.0,  # nothing outside the LLM trains
         seed=seed,
-        log=lambda line: log(line.replace("pretrain", "verdict")),
+        log=log,
+        name="verdict",
     )
     llm.save_pretrained(paths["llm"])
     return {
