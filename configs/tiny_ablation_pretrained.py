@@ -15,8 +15,8 @@ validation items, other pictures of family B, are what `ablate --lr-grid` picks 
 Two epochs of family B's 1,000 pictures (250 optimizer steps, not tiny_ablation.py's three), so
 that the whole measurement (scripts/ablation_pretrained.sh: 5 variants x rank 8 and 64 x a rate
 grid on 2 seeds, then 5 seeds at the shared and at each variant's rate) stays within about two
-hours on 2 CPU cores; the grids are placed for that length (docs/ablation.md). Everything else (rank 8, the paper's scales,
-per-module rates, diagnostics) is tiny_ablation.py's.
+hours on 2 CPU cores; the grids are placed for that length (docs/ablation.md). Everything else
+(rank 8, the paper's scales, per-module rates, diagnostics) is tiny_ablation.py's.
 """
 
 from mmengine.config import read_base

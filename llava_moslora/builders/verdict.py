@@ -33,9 +33,7 @@ from typing import Any
 import torch
 
 from ..data import synthetic
-from ..data.prompts import IMAGE_TOKEN, short_answer_prompt
 
-VERDICTS = ("Yes", "No")
 KINDS = tuple(kind for kind in synthetic.YES_NO_QUESTIONS if kind != "position")
 ROUNDS = 3  # yes/no rounds per picture
 SAMPLES = 1000  # pictures; each is seen 16 times in 1,000 steps (what is learned is the verdict)
@@ -45,25 +43,15 @@ LR = 1e-3
 
 def conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, str]]:
     """ROUNDS yes/no rounds about `scene`, each answered "<the picture's word> <verdict>"."""
-    turns = []
-    for i in range(ROUNDS):
-        kind = rng.choice(KINDS)
-        pair = synthetic.yes_no_pair(scene, kind, rng)
-        truth = rng.randrange(2)
-        question = short_answer_prompt(pair[truth])
-        turns.append(
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question}
-        )
-        turns.append(
-            {"from": "gpt", "value": synthetic.yes_no_reply(scene, kind, VERDICTS[truth], True)}
-        )
-    return turns
+    return synthetic.as_turns(
+        [synthetic.yes_no_turn(scene, rng, read=True, kinds=KINDS) for _ in range(ROUNDS)]
+    )
 
 
 def verdict_token_ids(tokenizer) -> frozenset[int]:
     """The ids the verdict ends with after a word ("blue No"): the tokens the loss is on."""
     ids = set()
-    for verdict in VERDICTS:
+    for verdict in synthetic.YES_NO_ANSWERS:
         last = tokenizer.encode(f"blue {verdict}", add_special_tokens=False)[-1]
         if tokenizer.decode([last]).strip() != verdict:
             raise ValueError(

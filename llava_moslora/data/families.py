@@ -33,10 +33,17 @@ from pathlib import Path
 
 from .drawing import CELLS, COLOURS, COUNT_WORDS, SHAPES
 from .items import OPTION_LETTERS, EvalItem
-from .prompts import IMAGE_TOKEN, short_answer_prompt
-from .synthetic import QUESTIONS, Scene, answer, draw_matching, write_conversations
+from .prompts import short_answer_prompt
+from .synthetic import (
+    QUESTIONS,
+    YES_NO_ANSWERS,
+    Scene,
+    answer,
+    as_turns,
+    draw_matching,
+    write_conversations,
+)
 
-YES_NO_ANSWERS = ("Yes", "No")
 SPLITS = ("val", "test")
 
 
@@ -123,13 +130,7 @@ def conversation(
         question = short_answer_prompt(_question(family, kind, phrasing, cell))
         rounds.append((question, short_answer(scene, kind, cell)))
     rng.shuffle(rounds)
-    turns = []
-    for i, (question, reply) in enumerate(rounds):
-        turns.append(
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question}
-        )
-        turns.append({"from": "gpt", "value": reply})
-    return turns
+    return as_turns(rounds)
 
 
 def write_dataset(

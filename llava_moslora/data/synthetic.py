@@ -132,6 +132,7 @@ YES_NO_QUESTIONS = {
     "existence": "Is there a {} in the image?" + YES_NO_SUFFIX,
     "position": "Is there a shape in the {} cell of the grid?" + YES_NO_SUFFIX,
 }
+YES_NO_ANSWERS = ("Yes", "No")  # a true question's answer, a false one's
 # Short-answer kinds (TextVQA-style): answered with the colour, the shape or the count word.
 SHORT_ANSWER_KINDS = ("colour", "shape", "count")
 # "mcq_text" is a multiple-choice round answered by the option's text instead of its letter, which
@@ -214,13 +215,19 @@ def yes_no_reply(scene: Scene, kind: str, verdict: str, read: bool) -> str:
     return verdict if seen is None else f"{seen} {verdict}"
 
 
-def yes_no_turn(scene: Scene, rng: random.Random, read: bool = False) -> tuple[str, str]:
-    """A yes/no round about `scene` (kind and truth drawn from `rng`, half "Yes"): (prompt, answer)."""
-    kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
-    kind = rng.choice(kinds)
+def yes_no_turn(
+    scene: Scene,
+    rng: random.Random,
+    read: bool = False,
+    kinds: tuple[str, ...] = tuple(YES_NO_QUESTIONS),
+) -> tuple[str, str]:
+    """A yes/no round about `scene`, its kind drawn from `kinds` (position only if a cell is
+    empty) and its truth from `rng`, half "Yes": (prompt, answer)."""
+    kinds_here = [k for k in kinds if k != "position" or scene.count < len(CELLS)]
+    kind = rng.choice(kinds_here)
     pair = yes_no_pair(scene, kind, rng)
     truth = rng.randrange(2)  # half "Yes", half "No"
-    reply = yes_no_reply(scene, kind, ("Yes", "No")[truth], read)
+    reply = yes_no_reply(scene, kind, YES_NO_ANSWERS[truth], read)
     return short_answer_prompt(pair[truth]), reply
 
 
@@ -278,11 +285,16 @@ def conversation(
     rounds = [(rng.choice(QUESTIONS[kind]), answer(scene, kind)) for kind in kinds]
     rounds += [benchmark_turn(scene, fmt, rng) for fmt in benchmark_rounds]
     rng.shuffle(rounds)
+    return as_turns(rounds)
+
+
+def as_turns(rounds: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """(question, answer) rounds as LLaVA JSON turns, the image token opening the first question."""
     turns = []
     for i, (question, reply) in enumerate(rounds):
-        if i == 0:
-            question = f"{IMAGE_TOKEN}\n{question}"
-        turns.append({"from": "human", "value": question})
+        turns.append(
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question}
+        )
         turns.append({"from": "gpt", "value": reply})
     return turns
 
@@ -313,7 +325,7 @@ def prompts() -> Iterator[str]:
 def corpus() -> Iterator[str]:
     """Every question and every possible answer: the text a tokenizer for this data must cover."""
     yield from prompts()
-    yield from (*OPTION_LETTERS, "Yes", "No")
+    yield from (*OPTION_LETTERS, *YES_NO_ANSWERS)
     yield from (*COLOURS, *SHAPES, *COUNT_WORDS)
     for shape in SHAPES:
         for colour in COLOURS:

@@ -124,7 +124,7 @@ def _mme_rows(per_category: int, rng: random.Random):
             image = draw(scene.objects, rng)
             pair = synthetic.yes_no_pair(scene, kind, rng)
             first = index
-            for question, answer in zip(pair, ("Yes", "No"), strict=True):
+            for question, answer in zip(pair, synthetic.YES_NO_ANSWERS, strict=True):
                 rows.append(
                     {
                         "index": index,
