@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--verdict-steps",
         type=int,
         metavar="STEPS",
-        help="then train the LLM STEPS steps on the yes/no verdict after a word of the picture "
-        "(the yes_no_read format), the tiny stand-in for language pretraining "
-        "(llava_moslora/builders/verdict.py); without it the LLM stays random",
+        help="then align the projector on captions (LLaVA's stage 1, 300 steps) and train the "
+        "LLM STEPS steps on the yes/no verdict after the picture's words (the yes_no_read "
+        "format): the tiny stand-in for a pretrained projector and language pretraining "
+        "(llava_moslora/builders/verdict.py); without it the LLM and projector stay random",
     )
     tiny.add_argument(
         "--hidden-size", type=int, default=64, help="both towers' width with --pretrain (64)"

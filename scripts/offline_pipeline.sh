@@ -6,7 +6,8 @@
 # table. Run it through uv: `uv run bash scripts/offline_pipeline.sh [OUT]`.
 #
 #   OUT (default work_dirs/offline)/
-#     tiny/                    make-tiny's LLM, CLIP, projector and training data (3,200 images)
+#     tiny/                    make-tiny's LLM, CLIP, projector and training data (2,400 images)
+#     make_tiny.log            its captions' and verdict's training losses
 #     bench/                   the offline benchmark TSVs ($LMUData)
 #     train_{moslora,lora}/    work dirs of `llava-moslora train` (checkpoint, logs)
 #     export_{moslora,lora}/   `llava-moslora export --to xtuner`
@@ -20,16 +21,19 @@ claim_folder "$OUT" offline_pipeline  # a rerun replaces what an earlier run wro
 export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 
-# The model and data, and the benchmarks, side by side. make-tiny then teaches the tiny LLM the
-# yes/no verdict (its stand-in for language pretraining, llava_moslora/builders/verdict.py; the
-# yes/no rounds are answered "blue No"; docs/evaluation.md has the measurements, fewer steps
-# are worn away by the adapter runs): the only long step before training, so it gets both cores.
-OMP_NUM_THREADS=2 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 3200 \
-    --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 1000 > /dev/null &
+# The model and data, and the benchmarks, side by side. make-tiny then gives the random tiny
+# LLaVA what the paper's starts with (llava_moslora/builders/verdict.py): a projector aligned on
+# captions (LLaVA's stage 1) and an LLM that compares a question's value with the words before
+# its verdict (the stand-in for language pretraining; the yes/no rounds are answered "blue No").
+# The only long step before training, so it gets both cores; docs/evaluation.md has the
+# measurements.
+OMP_NUM_THREADS=2 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 2400 \
+    --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 700 > "$OUT/make_tiny.log" 2>&1 &
 tiny=$!
 llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null &
 bench=$!
-wait "$tiny" || { echo "error: make-tiny failed" >&2; exit 1; }
+wait "$tiny" || { echo "error: make-tiny failed; the end of $OUT/make_tiny.log:" >&2
+    tail -n 20 "$OUT/make_tiny.log" >&2; exit 1; }
 wait "$bench" || { echo "error: make-tiny-bench failed" >&2; exit 1; }
 
 # Each adapter's chain (train -> export -> VLMEvalKit) runs on its own core; the first to finish
@@ -72,7 +76,8 @@ llava-moslora report "$OUT/eval/moslora" "$OUT/eval/lora" --out "$OUT/results" \
 echo
 steps=$(basename "$(cat "$OUT/train_moslora/last_checkpoint")" .pth)
 echo "Trained: MoSLoRA and LoRA (rank 64, both towers, ${steps#iter_} steps, seed $SEED) on a tiny LLaVA"
-echo "built here, its LLM first taught the yes/no verdict (llava_moslora/builders/verdict.py); scored by"
-echo "VLMEvalKit on the offline tiny benchmarks (scores vs chance above)."
+echo "built here, its projector first aligned on captions and its LLM taught the yes/no verdict"
+echo "(llava_moslora/builders/verdict.py); scored by VLMEvalKit on the offline tiny benchmarks"
+echo "(scores vs chance above)."
 echo "Table: $OUT/results.md (.csv); radar: $OUT/mmbench_radar.png;" \
     "checkpoints: $OUT/train_{moslora,lora}/; exports: $OUT/export_{moslora,lora}/"

@@ -200,6 +200,13 @@ def projector_state_dict(visual_hidden_size: int, llm_hidden_size: int, seed: in
     return {f"projector.{k}": v for k, v in projector.state_dict().items()}
 
 
+def save_projector(state: dict, path: Path, seed: int) -> None:
+    """Write a projector's `projector.*` state to `path` (DIR/projector/iter_0.pth) in mmengine's
+    checkpoint layout, whose "state_dict" xtuner's LLaVAModel(pretrained_pth=...) reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"seed": seed}, "state_dict": state}, path)
+
+
 def make_tiny(
     out_dir: str | Path,
     *,
@@ -247,10 +254,8 @@ def make_tiny(
     clip.save_pretrained(paths["clip"])
     processor.save_pretrained(paths["clip"])
 
-    paths["projector"].parent.mkdir(parents=True, exist_ok=True)
     state = projector_state_dict(clip.config.hidden_size, llm.config.hidden_size, seed)
-    # mmengine's checkpoint layout; xtuner's guess_load_checkpoint reads its "state_dict".
-    torch.save({"meta": {"seed": seed}, "state_dict": state}, paths["projector"])
+    save_projector(state, paths["projector"], seed)
 
     if task == "compositional":
         written = compositional.write_task(paths["data"].parent, train_images=samples, seed=seed)

@@ -38,6 +38,7 @@ from .make_tiny import (
     MAX_POSITIONS,
     PATCH_SIZE,
     build_tokenizer,
+    save_projector,
     tiny_clip,
     tiny_llama3,
 )
@@ -195,11 +196,7 @@ def _build(
     clip.save_pretrained(out_dir / "clip")
     processor.save_pretrained(out_dir / "clip")
     projector = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
-    (out_dir / "projector").mkdir()
-    # mmengine's checkpoint layout, as make_tiny writes it: LLaVAModel(pretrained_pth=...) reads it
-    torch.save(
-        {"meta": {"seed": spec.seed}, "state_dict": projector}, out_dir / "projector" / "iter_0.pth"
-    )
+    save_projector(projector, out_dir / "projector" / "iter_0.pth", spec.seed)
 
     record: dict[str, Any] = {
         "spec": spec.key(),

@@ -1,26 +1,35 @@
-"""`make-tiny DIR --verdict-steps N`: the tiny LLM learns, before any adapter, to say whether the
-word it has just said is the one the question asks about.
+"""`make-tiny DIR --verdict-steps N`: the tiny base's stand-in for what a real LLaVA-1.5 starts
+from, in two phases after make-tiny has written its random models.
 
-A real LLM brings that comparison from its language pretraining; the random tiny LLM does not, and
-it does not learn it inside an adapter run either: its yes/no verdict stays at the prior (MME's
-floor), even with every weight trained on yes/no rounds alone (docs/evaluation.md has the
-measurements). Learned on its own, the picture in context and the loss on the verdict only, it
-takes 500-1,000 steps of batch 16 (verdict loss 0.18 after 500); with fewer, the adapter runs
-wear it away (at 450 steps MoSLoRA's verdict went back to "Yes" in the main job).
-So this is the tiny model's stand-in for language pretraining:
+1. **The projector, aligned on captions** (LLaVA's stage 1, whose result is the "pretrained
+   projector" the paper starts from): CAPTION_STEPS steps on one round per picture,
 
-    "Are the shapes red in the image? ..." -> "blue No"    (synthetic's `yes_no_read` answer)
+       "Describe the picture." -> "I see two red circles. The circles are in the top left and
+                                   bottom right."
 
-The word before the verdict is the picture's true value (colour, count or shape), given, not
-predicted (no loss on it); only the LLM's weights train (the vision tower and the projector are
-make-tiny's, frozen), with the picture in context, as it will be when the adapters run. What the
-adapters must still learn is the reading of the picture, the word the verdict compares; the
-comparison itself is the base's. Position questions (no single word of the picture answers them)
-are not part of it.
+   the loss on the whole caption, the projector and the LLM trained (the random LLM learns the
+   captions' language too), the vision tower frozen. Without it the adapters had to learn to read
+   shapes at 56 x 56 through the random ViT and projector in their own 1,200 steps, and one of
+   them, which one depending on the base, did not (docs/evaluation.md).
+2. **The verdict** (what a real LLM brings from language pretraining): N steps on yes/no rounds
+   answered "<the picture's words> <verdict>",
 
-    DIR/data/verdict.json, verdict_images/   the pretraining conversations (training images'
-                                             stream of their own; not the benchmark's)
-    DIR/llm/                                 the LLM's weights, replaced by the trained ones
+       "Are the shapes red in the image? ..." -> "blue No"     (synthetic's `yes_no_read` answer)
+       "Is there a shape in the top left cell ...?" -> "top right and bottom left No"
+
+   the words given, not predicted (no loss on them): only the verdict token is learned, the
+   comparison of the question's value with the words before it. Only the LLM trains (the vision
+   tower and the now aligned projector frozen), with the picture in context, as it will be when
+   the adapters run. The random tiny LLM does not learn that comparison inside an adapter run,
+   even with every weight trained on yes/no rounds alone: its verdict stays at MME's floor
+   (docs/evaluation.md has the measurements).
+
+What the adapters must still learn is every benchmark's answer format: the multiple-choice option,
+the single word, and the picture's words before a verdict, none of which the base was taught.
+
+    DIR/data/captions.json, captions_images/  phase 1's conversations   (each its own picture
+    DIR/data/verdict.json, verdict_images/    phase 2's conversations    stream, not the benchmark's)
+    DIR/llm/, DIR/projector/iter_0.pth        replaced by the trained ones (the vision tower stays)
 """
 
 from __future__ import annotations
@@ -34,7 +43,6 @@ import torch
 
 from ..data import synthetic
 
-KINDS = tuple(kind for kind in synthetic.YES_NO_QUESTIONS if kind != "position")
 ROUNDS = 3  # yes/no rounds per picture
 SAMPLES = 1000  # pictures; each is seen 16 times in 1,000 steps (what is learned is the verdict)
 BATCH_SIZE = 16
@@ -42,10 +50,18 @@ LR = 1e-3
 
 
 def conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, str]]:
-    """ROUNDS yes/no rounds about `scene`, each answered "<the picture's word> <verdict>"."""
-    return synthetic.as_turns(
-        [synthetic.yes_no_turn(scene, rng, read=True, kinds=KINDS) for _ in range(ROUNDS)]
-    )
+    """Phase 2: ROUNDS yes/no rounds about `scene`, each answered "<the picture's words>
+    <verdict>"."""
+    return synthetic.as_turns([synthetic.yes_no_turn(scene, rng, read=True) for _ in range(ROUNDS)])
+
+
+CAPTION_PROMPT = "Describe the picture."
+CAPTION_STEPS = 300
+
+
+def caption_conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, str]]:
+    caption = synthetic.answer(scene, "shape") + " " + synthetic.answer(scene, "where")
+    return synthetic.as_turns([(CAPTION_PROMPT, caption)])
 
 
 def verdict_token_ids(tokenizer) -> frozenset[int]:
@@ -67,7 +83,7 @@ def check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(
             f"`--verdict-steps` should be a positive integer but the value passed is {steps!r}. "
-            "Use e.g. --verdict-steps 1000, or leave it out for a random LLM."
+            "Use e.g. --verdict-steps 700, or leave it out for a random LLM."
         )
 
 
@@ -77,12 +93,15 @@ def teach_verdict(
     steps: int,
     seed: int = 0,
     samples: int = SAMPLES,
+    caption_steps: int = CAPTION_STEPS,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the LLM of make-tiny's `paths` on the verdict for `steps` steps and save it in place.
+    """Align the projector of make-tiny's `paths` on captions, then train its LLM on the verdict
+    for `steps` steps; save both in place (the module docstring has the two phases).
 
-    Returns {"steps", "loss_first", "loss_last"} (the verdict's cross-entropy; ln 2 = 0.69 is a
-    guess).
+    Returns {"caption_steps", "caption_loss_first", "caption_loss_last", "steps", "loss_first",
+    "loss_last"}: the captions' and the verdict's cross-entropy (for the verdict ln 2 = 0.69 is a
+    guess), the last over the final 20 steps.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -92,16 +111,26 @@ def teach_verdict(
     )
     from xtuner.model import LLaVAModel
 
+    from .make_tiny import save_projector
     from .pretrain import Conversations, train_steps
 
     check_steps(steps)
+    if isinstance(caption_steps, bool) or not isinstance(caption_steps, int) or caption_steps < 1:
+        raise ValueError(f"`caption_steps` should be a positive integer, got {caption_steps!r}")
     data = paths["data"].parent
-    json_path = synthetic.write_conversations(
+    verdicts = synthetic.write_conversations(
         data / "verdict.json",
         data / "verdict_images",
         samples,
         random.Random(f"{seed}-verdict"),
         conversation,
+    )
+    captions = synthetic.write_conversations(
+        data / "captions.json",
+        data / "captions_images",
+        samples,
+        random.Random(f"{seed}-caption"),
+        caption_conversation,
     )
     tokenizer = AutoTokenizer.from_pretrained(paths["llm"])
     llm = AutoModelForCausalLM.from_pretrained(paths["llm"])
@@ -115,22 +144,36 @@ def teach_verdict(
         pretrained_pth=str(paths["projector"]),  # visual_select_layer: -2, the configs' too
         use_activation_checkpointing=False,
     )
+
+    def train(dataset: Conversations, n: int, name: str) -> list[float]:
+        return train_steps(
+            model,
+            dataset,
+            steps=n,
+            batch_size=BATCH_SIZE,
+            lr=LR,
+            vision_lr_mult=1.0,  # the projector at the LLM's rate, as in LLaVA's stage 1
+            seed=seed,
+            log=log,
+            name=name,
+        )
+
+    caption_losses = train(Conversations(captions, tokenizer, processor), caption_steps, "caption")
+    projector = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    save_projector(projector, paths["projector"], seed)
     model.projector.requires_grad_(False)
-    dataset = Conversations(json_path, tokenizer, processor, learn=verdict_token_ids(tokenizer))
-    losses = train_steps(
-        model,
-        dataset,
-        steps=steps,
-        batch_size=BATCH_SIZE,
-        lr=LR,
-        vision_lr_mult=1.0,  # nothing outside the LLM trains
-        seed=seed,
-        log=log,
-        name="verdict",
-    )
+    learn = verdict_token_ids(tokenizer)
+    losses = train(Conversations(verdicts, tokenizer, processor, learn=learn), steps, "verdict")
     llm.save_pretrained(paths["llm"])
     return {
+        "caption_steps": caption_steps,
+        "caption_loss_first": caption_losses[0],
+        "caption_loss_last": _tail_mean(caption_losses),
         "steps": steps,
         "loss_first": losses[0],
-        "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "loss_last": _tail_mean(losses),
     }
+
+
+def _tail_mean(losses: list[float]) -> float:
+    return sum(losses[-20:]) / len(losses[-20:])

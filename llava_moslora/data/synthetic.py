@@ -72,6 +72,12 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), cells=cells)
 
 
+def filled_cells(scene: Scene) -> str:
+    """The scene's cells in words: "top left", "top left and bottom right", "a, b and c"."""
+    names = [CELLS[i] for i in scene.cells]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def answer(scene: Scene, kind: str) -> str:
     """The reference answer to a question of `kind` about `scene`."""
     if kind == "colour":
@@ -82,9 +88,7 @@ def answer(scene: Scene, kind: str) -> str:
     if kind == "count":
         return f"There {scene.verb} {COUNT_WORDS[scene.count - 1]} {scene.noun}."
     if kind == "where":
-        names = [CELLS[i] for i in scene.cells]
-        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return f"The {scene.noun} {scene.verb} in the {listed}."
+        return f"The {scene.noun} {scene.verb} in the {filled_cells(scene)}."
     raise ValueError(f"`kind` should be one of {sorted(QUESTIONS)}, got {kind!r}")
 
 
@@ -140,11 +144,11 @@ SHORT_ANSWER_KINDS = ("colour", "shape", "count")
 # the answer contains). The quickstart trains it: the tiny LLM does not learn, within its budget,
 # to look the letter up next to the matching option (docs/evaluation.md has the measurements).
 # "yes_no_read" is a yes/no round answered with what the picture shows, then the verdict
-# ("Are the shapes red ...?" -> "blue No"); VLMEvalKit's MME scoring reads the yes or the no word
-# (`YOrN_Extraction`). The verdict is then a comparison of two words of the text, which a language
-# model brings from pretraining (make-tiny --verdict-steps gives the tiny LLM that skill), while the
-# word before it is the reading of the image, which the adapters learn. Position questions, which
-# no single word of the picture answers, keep the bare verdict.
+# ("Are the shapes red ...?" -> "blue No"; "Is there a shape in the top left cell ...?" ->
+# "top right and bottom left No"); VLMEvalKit's MME scoring reads the yes or the no word
+# (`YOrN_Extraction`). The verdict is then a comparison of the question's value with words of the
+# text, which a language model brings from pretraining (make-tiny --verdict-steps gives the tiny
+# LLM that skill), while the words before it are the reading of the image, which the adapters learn.
 BENCHMARK_FORMATS = ("mcq", "mcq_text", "yes_no", "yes_no_read", "short")
 # The benchmark-format rounds of each conversation (make-tiny's default; `--benchmark-rounds`
 # picks others). Two multiple-choice and two yes/no rounds, as answering them means matching the
@@ -199,20 +203,19 @@ def short_answer(scene: Scene, kind: str) -> str:
     return COUNT_WORDS[truth - 1] if kind == "count" else truth
 
 
-def seen_value(scene: Scene, kind: str) -> str | None:
-    """The word of the picture a yes/no question of `kind` compares with ("red", "three",
-    "circle"); None for "position", whose answer is no single word of the picture."""
+def seen_value(scene: Scene, kind: str) -> str:
+    """The words of the picture a yes/no question of `kind` compares with ("red", "three",
+    "circle", "top left and bottom right")."""
     if kind not in YES_NO_QUESTIONS:
         raise ValueError(f"`kind` should be one of {list(YES_NO_QUESTIONS)}, got {kind!r}")
     if kind == "position":
-        return None
+        return filled_cells(scene)
     return short_answer(scene, {"color": "colour", "count": "count", "existence": "shape"}[kind])
 
 
 def yes_no_reply(scene: Scene, kind: str, verdict: str, read: bool) -> str:
-    """The answer of a yes/no round: the verdict, after the word of the picture if `read`."""
-    seen = seen_value(scene, kind) if read else None
-    return verdict if seen is None else f"{seen} {verdict}"
+    """The answer of a yes/no round: the verdict, after the words of the picture if `read`."""
+    return f"{seen_value(scene, kind)} {verdict}" if read else verdict
 
 
 def yes_no_turn(
