@@ -64,10 +64,11 @@ class MLP(nn.Module):
 
 # A stand-in for the `llava-moslora` command, for the scripts' control flow: it records each call
 # in $CALLS; `train` writes the checkpoint pointer a script reads and fails for the configs named
-# in $FAIL_TRAIN; `ablate` fails for the work dirs named in $FAIL_ABLATE; `report` prints a table
-# line; every other subcommand succeeds.
+# in $FAIL_TRAIN; `make-tiny` fails if $FAIL_MAKE_TINY is set; `ablate` fails for the work dirs
+# named in $FAIL_ABLATE; `report` prints a table line; every other subcommand succeeds.
 RECORDER = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
+if [ "$1" = make-tiny ] && [ -n "${FAIL_MAKE_TINY:-}" ]; then echo "Traceback: boom in make-tiny"; exit 1; fi
 if [ "$1" = train ]; then
     for name in $FAIL_TRAIN; do
         case "$2" in *"$name"*) echo "Traceback: boom in $2"; exit 1;; esac

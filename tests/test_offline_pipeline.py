@@ -11,8 +11,10 @@ from tests.conftest import REPO, recorded_calls, run_script
 SCRIPT = REPO / "scripts" / "offline_pipeline.sh"
 
 
-def run_pipeline(tmp_path: Path, out: Path, fail_train: str = "") -> subprocess.CompletedProcess:
-    return run_script(SCRIPT, tmp_path, out, FAIL_TRAIN=fail_train)
+def run_pipeline(
+    tmp_path: Path, out: Path, fail_train: str = "", fail_make_tiny: str = ""
+) -> subprocess.CompletedProcess:
+    return run_script(SCRIPT, tmp_path, out, FAIL_TRAIN=fail_train, FAIL_MAKE_TINY=fail_make_tiny)
 
 
 def test_a_folder_the_script_did_not_write_is_refused_untouched(tmp_path):
@@ -58,3 +60,12 @@ def test_a_failed_training_fails_the_job_and_says_which_the_other_chain_still_fi
     assert [c[0] for c in made if "moslora" in " ".join(c)] == ["train", "export", "eval"]
     assert not any(c[0] in ("export", "eval") and "_lora" in " ".join(c) for c in made)
     assert not any(c[0] == "report" for c in made)
+
+
+def test_a_failed_make_tiny_fails_the_job_with_the_end_of_its_log(tmp_path):
+    out = tmp_path / "out"
+    result = run_pipeline(tmp_path, out, fail_make_tiny="1")
+    assert result.returncode == 1
+    assert f"error: make-tiny failed; the end of {out}/make_tiny.log:" in result.stderr
+    assert "Traceback: boom in make-tiny" in result.stderr
+    assert not any(c[0] == "train" for c in recorded_calls(tmp_path))

@@ -328,7 +328,8 @@ def _holds(scene, kind: str, value: str) -> bool:
 @pytest.mark.parametrize("yes_no", ["yes_no", "yes_no_read"])
 def test_synthetic_yes_no_and_short_answers_agree_with_the_scene(yes_no):
     """Each yes/no answer is the question's truth; `yes_no_read` says the picture's word first
-    ("blue No"), except for position questions, and VLMEvalKit's MME scoring reads its verdict."""
+    ("blue No"; the filled cells for position questions), and VLMEvalKit's MME scoring reads its
+    verdict."""
     import re
 
     from vlmeval.dataset.utils.yorn import YOrN_Extraction
@@ -344,6 +345,7 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene(yes_no):
         "color": lambda scene: scene.colour,
         "count": lambda scene: synthetic.COUNT_WORDS[scene.count - 1],
         "existence": lambda scene: scene.shape,
+        "position": synthetic.filled_cells,
     }
     yes_no_verdicts, kinds = [], set()
     rounds = ("mcq", "mcq", yes_no, yes_no, "short")
@@ -353,7 +355,7 @@ def test_synthetic_yes_no_and_short_answers_agree_with_the_scene(yes_no):
                 (k, m.group(1)) for k, p in patterns.items() if (m := p.match(prompt))
             ]
             verdict = "Yes" if _holds(scene, kind, value) else "No"
-            read = yes_no == "yes_no_read" and kind != "position"
+            read = yes_no == "yes_no_read"
             expected = f"{seen_word[kind](scene)} {verdict}" if read else verdict
             assert reply == expected, (scene, prompt, reply)
             assert YOrN_Extraction(reply) == verdict, reply

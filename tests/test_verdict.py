@@ -1,4 +1,5 @@
-"""`make-tiny --verdict-steps`: the tiny LLM's stand-in for language pretraining (builders/verdict.py)."""
+"""`make-tiny --verdict-steps`: the tiny base's stand-in for a pretrained projector and LLM
+(builders/verdict.py)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,40 @@ from llava_moslora.data import synthetic
 
 def test_verdict_conversations_say_the_picture_then_the_verdict():
     rng = random.Random(0)
-    verdicts = []
+    verdicts, kinds = [], set()
     for _ in range(200):
         scene = synthetic.random_scene(rng)
         turns = verdict.conversation(scene, rng)
         assert len(turns) == 2 * verdict.ROUNDS and turns[0]["value"].startswith("<image>\n")
         for question, reply in zip(turns[::2], turns[1::2], strict=True):
-            assert "cell of the grid" not in question["value"]  # no position question
-            word, said = reply["value"].split()
-            assert word in (scene.colour, scene.shape, synthetic.COUNT_WORDS[scene.count - 1])
-            asked = f" {word} " in question["value"]
+            seen, said = reply["value"].rsplit(" ", 1)
+            if "cell of the grid" in question["value"]:  # position: the filled cells, then
+                kinds.add("position")  # whether the asked one is among them
+                assert seen == synthetic.filled_cells(scene)
+                (cell,) = [
+                    i for i, c in enumerate(synthetic.CELLS) if f" {c} cell" in question["value"]
+                ]
+                asked = cell in scene.cells
+            else:
+                kinds.add("word")
+                assert seen in (scene.colour, scene.shape, synthetic.COUNT_WORDS[scene.count - 1])
+                asked = f" {seen} " in question["value"]
             assert said == ("Yes" if asked else "No"), (scene, question, reply)
             verdicts.append(said)
+    assert kinds == {"position", "word"}
     assert 0.45 < verdicts.count("Yes") / len(verdicts) < 0.55
+
+
+def test_captions_describe_the_picture():
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = synthetic.random_scene(rng)
+        (question, caption) = verdict.caption_conversation(scene, rng)
+        assert question["value"] == f"<image>\n{verdict.CAPTION_PROMPT}"
+        text = caption["value"]
+        assert scene.colour in text and scene.noun in text
+        assert text.endswith(f" in the {synthetic.filled_cells(scene)}.")
+        assert (synthetic.COUNT_WORDS[scene.count - 1] in text) == (scene.count > 1)
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +85,32 @@ def test_the_loss_is_on_the_verdict_only(tiny_dir):
 
 
 @pytest.mark.slow
-def test_teach_verdict_trains_the_llm_only_and_lowers_the_verdict_loss(tmp_path):
+def test_teach_verdict_aligns_the_projector_then_trains_the_llm_on_the_verdict(tmp_path):
     from safetensors.torch import load_file
 
     from llava_moslora.builders.make_tiny import make_tiny
+    from llava_moslora.moslora.safety import safe_torch_load
 
     paths = make_tiny(tmp_path, samples=4, benchmark_rounds=("yes_no_read",))
     before = {name: load_file(tmp_path / name / "model.safetensors") for name in ("llm", "clip")}
-    projector = (tmp_path / "projector" / "iter_0.pth").read_bytes()
-    record = verdict.teach_verdict(paths, steps=250, samples=64, log=lambda _: None)
-    assert record["steps"] == 250
-    # from a guess (ln 2 = 0.69, or worse at init) to below it: the comparison starts to form
+    projector = safe_torch_load(paths["projector"])["state_dict"]
+    record = verdict.teach_verdict(
+        paths, steps=250, samples=64, caption_steps=60, log=lambda _: None
+    )
+    assert record["steps"] == 250 and record["caption_steps"] == 60
+    # the captions are learned (from ~ln(768) = 6.6 at init) and the verdict goes from a guess
+    # (ln 2 = 0.69, or worse at init) to below it: the comparison starts to form
+    assert record["caption_loss_last"] < record["caption_loss_first"] / 2
     assert record["loss_last"] < 0.69 < record["loss_first"]
     after_llm = load_file(tmp_path / "llm" / "model.safetensors")
     assert all(not torch.equal(v, before["llm"][k]) for k, v in after_llm.items())
     after_clip = load_file(tmp_path / "clip" / "model.safetensors")
     assert all(torch.equal(v, before["clip"][k]) for k, v in after_clip.items())
-    assert (tmp_path / "projector" / "iter_0.pth").read_bytes() == projector
-    assert len(json.loads((tmp_path / "data" / "verdict.json").read_text())) == 64
+    aligned = safe_torch_load(paths["projector"])["state_dict"]
+    assert aligned.keys() == projector.keys()  # still what LLaVAModel(pretrained_pth=) reads
+    assert all(not torch.equal(v, projector[k]) for k, v in aligned.items())
+    for name in ("verdict", "captions"):
+        assert len(json.loads((tmp_path / "data" / f"{name}.json").read_text())) == 64
 
 
 def test_make_tiny_refuses_a_bad_verdict_steps(tmp_path, capsys):

@@ -21,8 +21,9 @@ Every path is what `from_pretrained` / `LLaVADataset` read, so `configs/tiny_mos
 paper config with these paths swapped in. Weights are random (seeded): the point is that every
 code path of the real run executes, in seconds, on a CPU. `make-tiny DIR --pretrain` instead
 writes the same layout with every weight trained on one family of questions (pretrain.py);
-`make-tiny DIR --verdict-steps N` then trains the LLM alone on the yes/no verdict, the stand-in
-for what a real LLM brings from language pretraining (verdict.py; the main job's base).
+`make-tiny DIR --verdict-steps N` then aligns the projector on captions and trains the LLM on the
+yes/no verdict, the stand-in for the pretrained projector and LLM a real LLaVA-1.5 starts from
+(verdict.py; the main job's base).
 """
 
 from __future__ import annotations
