@@ -44,9 +44,11 @@ import torch
 from ..data import synthetic
 
 ROUNDS = 3  # yes/no rounds per picture
-SAMPLES = 1000  # pictures; each is seen 16 times in 1,000 steps (what is learned is the verdict)
+SAMPLES = 1000  # pictures of each phase; 700 verdict steps of 16 show each picture 11 times
 BATCH_SIZE = 16
-LR = 1e-3
+LR = 1e-3  # both phases; the projector's too (LLaVA's stage 1 trains it at 1e-3)
+CAPTION_PROMPT = "Describe the picture."
+CAPTION_STEPS = 300  # the main job's build: caption loss 2.2 at step 50, 0.06 at 300
 
 
 def conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, str]]:
@@ -55,11 +57,8 @@ def conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, s
     return synthetic.as_turns([synthetic.yes_no_turn(scene, rng, read=True) for _ in range(ROUNDS)])
 
 
-CAPTION_PROMPT = "Describe the picture."
-CAPTION_STEPS = 300
-
-
 def caption_conversation(scene: synthetic.Scene, rng: random.Random) -> list[dict[str, str]]:
+    """Phase 1's one round: the picture described, its colour, shape, count and filled cells."""
     caption = synthetic.answer(scene, "shape") + " " + synthetic.answer(scene, "where")
     return synthetic.as_turns([(CAPTION_PROMPT, caption)])
 

@@ -218,16 +218,11 @@ def yes_no_reply(scene: Scene, kind: str, verdict: str, read: bool) -> str:
     return f"{seen_value(scene, kind)} {verdict}" if read else verdict
 
 
-def yes_no_turn(
-    scene: Scene,
-    rng: random.Random,
-    read: bool = False,
-    kinds: tuple[str, ...] = tuple(YES_NO_QUESTIONS),
-) -> tuple[str, str]:
-    """A yes/no round about `scene`, its kind drawn from `kinds` (position only if a cell is
-    empty) and its truth from `rng`, half "Yes": (prompt, answer)."""
-    kinds_here = [k for k in kinds if k != "position" or scene.count < len(CELLS)]
-    kind = rng.choice(kinds_here)
+def yes_no_turn(scene: Scene, rng: random.Random, read: bool = False) -> tuple[str, str]:
+    """A yes/no round about `scene`, its kind drawn from YES_NO_QUESTIONS (position only if a cell
+    is empty) and its truth from `rng`, half "Yes": (prompt, answer)."""
+    kinds = [k for k in YES_NO_QUESTIONS if k != "position" or scene.count < len(CELLS)]
+    kind = rng.choice(kinds)
     pair = yes_no_pair(scene, kind, rng)
     truth = rng.randrange(2)  # half "Yes", half "No"
     reply = yes_no_reply(scene, kind, YES_NO_ANSWERS[truth], read)
