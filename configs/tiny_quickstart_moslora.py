@@ -1,6 +1,6 @@
 """The main job's MoSLoRA run (`scripts/offline_pipeline.sh`): `tiny_moslora.py` set up to learn.
 
-    llava-moslora make-tiny ./tiny_quickstart --samples 2400 \
+    llava-moslora make-tiny ./tiny_quickstart --samples 2000 \
         --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 700
     LLAVA_MOSLORA_TINY_DIR=./tiny_quickstart llava-moslora train configs/tiny_quickstart_moslora.py
 
@@ -12,7 +12,7 @@ ranks):
   at 1/20 of it. With every trainable part at one high rate the tiny model collapses to the answer
   priors (it stops reading the image); the LLM's adapters alone learn to read it. The paper's
   single 2e-5 is too small to move a random toy model in a CPU budget;
-* batch 8 without accumulation, 3 epochs (the main job's 2,400 images: 900 optimizer steps; the
+* batch 8 without accumulation, 3 epochs (the main job's 2,000 images: 750 optimizer steps; the
   ablation's 4,000: 1,500), and no activation checkpointing (~30 % of the step at this size, no
   memory to save).
 """
@@ -31,7 +31,7 @@ batch_size = 8
 accumulative_counts = 1
 lr = 2e-3
 slow_lr_mult = 0.05  # projector and ViT adapters
-max_epochs = 3  # e.g. 2,400 images / 8 per step x 3 = 900 optimizer steps
+max_epochs = 3  # e.g. 2,000 images / 8 per step x 3 = 750 optimizer steps
 
 #######################################################################
 #            PART 2  Model & Tokenizer & Image Processor              #

@@ -6,7 +6,7 @@
 # table. Run it through uv: `uv run bash scripts/offline_pipeline.sh [OUT]`.
 #
 #   OUT (default work_dirs/offline)/
-#     tiny/                    make-tiny's LLM, CLIP, projector and training data (2,400 images)
+#     tiny/                    make-tiny's LLM, CLIP, projector and training data (2,000 images)
 #     make_tiny.log            its captions' and verdict's training losses
 #     bench/                   the offline benchmark TSVs ($LMUData)
 #     train_{moslora,lora}/    work dirs of `llava-moslora train` (checkpoint, logs)
@@ -27,7 +27,7 @@ export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two run
 # its verdict (the stand-in for language pretraining; the yes/no rounds are answered "blue No").
 # The only long step before training, so it gets both cores; docs/evaluation.md has the
 # measurements.
-OMP_NUM_THREADS=2 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 2400 \
+OMP_NUM_THREADS=2 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 2000 \
     --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 700 > "$OUT/make_tiny.log" 2>&1 &
 tiny=$!
 llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null &
