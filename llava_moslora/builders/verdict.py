@@ -117,20 +117,16 @@ def teach_verdict(
     if isinstance(caption_steps, bool) or not isinstance(caption_steps, int) or caption_steps < 1:
         raise ValueError(f"`caption_steps` should be a positive integer, got {caption_steps!r}")
     data = paths["data"].parent
-    verdicts = synthetic.write_conversations(
-        data / "verdict.json",
-        data / "verdict_images",
-        samples,
-        random.Random(f"{seed}-verdict"),
-        conversation,
-    )
-    captions = synthetic.write_conversations(
-        data / "captions.json",
-        data / "captions_images",
-        samples,
-        random.Random(f"{seed}-caption"),
-        caption_conversation,
-    )
+
+    def write(name: str, stream: str, talk) -> Path:
+        """DIR/data/NAME.json + NAME_images/, drawn from a random stream of their own."""
+        rng = random.Random(f"{seed}-{stream}")
+        return synthetic.write_conversations(
+            data / f"{name}.json", data / f"{name}_images", samples, rng, talk
+        )
+
+    verdicts = write("verdict", "verdict", conversation)
+    captions = write("captions", "caption", caption_conversation)
     tokenizer = AutoTokenizer.from_pretrained(paths["llm"])
     llm = AutoModelForCausalLM.from_pretrained(paths["llm"])
     clip = CLIPVisionModel.from_pretrained(paths["clip"])
