@@ -198,6 +198,11 @@ def projector_state_dict(visual_hidden_size: int, llm_hidden_size: int, seed: in
             visual_hidden_size=visual_hidden_size, llm_hidden_size=llm_hidden_size, depth=2
         )
     )
+    return projector_keys(projector)
+
+
+def projector_keys(projector: torch.nn.Module) -> dict:
+    """A projector's state keyed as LLaVAModel.state_dict() keys it (`projector.model.0.weight`)."""
     return {f"projector.{k}": v for k, v in projector.state_dict().items()}
 
 

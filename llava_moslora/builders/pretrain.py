@@ -38,6 +38,7 @@ from .make_tiny import (
     MAX_POSITIONS,
     PATCH_SIZE,
     build_tokenizer,
+    projector_keys,
     save_projector,
     tiny_clip,
     tiny_llama3,
@@ -195,8 +196,7 @@ def _build(
     tokenizer.save_pretrained(out_dir / "llm")
     clip.save_pretrained(out_dir / "clip")
     processor.save_pretrained(out_dir / "clip")
-    projector = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
-    save_projector(projector, out_dir / "projector" / "iter_0.pth", spec.seed)
+    save_projector(projector_keys(model.projector), out_dir / "projector" / "iter_0.pth", spec.seed)
 
     record: dict[str, Any] = {
         "spec": spec.key(),

@@ -110,7 +110,7 @@ def teach_verdict(
     )
     from xtuner.model import LLaVAModel
 
-    from .make_tiny import save_projector
+    from .make_tiny import projector_keys, save_projector
     from .pretrain import Conversations, train_steps
 
     check_steps(steps)
@@ -154,8 +154,7 @@ def teach_verdict(
         )
 
     caption_losses = train(Conversations(captions, tokenizer, processor), caption_steps, "caption")
-    projector = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
-    save_projector(projector, paths["projector"], seed)
+    save_projector(projector_keys(model.projector), paths["projector"], seed)
     model.projector.requires_grad_(False)
     learn = verdict_token_ids(tokenizer)
     losses = train(Conversations(verdicts, tokenizer, processor, learn=learn), steps, "verdict")
