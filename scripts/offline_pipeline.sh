@@ -19,6 +19,7 @@ SEED=0
 source "$(dirname "$0")/claim_folder.sh"
 claim_folder "$OUT" offline_pipeline  # a rerun replaces what an earlier run wrote, nothing else
 export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
+source "$(dirname "$0")/pin_numerics.sh"  # one table on every x86-64 machine with AVX2
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 
 # The model and data, and the benchmarks, side by side. make-tiny then gives the random tiny

@@ -68,6 +68,7 @@ class MLP(nn.Module):
 # named in $FAIL_ABLATE; `report` prints a table line; every other subcommand succeeds.
 RECORDER = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
+echo "${ATEN_CPU_CAPABILITY:-unset} ${ONEDNN_MAX_CPU_ISA:-unset} ${MKL_CBWR:-unset}" >> "$CALLS.isa"
 if [ "$1" = make-tiny ] && [ -n "${FAIL_MAKE_TINY:-}" ]; then echo "Traceback: boom in make-tiny"; exit 1; fi
 if [ "$1" = train ]; then
     for name in $FAIL_TRAIN; do
