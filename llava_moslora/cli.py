@@ -347,9 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     check.set_defaults(func=_check_data)
 
+    machine = sub.add_parser(
+        "machine",
+        help="print the machine a measurement runs on (CPU, kernel-selecting flags, numeric pins, "
+        "stack versions) as Markdown, for the results files",
+    )
+    machine.set_defaults(func=_machine)
+
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
+
+
+def _machine(args: argparse.Namespace) -> int:
+    from .machine import describe_machine
+
+    print(describe_machine())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

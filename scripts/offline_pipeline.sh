@@ -13,6 +13,8 @@
 #     export_{moslora,lora}/   `llava-moslora export --to xtuner`
 #     eval/{moslora,lora}/     VLMEvalKit predictions and scores
 #     results.{md,csv}         the table;  mmbench_radar.png  the radar plot
+#     summary.md               what the job printed, with the machine it ran on and its time
+#                              (benchmarks/results/offline_results.md is a copy)
 set -euo pipefail
 OUT=${1:-work_dirs/offline}
 SEED=0
@@ -72,13 +74,26 @@ for pid in "${pids[@]}"; do
 done
 [ "$failed" = 0 ] || exit 1
 
-llava-moslora report "$OUT/eval/moslora" "$OUT/eval/lora" --out "$OUT/results" \
-    --radar "$OUT/mmbench_radar.png" --chance-from "$OUT/bench" | grep -v '^wrote '
-echo
-steps=$(basename "$(cat "$OUT/train_moslora/last_checkpoint")" .pth)
-echo "Trained: MoSLoRA and LoRA (rank 64, both towers, ${steps#iter_} steps, seed $SEED) on a tiny LLaVA"
-echo "built here, its projector first aligned on captions and its LLM taught the yes/no verdict"
-echo "(llava_moslora/builders/verdict.py); scored by VLMEvalKit on the offline tiny benchmarks"
-echo "(scores vs chance above)."
-echo "Table: $OUT/results.md (.csv); radar: $OUT/mmbench_radar.png;" \
-    "checkpoints: $OUT/train_{moslora,lora}/; exports: $OUT/export_{moslora,lora}/"
+llava-moslora machine > "$OUT/machine.md" &
+machine=$!
+table=$(llava-moslora report "$OUT/eval/moslora" "$OUT/eval/lora" --out "$OUT/results" \
+    --radar "$OUT/mmbench_radar.png" --chance-from "$OUT/bench" | grep -v '^wrote ')
+wait "$machine"
+{
+    echo "$table"
+    echo
+    steps=$(basename "$(cat "$OUT/train_moslora/last_checkpoint")" .pth)
+    echo "Trained: seed $SEED, ${steps#iter_} steps each, on a tiny LLaVA built here, its projector first"
+    echo "aligned on captions and its LLM taught the yes/no verdict (llava_moslora/builders/verdict.py);"
+    echo "the adapters as each run's log names them:"
+    for kind in moslora lora; do  # read off the run, not hand-copied
+        echo "  $kind: $(sed -n 's/.* - \(LLM\|ViT\) adapter: /\1: /p' "$OUT/train_$kind.log" | paste -sd ';' -)"
+    done
+    echo "Scored by VLMEvalKit on the offline tiny benchmarks (scores vs chance above)."
+    echo "Table: $OUT/results.md (.csv); radar: $OUT/mmbench_radar.png;" \
+        "checkpoints: $OUT/train_{moslora,lora}/; exports: $OUT/export_{moslora,lora}/"
+    echo
+    echo "Machine (numerics pinned by scripts/pin_numerics.sh: the same table on every x86-64 CPU with AVX2):"
+    cat "$OUT/machine.md"
+    echo "- the job: $((SECONDS / 60)) min $((SECONDS % 60)) s"
+} | tee "$OUT/summary.md"

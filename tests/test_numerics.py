@@ -70,7 +70,8 @@ def test_the_main_job_runs_every_command_pinned(tmp_path):
     calls = recorded_calls(tmp_path)
     # The recorder standing in for `llava-moslora` logs the numeric settings of each call.
     isa = [line.split() for line in (tmp_path / "calls.isa").read_text().splitlines()]
-    assert len(isa) == len(calls) == 9  # make-tiny, bench, 2 x (train, export, eval), report
+    # make-tiny, bench, 2 x (train, export, eval), machine, report
+    assert len(isa) == len(calls) == 10
     assert {tuple(x) for x in isa} == {tuple(PINNED.values())}
 
 
@@ -78,14 +79,19 @@ def test_the_main_job_runs_every_command_pinned(tmp_path):
 
 
 def train_slice(steps: int = 30) -> str:
-    """SHA-256 of the trained adapters and projector: every kernel family the main job's training
-    runs (the ViT's patch convolution, attention, layer and RMS norms, GELU/SiLU, cross entropy,
-    AdamW) on a tiny LLaVA, at a learning rate high enough that last bits grow."""
+    """SHA-256 of the trained adapters and projector, and of the trained model's bfloat16 logits:
+    every kernel family the main job runs (the ViT's patch convolution, attention, layer and RMS
+    norms, GELU/SiLU, cross entropy, AdamW; bfloat16 inference) on a tiny LLaVA, at a learning
+    rate high enough that last bits grow."""
     import torch
     from peft import get_peft_model
 
-    from llava_moslora.builders.tiny import CLIP_TARGETS, LLAMA_TARGETS, tiny_clip_vision
-    from llava_moslora.builders.tiny import tiny_llama
+    from llava_moslora.builders.tiny import (
+        CLIP_TARGETS,
+        LLAMA_TARGETS,
+        tiny_clip_vision,
+        tiny_llama,
+    )
     from llava_moslora.moslora import moslora_config
 
     llm = get_peft_model(
@@ -95,7 +101,9 @@ def train_slice(steps: int = 30) -> str:
     vit = get_peft_model(
         tiny_clip_vision(0), moslora_config(r=8, lora_alpha=2, target_modules=list(CLIP_TARGETS))
     )
-    projector = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    projector = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)
+    )
     params = [p for m in (llm, vit, projector) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -112,6 +120,14 @@ def train_slice(steps: int = 30) -> str:
     digest = hashlib.sha256()
     for tensor in params:
         digest.update(tensor.detach().numpy().tobytes())
+    # The main job scores bfloat16 exports: their matmuls take other kernels (AVX512-BF16, AMX).
+    with torch.no_grad():
+        image = projector.bfloat16()(
+            vit.bfloat16()(pixel_values=pixels.bfloat16()).last_hidden_state[:, 1:]
+        )
+        llm.bfloat16()
+        embeds = torch.cat([image, llm.get_input_embeddings()(ids)], dim=1)
+        digest.update(llm(inputs_embeds=embeds).logits.float().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -44,8 +44,15 @@ def test_each_adapter_is_trained_exported_and_scored_then_reported(tmp_path):
         chain = [c for c in made if f"configs/tiny_quickstart_{kind}.py" in c or kind in c]
         assert [c[0] for c in chain] == ["train", "export", "eval"], chain
         assert f"{out}/train_{kind}/iter_1200.pth" == chain[1][1]  # the checkpoint it trained
+    (machine,) = [c for c in made if c[0] == "machine"]  # beside the report, in the background
+    made.remove(machine)
     assert made[-1][0] == "report" and made[-1][1:3] == [f"{out}/eval/moslora", f"{out}/eval/lora"]
-    assert "1200 steps" in result.stdout  # read off the checkpoint, not hand-copied
+    assert "1200 steps each" in result.stdout  # read off the checkpoint, not hand-copied
+    # What it printed is also its summary, with the machine and the time.
+    summary = (out / "summary.md").read_text()
+    assert result.stdout.endswith(summary) and summary.startswith("| the table |")
+    assert "Machine (numerics pinned by scripts/pin_numerics.sh" in summary
+    assert "- the job: 0 min" in summary
     # A rerun into the folder it wrote is allowed (it replaces its own runs).
     assert run_pipeline(tmp_path, out).returncode == 0
 
