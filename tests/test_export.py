@@ -238,7 +238,10 @@ def test_hf_llava_refuses_a_backbone_llava_cannot_hold():
 
     from llava_moslora.export.hf_llava import build_hf_llava
 
-    with pytest.raises(ValueError, match="needs a LLaMA-family LLM.*Linear.*--to merged-xtuner"):
+    with pytest.raises(
+        ValueError,
+        match="needs an LLM whose architecture transformers itself ships .* Linear.*--to merged-xtuner",
+    ):
         build_hf_llava(
             nn.Linear(2, 2),
             None,

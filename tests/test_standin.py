@@ -15,9 +15,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_cli_shape_names_match_the_module():
-    from llava_moslora.cli import SHAPES
+    from llava_moslora.cli import STANDIN_NAMES
 
-    assert tuple(standin.SHAPES) == SHAPES
+    assert tuple(standin.STANDINS) == STANDIN_NAMES
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,8 @@ def test_cli_shape_names_match_the_module():
         # The published parameter counts of the full-depth models (hub safetensors metadata).
         (standin.LLAMA3_8B, 8_030_261_248),
         (standin.INTERNLM2_7B, 7_737_708_544),
+        (standin.STANDINS["vicuna-7b"].llm, 6_738_415_616),  # lmsys/vicuna-7b-v1.5
+        (standin.STANDINS["qwen2.5-7b"].llm, 7_615_616_512),  # Qwen/Qwen2.5-7B-Instruct
     ],
 )
 def test_full_depth_configs_have_the_real_models_parameter_counts(shape, params):
@@ -47,7 +49,9 @@ def test_clip_shape_is_vit_l_14_336():
 
 
 def test_unknown_shape_and_bad_depth_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"`shape` should be one of llama3-8b, .* 'gpt5'"):
+    with pytest.raises(
+        ValueError, match=r"`shape` should be one of llama3-8b, vicuna-7b, .* 'gpt5'"
+    ):
         standin.make_standin(tmp_path, "gpt5")
     with pytest.raises(ValueError, match="`llm_layers` should be a positive integer .* 0"):
         standin.make_standin(tmp_path, "mid", llm_layers=0)
