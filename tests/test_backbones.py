@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llava_moslora.builders.backbones import BACKBONES, backbone, use_backbone
-from tests.conftest import (
+from tests.factories import (
     IMAGE_TOKEN_INDEX,
     llava_model_logits,
     max_diff,

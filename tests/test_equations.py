@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import copy_lora_weights, make_mlp, moslora_layers
+from tests.factories import copy_lora_weights, make_mlp, moslora_layers
 
 TARGETS = ["lin0", "lin1"]
 

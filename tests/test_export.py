@@ -16,7 +16,7 @@ import torch
 
 from llava_moslora.export import FORMATS, MANIFEST_NAME, ExportManifest, export, read_manifest
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
-from tests.conftest import (
+from tests.factories import (
     FP32_ATOL,
     IMAGE_TOKEN_INDEX,
     QUESTION,
@@ -25,9 +25,9 @@ from tests.conftest import (
     llava_model_logits,
     max_diff,
     randomise_trained_tensors,
-    run_train,
     save_mmengine_checkpoint,
 )
+from tests.launchers import run_train
 
 
 def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2):

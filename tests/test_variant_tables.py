@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from llava_moslora.moslora import MixerOptions, load_adapter, moslora_config, save_adapter
 from llava_moslora.moslora.inits import MIXER_INITS, mixer_init
 from llava_moslora.moslora.kinds import ADAPTER_KINDS, LORA_CONFIG, MOSLORA_CONFIG, kind_of
-from tests.conftest import make_mlp, moslora_layers
+from tests.factories import make_mlp, moslora_layers
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TARGETS = ["lin0", "lin1"]
