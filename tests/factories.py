@@ -593,3 +593,18 @@ def tiny_runs(tmp_path_factory, tiny_exports) -> dict:
             for name, model in models.items()
         }
     return {"work": work, "lmu": lmu, "records": records, "summaries": summaries}
+
+
+def assert_one_step_trains(llava, sample: dict, mixer: torch.Tensor) -> None:
+    """One AdamW step of a built LLaVAModel on one dataset `sample`: a finite loss, and `mixer`
+    (a learnable mixer weight of it) moved."""
+    from xtuner.dataset.collate_fns import default_collate_fn
+
+    params = [p for p in llava.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    before = mixer.detach().clone()
+    loss = llava(default_collate_fn([sample])["data"], mode="loss")["loss"]
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(mixer.detach(), before)
