@@ -17,8 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 # make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
 TASKS = ("shapes", "compositional")
-# standin.SHAPES (a test checks they agree), spelled out for the same reason.
-SHAPES = ("llama3-8b", "internlm2-7b", "mid")
+# standin.STANDINS' names (a test checks they agree), spelled out for the same reason.
+STANDIN_NAMES = ("llama3-8b", "vicuna-7b", "qwen2.5-7b", "internlm2-7b", "mid")
 
 
 def _standin_options(args: argparse.Namespace) -> int:
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--shape",
         default="tiny",
-        choices=("tiny",) + SHAPES,
+        choices=("tiny",) + STANDIN_NAMES,
         help="tiny (default): toy widths; llama3-8b / internlm2-7b: the paper's towers at their "
         "real widths with few layers and 2048-position samples (llava_moslora/builders/standin.py); "
         "mid: hidden 1024, the CPU benchmark size",

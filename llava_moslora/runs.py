@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava_moslora.moslora.options import FIXED_PATTERN_INITS
 from llava_moslora.moslora.safety import require_finite
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
 
@@ -117,7 +116,7 @@ def _frozen_pattern_mixers(model: nn.Module) -> dict[str, tuple[str, torch.Tenso
     fixed = {}
     for name, module in model.named_modules():
         for adapter, options in getattr(module, "mixer_options", {}).items():
-            if options.learnable or not (options.init in FIXED_PATTERN_INITS or options.init_only):
+            if not options.fixed_matrix:
                 continue
             key = f"{name}.lora_mixer.{adapter}.weight"
             if key in built:  # (LLaVAModel.state_dict keeps every lora_ key: always true)

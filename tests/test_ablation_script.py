@@ -6,7 +6,8 @@ from __future__ import annotations
 from mmengine.config import Config
 
 from llava_moslora.ablate.variants import VARIANTS
-from tests.conftest import CONFIGS, REPO, recorded_calls, run_script
+from tests.factories import CONFIGS, REPO
+from tests.launchers import recorded_calls, run_script
 
 SCRIPT = REPO / "scripts" / "ablation_pretrained.sh"
 

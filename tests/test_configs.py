@@ -226,8 +226,12 @@ def test_every_config_is_checked_here():
     # end to end by tests/test_compositional.py and tests/test_ablate.py.
     # tiny_quickstart_moslora (the main job's) changes the rates and schedule of tiny_moslora;
     # tests/test_train_tiny.py builds its optimizer (tiny_ablation's, which inherits them).
+    # vicuna_moslora and qwen2_moslora change only the backbone of llama3_moslora; each trains a
+    # step and exports in tests/test_backbones.py.
     roots = {
         "llama3_moslora",
+        "vicuna_moslora",
+        "qwen2_moslora",
         "internlm2_qmoslora",
         "tiny_moslora",
         "tiny_compositional_moslora",
@@ -333,7 +337,9 @@ def build_with_tiny_towers(cfg: Config, tiny_paths):
     return BUILDER.build(model)
 
 
-@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora"])
+@pytest.mark.parametrize(
+    "name", ["llama3_moslora", "internlm2_qmoslora", "vicuna_moslora", "qwen2_moslora"]
+)
 def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
     """The real config's model dict, with only the 8B towers swapped for local tiny ones."""
     from llava_moslora.moslora.layers import MoSLoRALinear

@@ -27,7 +27,7 @@ from llava_moslora.eval.benchmarks import (
 from llava_moslora.eval.manifest import read_export_manifest
 from llava_moslora.eval.runner import resolve_judge
 from llava_moslora.eval.tiny_bench import CIRCULAR_OFFSET
-from tests.conftest import make_constant
+from tests.factories import make_constant
 
 QUESTION = "What colour are the shapes?"
 
@@ -95,7 +95,7 @@ def test_offline_names_are_unknown_to_vlmevalkit_and_classes_score_them():
 
 
 # ----------------------------------------------------------------------------- export layouts
-# `tiny_exports` and `tiny_runs` (below) are session fixtures of tests/conftest.py, shared with
+# `tiny_exports` and `tiny_runs` (below) are session fixtures of tests/factories.py, shared with
 # test_report.py.
 def _last_logits(model, image) -> torch.Tensor:
     with torch.no_grad():

@@ -21,7 +21,7 @@ from llava_moslora.data import synthetic
 from llava_moslora.export.manifest import MANIFEST_NAME
 from llava_moslora.moslora import load_adapter, moslora_config, save_adapter
 from llava_moslora.moslora.safety import CorruptCheckpointError
-from tests.conftest import TINY_MOSLORA, make_mlp, make_tiny_llama
+from tests.factories import TINY_MOSLORA, make_mlp, make_tiny_llama
 
 MLP_TARGETS = ["lin0", "lin1"]
 

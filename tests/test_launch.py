@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llava_moslora.train.launch import USAGE_ERROR, launch_command
-from tests.conftest import run_train
+from tests.launchers import run_train
 
 CHILD = ["-m", "llava_moslora.train.launch"]
 

@@ -63,7 +63,7 @@ def test_the_pin_caps_every_kernel_library_at_avx2_whatever_the_user_had_set():
 
 
 def test_the_main_job_runs_every_command_pinned(tmp_path):
-    from tests.conftest import recorded_calls, run_script
+    from tests.launchers import recorded_calls, run_script
 
     result = run_script(REPO / "scripts" / "offline_pipeline.sh", tmp_path, tmp_path / "out")
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import REPO, recorded_calls, run_script
+from tests.factories import REPO
+from tests.launchers import recorded_calls, run_script
 
 SCRIPT = REPO / "scripts" / "offline_pipeline.sh"
 

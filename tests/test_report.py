@@ -72,7 +72,7 @@ def test_table5_layout_mme_scaling_and_missing_scores(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert list(rows[0]) == HEADER and len(rows) == 2
     assert rows[0]["MME"] == "58.4" and rows[0]["Avg"] == "56.8" and rows[0]["Avg over"] == "9/9"
-    assert (rows[0]["Config"], rows[0]["Adapter"], rows[0]["Seed"]) == ("llama3_lora", "lora", "7")
+    assert (rows[0]["Config"], rows[0]["Adapter"], rows[0]["Seed"]) == ("llama3_lora", "LoRA", "7")
     # Missing and pending are "–", never 0; the average of 7 columns is marked, not passed off.
     assert rows[1]["MathVista"] == rows[1]["MM-Vet"] == MISSING
     expected = sum(v / (28 if k == "MME" else 1) for k, v in partial.items()) / 7
@@ -128,7 +128,7 @@ def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):
         assert oracle[column] == MISSING  # not in the tiny suite
     assert oracle["Avg over"] == "4/9" and oracle["Avg"].endswith("*")
     assert (
-        oracle["Adapter"] == "moslora"
+        oracle["Adapter"] == "MoSLoRA"
         and oracle["Seed"] == "0"
         and oracle["Judge"].startswith("none")
     )

@@ -29,7 +29,7 @@ from llava_moslora.moslora.safety import (
 )
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
-from tests.conftest import (
+from tests.factories import (
     FP32_ATOL,
     LLAMA_TARGETS,
     TINY_MOSLORA,

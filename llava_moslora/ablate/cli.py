@@ -71,11 +71,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rerun the same command to resume an interrupted ablation.",
     )
     ablate.add_argument("--config", required=True, help="base XTuner config (any MoSLoRA/LoRA one)")
+    from llava_moslora.moslora.inits import MIXER_INITS
+
+    from .variants import DEFAULT_VARIANTS, VARIANTS
+
     ablate.add_argument(
         "--variants",
-        default="lora,ts_mixing,moslora_kaiming,moslora_orthogonal,init_only",
-        help="comma-separated: lora, ts_mixing, moslora_kaiming, moslora_orthogonal, init_only, "
-        "dora",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated: {', '.join(VARIANTS)}, or moslora_<init> for any mixer init "
+        f"({', '.join(MIXER_INITS)}); default: all but dora",
     )
     ablate.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
     ablate.add_argument("--first-seed", type=int, default=0)

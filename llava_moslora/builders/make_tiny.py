@@ -74,7 +74,9 @@ PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
 # layers feed it and the last runs unread, as CLIP ViT-L's 24th does. The tiny configs read this.
 TINY_CLIP_LAYERS = 3
 MAX_POSITIONS = 512
-SHAPES_VOCAB_SIZE = 768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
+SHAPES_TASK_VOCAB_SIZE = (
+    768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
+)
 
 
 TASKS = ("shapes", "compositional")
@@ -91,7 +93,8 @@ def chat_texts(task: str = "shapes", template_name: str = "llama3_chat") -> list
     else:
         texts = list(synthetic.corpus())
         questions = list(synthetic.prompts())  # benchmark formats included
-    texts += [template.INSTRUCTION.format(input=q, round=1) + template.SUFFIX for q in questions]
+    suffix = template.get("SUFFIX", "")  # Vicuna's template has none: its turns end with eos
+    texts += [template.INSTRUCTION.format(input=q, round=1) + suffix for q in questions]
     texts += [template.SYSTEM.format(system="You are a helpful assistant.")]
     return texts
 
@@ -250,7 +253,7 @@ def make_tiny(
     # The shapes corpus (its benchmark formats' Chinese included) merges down to 705 tokens, one
     # per word: at 512 the rarer words, every Chinese character among them, would stay split into
     # UTF-8 bytes that decode to nothing on their own.
-    vocab_size = SHAPES_VOCAB_SIZE if task == "shapes" else 512
+    vocab_size = SHAPES_TASK_VOCAB_SIZE if task == "shapes" else 512
     tokenizer = build_tokenizer(chat_texts(task), vocab_size=vocab_size)
     llm = tiny_llama3(tokenizer, seed)
     tokenizer.save_pretrained(paths["llm"])

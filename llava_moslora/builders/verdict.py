@@ -9,7 +9,8 @@ from, in two phases after make-tiny has written its random models.
 
    the loss on the whole caption, the projector and the LLM trained (the random LLM learns the
    captions' language too), the vision tower frozen. Without it the adapters had to learn to read
-   shapes at 56 x 56 through the random ViT and projector in their own 1,200 steps, and one of
+   shapes at 56 x 56 through the random ViT and projector within their own run (the main job's
+   schedule, configs/tiny_quickstart_moslora.py), and one of
    them, which one depending on the base, did not (docs/evaluation.md).
 2. **The verdict** (what a real LLM brings from language pretraining): N steps on yes/no rounds
    answered "<the picture's words> <verdict>",

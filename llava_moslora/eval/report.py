@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_moslora.moslora.kinds import label_of
+
 from .benchmarks import COLUMN_OF, MMBENCH_ABILITIES, MMBENCH_LANGUAGE, MME_SCALE, TABLE_COLUMNS
 from .runner import SUMMARY_NAME, load_summary
 
@@ -29,10 +31,10 @@ def _adapter_label(manifest: dict[str, Any]) -> str:
     """A short adapter description from the manifest's `adapter_kind` / `mixer` fields."""
     kind = manifest.get("adapter_kind")
     if isinstance(kind, dict):
-        parts = [f"{tower}: {value}" for tower, value in kind.items()]
+        parts = [f"{tower}: {label_of(value)}" for tower, value in kind.items()]
         label = "; ".join(parts) if parts else MISSING
     else:
-        label = str(kind) if kind else MISSING
+        label = str(label_of(kind)) if kind else MISSING
     if manifest.get("quantized_base"):
         label += " (4-bit base)"
     return label

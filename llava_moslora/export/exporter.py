@@ -34,6 +34,7 @@ from llava_moslora.moslora import (
     save_adapter,
     save_folded,
 )
+from llava_moslora.moslora.kinds import kind_of
 from llava_moslora.runs import checkpoint_seed, load_run
 
 from .manifest import (
@@ -116,9 +117,7 @@ def adapter_of(tower: nn.Module) -> tuple[str | None, dict | None]:
         return None, None
     config = tower.peft_config["default"]
     options = mixer_options_of(config)
-    if options is not None:
-        return "moslora", options.to_dict()
-    return ("dora" if getattr(config, "use_dora", False) else "lora"), None
+    return kind_of(config).name, (None if options is None else options.to_dict())
 
 
 def _is_quantized(tower: nn.Module) -> bool:

@@ -49,8 +49,9 @@ def moslora_config(
     passes through to `LoraConfig`, so this works as `type=moslora_config` in an XTuner config.
 
     Args:
-        mixer_init: `kaiming` (default, the paper's), `orthogonal`, `identity`, `normal`,
-            `butterfly` (TS-Mixing). `zero` is refused (paper App. C).
+        mixer_init: a name of `inits.MIXER_INITS`: `kaiming` (default, the paper's),
+            `orthogonal`, `identity`, `normal`, `butterfly` (TS-Mixing), or one registered with
+            `inits.mixer_init`. `zero` is refused (paper App. C).
         mixer_trainable: learn the mixer (default) or freeze it; frozen `identity` is vanilla LoRA,
             frozen `butterfly` is TS-Mixing.
         init_only: fold the random mixer into A at init and keep a frozen identity (the control

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..builders.vision_layers import layers_above, selected_index
 from ..moslora import mixer_options_of
+from ..moslora.kinds import kind_of
 from ..probes import full_numel, is_4bit
 
 GROUPS = ("llm adapter", "llm mixers", "vit adapter", "vit mixers", "projector", "other")
@@ -50,13 +51,13 @@ def adapter_kind(tower: nn.Module) -> str:
     if not configs:
         return "none"
     config = configs[getattr(tower, "active_adapter", "default")]
-    options = mixer_options_of(config)
+    options, label = mixer_options_of(config), kind_of(config).label
     if options is None:
-        return "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+        return label
     if options.init_only:
-        return f"init-only control (mixer {options.init} folded into A, then frozen identity)"
+        return f"{label} (mixer {options.init} folded into A, then frozen identity)"
     state = "learned" if options.learnable else "frozen"
-    return f"MoSLoRA (mixer {options.init}, {state}), r={config.r}, alpha={config.lora_alpha}"
+    return f"{label} (mixer {options.init}, {state}), r={config.r}, alpha={config.lora_alpha}"
 
 
 def _dtype_name(dtype: object) -> str:
