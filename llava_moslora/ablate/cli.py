@@ -117,3 +117,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lr-grid for a variant whose best rate is at that edge (2; 0: none)",
     )
     ablate.set_defaults(func=_ablate)
+    register_report(sub)
+
+
+def _ablate_report(args: argparse.Namespace) -> int:
+    from .summary import write_summary
+
+    try:
+        path = write_summary(args.dir)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"  md: {path}")
+    return 0
+
+
+def register_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "ablate-report",
+        help="pool every `ablate --lr-grid` report under DIR: Holm over all their comparisons, "
+        "paired TOST (equivalence) per comparison; writes DIR/summary.md",
+    )
+    report.add_argument(
+        "dir", help="the folder holding one `--lr-grid` work dir per rank (r8/, ...)"
+    )
+    report.set_defaults(func=_ablate_report)

@@ -180,26 +180,26 @@ def tost_power(n: int, std: float, margin: float, true_diff: float = 0.0) -> flo
     n-1}; the mean is N(true_diff, std^2 / n) and independent of S, with (n-1) S^2 / std^2 a
     chi-square on n-1 degrees of freedom: integrate the normal probability over S's law."""
     from scipy import integrate
+    from scipy.special import ndtr  # the normal cdf, without a frozen distribution per call
 
     if n < 2 or not std > 0 or not margin > 0:
         raise ValueError(f"need n >= 2, std > 0, margin > 0; got {n}, {std}, {margin}")
     c = _scipy.t.ppf(1 - ALPHA, n - 1)
     se = std / math.sqrt(n)
-    chi2 = _scipy.chi2(n - 1)
+    k = (n - 1) / 2  # the chi-square's density on n - 1 dof, in logs: exact for any n
+    log_norm = -k * math.log(2) - math.lgamma(k)
 
     def reject_given(u: float) -> float:  # u = (n-1) S^2 / std^2
         room = margin - c * std * math.sqrt(u / (n - 1)) / math.sqrt(n)
-        if room <= 0:
+        if room <= 0 or u <= 0:
             return 0.0
-        inside = _scipy.norm.cdf((room - true_diff) / se) - _scipy.norm.cdf(
-            (-room - true_diff) / se
-        )
-        return float(inside) * chi2.pdf(u)
+        inside = ndtr((room - true_diff) / se) - ndtr((-room - true_diff) / se)
+        return float(inside) * math.exp(log_norm + (k - 1) * math.log(u) - u / 2)
 
     # The interval is empty once c S / sqrt(n) >= margin; beyond the chi-square's central
     # 1 - 2e-12 the integrand is below what quad resolves (and for many seeds it would miss
     # the narrow peak if asked to integrate from 0).
-    low, high = chi2.ppf(1e-12), chi2.ppf(1 - 1e-12)
+    low, high = _scipy.chi2.ppf([1e-12, 1 - 1e-12], n - 1)
     u_max = min(high, (n - 1) * (margin * math.sqrt(n) / (c * std)) ** 2)
     if u_max <= low:
         return 0.0
@@ -213,9 +213,12 @@ def tost_seeds_needed(std: float, margin: float, power: float = POWER) -> int | 
     difference is 0 and the differences' std is `std`; None beyond MAX_SEEDS."""
     if not std > 0:
         return None
-    if tost_power(MAX_SEEDS, std, margin) < power:
-        return None
-    low, high = 2, MAX_SEEDS  # power grows with n: bisect for the first n that reaches it
+    high = 2  # power grows with n: double until it is reached, then bisect
+    while tost_power(high, std, margin) < power:
+        if high >= MAX_SEEDS:
+            return None
+        high = min(2 * high, MAX_SEEDS)
+    low = max(2, high // 2)
     while low < high:
         mid = (low + high) // 2
         if tost_power(mid, std, margin) >= power:
