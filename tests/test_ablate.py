@@ -453,6 +453,12 @@ def test_the_committed_old_design_report_gives_the_independently_recomputed_numb
     assert "old design: the grid's seeds 0, 1 are test seeds" in text
     assert "Family A (the old questions) after adaptation: 28.3–35.6 %" in text
     assert "`position` accuracy, variant means: 0.500–0.554" in text
+    # The README's mixer sentence cites these numbers of the summary, not numbers of its own.
+    readme = (REPO / "README.md").read_text()
+    bullet = readme[readme.index("* **Does the mixer matter?") : readme.index("* **Cost.**")]
+    assert "(benchmarks/results/ablation_pretrained/summary.md)" in bullet
+    for cited in ("0.6632", "28.3–35.6", "4–143", "±3 points"):
+        assert cited in bullet and cited in text
 
 
 def test_a_report_whose_numbers_do_not_add_up_is_refused_naming_the_file(tmp_path, capsys):

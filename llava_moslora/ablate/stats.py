@@ -11,6 +11,10 @@ A report makes several comparisons at once (every variant against LoRA, plus the
 `holm` adjusts their p-values for it: Holm's step-down method keeps the chance of any false
 "significant" in the family at the nominal level without assuming the tests independent (they are
 not: they share the baseline's seeds), and is uniformly more powerful than Bonferroni.
+
+"Not significant" is not "equal": `tost_paired` tests equality within a margin fixed in advance
+(two one-sided t-tests), and `tost_seeds_needed` says how many seeds that margin needs at a given
+spread of the paired differences (`tost_power`, exact for normal differences).
 """
 
 from __future__ import annotations

@@ -336,10 +336,21 @@ def _equivalence(found: Sequence[dict[str, Any]]) -> list[str]:
             else "None differs after the pooled correction. "
         )
         + f"The other {len(found) - len(shown) - len(different)} of {len(found)}: no difference "
-        "detected, which is not evidence of equality.",
+        "detected, which is not evidence of equality. At the observed spreads TOST would need "
+        + _needed_range(found)
+        + " seeds per comparison.",
         "",
     ]
     return lines
+
+
+def _needed_range(found: Sequence[dict[str, Any]]) -> str:
+    needed = [c["tost"].seeds_needed for c in found]
+    known = [n for n in needed if n is not None]
+    if not known:
+        return f"more than {stats.MAX_SEEDS:,}"
+    top = f"more than {stats.MAX_SEEDS:,}" if None in needed else str(max(known))
+    return f"{min(known)}–{top}"
 
 
 def _parts(tables: Sequence[Table], root: Path) -> list[str]:
