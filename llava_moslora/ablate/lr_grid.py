@@ -123,10 +123,12 @@ def choose_rates(scores: Mapping[str, Mapping[float, Sequence[float]]]) -> dict[
     return chosen
 
 
-def placement(by_rate: Mapping[float, Sequence[float]], chosen: float) -> str:
+def placement(
+    by_rate: Mapping[float, Sequence[float]], chosen: float, variant: str = "this variant"
+) -> str:
     """Where `chosen` sits in one variant's grid: INTERIOR, TIED_ABOVE, LOW_EDGE or HIGH_EDGE
     (the edges: as run_lr_grid leaves them, i.e. after widening stopped at its limit)."""
-    means = _means("?", by_rate)
+    means = _means(variant, by_rate)
     rates = list(means)
     at = rates.index(chosen)
     if at == 0:
@@ -215,7 +217,7 @@ def run_lr_grid(
             if rate is not None:
                 log(f"--lr-grid: {variant}'s best rate {chosen[variant]:g} is its grid's edge")
                 todo.setdefault(rate, []).append(variant)
-    where = {variant: placement(grid[variant], chosen[variant]) for variant in variants}
+    where = {v: placement(grid[v], chosen[v], v) for v in variants}
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     (Path(work_dir) / CHOICE).write_text(
         json.dumps(

@@ -204,7 +204,7 @@ def write_summary(root: str | Path) -> Path:
     lines += _rates(grids)
     lines += _pooled(found)
     lines += _equivalence(found)
-    lines += _parts(tables, root)
+    lines += _parts(tables)
     out = root / SUMMARY
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -353,7 +353,7 @@ def _needed_range(found: Sequence[dict[str, Any]]) -> str:
     return f"{min(known)}–{top}"
 
 
-def _parts(tables: Sequence[Table], root: Path) -> list[str]:
+def _parts(tables: Sequence[Table]) -> list[str]:
     lines = ["## Parts of the score, over every table", ""]
     every = list(SETTINGS)
     if any("old_overall" in p for t in tables for p in t.parts.values()):
