@@ -21,7 +21,7 @@ from llava_moslora.eval.report import (
 from llava_moslora.eval.runner import SUMMARY_NAME
 
 HEADER = [
-    "Run", "Config", "Adapter", "Seed", "Judge",
+    "Run", "Config", "Adapter", "Seed", "Scorer",
     "MMBench EN", "MMBench CN", "SEED", "AI2D", "SciQA", "TextVQA", "MathVista", "MM-Vet", "MME",
     "Avg", "Avg over",
 ]  # fmt: skip
@@ -77,9 +77,9 @@ def test_table5_layout_mme_scaling_and_missing_scores(tmp_path):
     assert rows[1]["MathVista"] == rows[1]["MM-Vet"] == MISSING
     expected = sum(v / (28 if k == "MME" else 1) for k, v in partial.items()) / 7
     assert rows[1]["Avg"] == f"{expected:.1f}*" and rows[1]["Avg over"] == "7/9"
-    assert "pending: MathVista_MINI" in rows[1]["Judge"]
+    assert "pending: MathVista_MINI" in rows[1]["Scorer"]
     md = md_path.read_text()
-    assert md.splitlines()[0].startswith("| Run | Config | Adapter | Seed | Judge | MMBench EN |")
+    assert md.splitlines()[0].startswith("| Run | Config | Adapter | Seed | Scorer | MMBench EN |")
     assert "| – | – |" in md and "average over the benchmarks present only" in md
 
 
@@ -130,7 +130,7 @@ def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):
     assert (
         oracle["Adapter"] == "moslora"
         and oracle["Seed"] == "0"
-        and oracle["Judge"].startswith("none")
+        and oracle["Scorer"] == "exact matching"
     )
     assert "wrote" in capsys.readouterr().out
 
@@ -199,6 +199,7 @@ def test_eval_data_root_becomes_vlmevalkits_lmudata(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("LMUData", "unset")  # restored (to unset, if it was) after the test
     monkeypatch.delenv("LMUData")
     root = tmp_path / "bench"
-    code = main(["eval", str(tmp_path / "no_export"), "--suite", "tiny", "--data-root", str(root)])
+    args = ["--suite", "tiny", "--data-root", str(root), "--create-data-root"]
+    code = main(["eval", str(tmp_path / "no_export"), *args])
     assert code == 2 and "no_export" in capsys.readouterr().err  # stops at the missing export
     assert os.environ["LMUData"] == str(root.resolve())  # noqa: SIM112 (VLMEvalKit's spelling)
