@@ -337,7 +337,7 @@ def mmbench_abilities(run_dir: str | Path, split: str = "dev") -> dict[str, dict
             value = pd.to_numeric(row[abbr], errors="coerce")
             if not (isinstance(value, numbers.Real) and 0 <= value <= 1):
                 raise ValueError(
-                    f"{path}: ability {abbr} is {row[abbr]!r}, not an accuracy from 0 to 1: the "
+                    f"{path}: ability {abbr} is {row[abbr]}, not an accuracy from 0 to 1: the "
                     f"file is damaged or was edited; re-run `llava-moslora eval ... --score-only` "
                     f"or leave {run_dir} out."
                 )
