@@ -354,11 +354,6 @@ def _textvqa_ocr(dataset: Any, entry: Benchmark, model: Any, ocr_file: Path) -> 
     """Put LLaVA-1.5's OCR-token prompt of every row in the dataset's table; the record of it."""
     from vlmeval.smp import md5
 
-    if not entry.ocr_prompt:
-        raise ValueError(
-            f"`--textvqa-ocr` applies to benchmarks asked with OCR tokens "
-            f"({', '.join(n for n, b in BENCHMARKS.items() if b.ocr_prompt)}), not {entry.name}."
-        )
     if not getattr(model, "READS_LLAVA_PROMPT", False):
         raise ValueError(
             f"`--textvqa-ocr`: the model {type(model).__name__} does not read the "
@@ -411,6 +406,12 @@ def run_benchmarks(
     unknown = [name for name in datasets if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"no benchmark entry for {', '.join(unknown)} (see eval/README.md).")
+    if textvqa_ocr is not None and not any(BENCHMARKS[name].ocr_prompt for name in datasets):
+        raise ValueError(
+            "`--textvqa-ocr` applies to the benchmarks LLaVA-1.5 asks with OCR tokens ("
+            f"{', '.join(n for n, b in BENCHMARKS.items() if b.ocr_prompt)}); none is among "
+            f"{', '.join(datasets)}."
+        )
     run_dir = Path(work_dir) / check_run_name(run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = claim_run_dir(run_dir, run_name, export, overwrite=overwrite, reuse=reuse)
