@@ -330,3 +330,43 @@ def test_the_table_shows_the_scorer_of_each_benchmark_not_the_last_calls(tmp_pat
     header = md.read_text().splitlines()[0]
     assert "| MathVista† |" in header and "| MMBench EN |" in header  # only MathVista differs
     assert BENCHMARKS["MathVista_MINI"].column == "MathVista"
+
+
+# ----------------------------------------------------------------------------- a new benchmark
+@pytest.mark.slow  # VLMEvalKit's multiple-choice scoring of 4 rows, offline
+def test_a_benchmark_is_one_entry(tmp_path, monkeypatch):
+    """A throwaway benchmark: one `Benchmark` entry and a line in a suite file; the runner, the
+    report and the protocol notes need nothing else."""
+    from llava_moslora.eval import benchmarks
+    from llava_moslora.eval.benchmarks import MCQ, Benchmark, resolve_datasets
+    from llava_moslora.eval.report import write_table
+    from llava_moslora.eval.runner import run_benchmarks
+
+    name = "Throwaway_Shapes"
+    entry = Benchmark(name, MCQ, "Shapes", "throwaway v0", vlmeval_class="CustomMCQDataset")
+    monkeypatch.setitem(benchmarks.BENCHMARKS, name, entry)
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "mine.txt").write_text(f"# a suite of one\n{name}\n")
+    monkeypatch.setattr(benchmarks, "SUITES_DIR", suites)
+    assert resolve_datasets("mine") == [name]
+
+    lmu = tmp_path / "LMUData"
+    lmu.mkdir()
+    rows = [  # not circular: plain accuracy; the picker misses the last one ("fish" first)
+        {"index": i, "question": q, "A": a, "B": b, "answer": ans, "image": _png()}
+        for i, (q, a, b, ans) in enumerate(
+            [("Pick cat", "cat", "dog", "A"), ("Pick red", "blue", "red", "B"),
+             ("Pick two", "two", "one", "A"), ("Pick bird over fish", "fish", "bird", "B")]
+        )
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(lmu / f"{name}.tsv", sep="\t", index=False)
+    monkeypatch.setenv("LMUData", str(lmu))
+    summary = run_benchmarks(
+        resolve_datasets("mine"), work_dir=tmp_path / "runs", run_name="picker",
+        model=keyword_picker(), offline=True, log=lambda _: None,
+    )  # fmt: skip
+    assert summary["benchmarks"][name]["score"] == 75.0
+    md, csv_path = write_table([tmp_path / "runs" / "picker"], tmp_path / "table")
+    assert pd.read_csv(csv_path).iloc[0]["Shapes"] == 75.0
+    assert f"- Shapes: {name} (throwaway v0; md5 " in md.read_text()

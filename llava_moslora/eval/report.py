@@ -21,11 +21,11 @@ from typing import Any
 
 from .benchmarks import (
     BENCHMARKS,
-    EXTRA_COLUMNS,
     MMBENCH_ABILITIES,
     MMBENCH_SPLITS,
     MME_SCALE,
     TABLE_COLUMNS,
+    extra_columns,
     split_row,
 )
 from .protocol import EXACT_MATCHING, protocol_key
@@ -141,7 +141,7 @@ def _table(run_dirs: Sequence[str | Path]) -> tuple[list[dict[str, str]], list[d
             "Seed": MISSING if manifest.get("seed") is None else str(manifest["seed"]),
             "Scorer": _scorer_label(summary, entries),
         }
-        for column in (*TABLE_COLUMNS, *EXTRA_COLUMNS):
+        for column in (*TABLE_COLUMNS, *extra_columns()):
             row[column] = f"{scores[column]:.1f}" if column in scores else MISSING
         present = [scores[c] for c in TABLE_COLUMNS if c in scores]
         if not present:
@@ -163,7 +163,7 @@ def table_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, str]]:
 def chance_row(chance: dict[str, float]) -> dict[str, str]:
     """A table row for a uniform random guesser's scores (Table 5 column -> score)."""
     row = dict.fromkeys(ID_COLUMNS, MISSING) | {"Run": "chance"}
-    for column in (*TABLE_COLUMNS, *EXTRA_COLUMNS):
+    for column in (*TABLE_COLUMNS, *extra_columns()):
         row[column] = f"{chance[column]:.1f}" if column in chance else MISSING
     row["Avg"], row["Avg over"] = MISSING, MISSING
     return row
@@ -210,7 +210,8 @@ def describe_protocol(name: str, entry: dict[str, Any]) -> str:
         file_note += f", not VLMEvalKit's listed {listed}"
     version = protocol.get("vlmevalkit_scoring") or protocol.get("vlmevalkit_inference")
     return (
-        f"{name} ({BENCHMARKS[name].version}; {file_note}), scored by {_scorer(entry)}; "
+        f"{name} ({BENCHMARKS[name].version}; {file_note}), "
+        f"{BENCHMARKS[name].family.name} scored by {_scorer(entry)}; "
         f"prompt: {protocol.get('prompt') or 'not recorded'}; {_decoding(protocol, name)}"
         + (f"; {version}" if version else "")
     )
@@ -261,7 +262,7 @@ def write_table(
     whose rows differ in any of them is marked.
     """
     rows, sources = _table(run_dirs)
-    extra = [c for c in EXTRA_COLUMNS if any(row[c] != MISSING for row in rows)]
+    extra = [c for c in extra_columns() if any(row[c] != MISSING for row in rows)]
     columns = [*TABLE_COLUMNS, *extra]
     differing, notes = protocol_notes(rows, sources, columns)
     rows += [chance_row(chance)] if chance else []

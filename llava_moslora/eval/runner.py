@@ -6,9 +6,13 @@ class that scores them), `vlmeval.inference.infer_data_job` (resumable; writes
 `*_acc.csv` for multiple choice, `*_score.csv` for MME / MM-Vet / MathVista). This mirrors what
 `vlmeval/run.py` does, which only accepts registered model names.
 
-    WORK_DIR/RUN/RUN_<benchmark>.xlsx          predictions (MMBench test: the file to submit)
+    WORK_DIR/RUN/RUN_<benchmark>.xlsx          predictions
     WORK_DIR/RUN/RUN_<benchmark>_*_acc.csv ... VLMEvalKit's scores
-    WORK_DIR/RUN/llava_moslora_results.json    the summary `report` and `radar` read
+    WORK_DIR/RUN/llava_moslora_results.json    the summary `report` and `radar` read: per
+        benchmark its score and `protocol`, the export's identity, the files eval wrote
+
+A run folder holds one export's predictions (`claim_run_dir`): VLMEvalKit resumes from any
+prediction file of the same run name, so another export's are refused, not reused.
 
 A benchmark graded by an LLM judge (MathVista, MM-Vet) without a judge configured gets its
 predictions and the status "pending"; `--score-only` later scores the saved predictions.
