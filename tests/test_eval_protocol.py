@@ -370,3 +370,42 @@ def test_a_benchmark_is_one_entry(tmp_path, monkeypatch):
     md, csv_path = write_table([tmp_path / "runs" / "picker"], tmp_path / "table")
     assert pd.read_csv(csv_path).iloc[0]["Shapes"] == 75.0
     assert f"- Shapes: {name} (throwaway v0; md5 " in md.read_text()
+
+
+def test_a_judge_that_does_not_answer_is_an_error_not_a_silent_exact_match(tmp_path, monkeypatch):
+    """VLMEvalKit scores by exact matching, with a warning only, when its judge does not answer;
+    the results would then name a judge that scored nothing."""
+    from vlmeval.dataset import utils as vlmeval_utils
+
+    from llava_moslora.eval.benchmarks import TINY_MMBENCH_EN
+    from llava_moslora.eval.runner import resolve_judge, run_benchmarks
+    from tests.conftest import make_constant
+
+    asked = []
+
+    class SilentJudge:
+        def working(self):
+            return False
+
+    def build_judge(**kwargs):
+        asked.append(kwargs)
+        return SilentJudge()
+
+    monkeypatch.setattr(vlmeval_utils, "build_judge", build_judge)
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    lmu = tmp_path / "LMUData"
+    write_tiny_bench(lmu, per_category=1)
+    monkeypatch.setenv("LMUData", str(lmu))
+    judge = resolve_judge("qwen-72b", "http://judge.invalid:8000/v1", "JUDGE_KEY")
+    with pytest.raises(ValueError, match=r"the judge 'qwen-72b' at judge.invalid did not answer"):
+        run_benchmarks(
+            [TINY_MMBENCH_EN], work_dir=tmp_path / "runs", run_name="c", model=make_constant(),
+            judge=judge, log=lambda _: None,
+        )  # fmt: skip
+    assert asked[0]["model"] == "qwen-72b" and asked[0]["key"] == "sk-test"
+    saved = (
+        json.loads((tmp_path / "runs" / "c" / SUMMARY_NAME).read_text())
+        if (tmp_path / "runs" / "c" / SUMMARY_NAME).exists()
+        else {"benchmarks": {}}
+    )
+    assert saved["benchmarks"] == {}  # nothing recorded as scored by the judge

@@ -84,6 +84,23 @@ class Judge:
         return urlparse(url).hostname if url else "api.openai.com"
 
 
+def check_judge_answers(judge_kwargs: dict[str, Any], host: str | None) -> None:
+    """Raise ValueError unless the judge answers a test call (VLMEvalKit's `working()`).
+
+    VLMEvalKit's multiple-choice and yes/no scoring fall back to exact matching, with only a
+    warning, when the judge does not answer: the results would then record a judge that scored
+    nothing. Asking first makes that an error naming the judge, before any scoring.
+    """
+    from vlmeval.dataset.utils import build_judge
+
+    if not build_judge(**dict(judge_kwargs)).working():
+        raise ValueError(
+            f"the judge {judge_kwargs.get('model')!r} at {host} did not answer a test call, so "
+            "VLMEvalKit would score by exact matching while the results named the judge; check "
+            "`--judge-base-url` and the key, or run without a judge (exact matching, recorded)."
+        )
+
+
 def resolve_judge(
     model: str | None = None, base_url: str | None = None, api_key_env: str | None = None
 ) -> Judge | None:
@@ -430,6 +447,7 @@ def run_benchmarks(
         summary["generation"] = generation
     summary["data_root"] = str(data_root())
     version = vlmevalkit_version()
+    checked_judges: set[str] = set()
 
     allow = (judge.host(),) if judge is not None and judge.host() else ()
     guard = no_network(allow_hosts=allow) if offline else contextlib.nullcontext()
@@ -494,6 +512,9 @@ def run_benchmarks(
                 judge_kwargs: dict[str, Any] = {"nproc": 4}
                 if judge is not None:
                     judge_kwargs.update(judge.kwargs_for(name))
+                    if judge_kwargs["model"] not in checked_judges:
+                        check_judge_answers(judge_kwargs, judge.host())
+                        checked_judges.add(judge_kwargs["model"])
                     entry["judge"] = judge_kwargs["model"]
                     protocol["scorer"] = f"{judge_kwargs['model']} (judge at {judge.host()})"
                 else:
