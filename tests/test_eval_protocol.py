@@ -403,9 +403,4 @@ def test_a_judge_that_does_not_answer_is_an_error_not_a_silent_exact_match(tmp_p
             judge=judge, log=lambda _: None,
         )  # fmt: skip
     assert asked[0]["model"] == "qwen-72b" and asked[0]["key"] == "sk-test"
-    saved = (
-        json.loads((tmp_path / "runs" / "c" / SUMMARY_NAME).read_text())
-        if (tmp_path / "runs" / "c" / SUMMARY_NAME).exists()
-        else {"benchmarks": {}}
-    )
-    assert saved["benchmarks"] == {}  # nothing recorded as scored by the judge
+    assert not (tmp_path / "runs" / "c" / SUMMARY_NAME).exists()  # nothing recorded as scored
