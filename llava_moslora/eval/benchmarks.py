@@ -184,8 +184,8 @@ _ENTRIES = (
     Benchmark("MathVista_MINI", JUDGED, "MathVista", "MathVista testmini"),
     Benchmark("MMVet", JUDGED, "MM-Vet", "MM-Vet"),
     Benchmark("MME", YES_NO_PAIRS, "MME", "MME", scale=MME_SCALE),
-    # The offline stand-ins (tiny_bench.py). Names VLMEvalKit does not know (a known name with
-    # another md5 triggers a re-download); "MMBench" in the MCQ names gives them VLMEvalKit's
+    # The offline stand-ins (tiny_bench.py). Names VLMEvalKit does not know (it has no md5 or
+    # URL for them, so nothing to check or fetch); "MMBench" in the MCQ names gives them VLMEvalKit's
     # circular scoring, "TextVQA" in the VQA name the VQA score. build_dataset would pick
     # CustomVQADataset for the last two, whose evaluate() raises NotImplementedError.
     Benchmark(
