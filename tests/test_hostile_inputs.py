@@ -382,7 +382,7 @@ def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
     write_manifest(export, manifest)
     before = snapshot(export)
     args = ["--suite", "tiny", "--work-dir", str(tmp_path / "work"), "--data-root", str(tmp_path)]
-    code = main(["eval", str(export), *args])
+    code = main(["eval", str(export), *args, "--create-data-root"])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -344,7 +344,8 @@ def test_eval_cli_exits_non_zero_on_a_non_finite_adapter_instead_of_scoring_it(
     save_file(tensors, str(file), metadata={"format": "pt"})
     code = main(
         ["eval", str(out), "--suite", "tiny", "--datasets", "TinyShapes_MMBench_EN", "--limit", "2"]
-        + ["--data-root", str(tmp_path / "bench"), "--work-dir", str(tmp_path / "eval")]
+        + ["--data-root", str(tmp_path / "bench"), "--create-data-root"]
+        + ["--work-dir", str(tmp_path / "eval")]
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {file}: ") and "non-finite" in err
