@@ -1,7 +1,7 @@
 """The main job's MoSLoRA run (`scripts/offline_pipeline.sh`): `tiny_moslora.py` set up to learn.
 
     llava-moslora make-tiny ./tiny_quickstart --samples 2000 \
-        --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 700
+        --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 1000
     LLAVA_MOSLORA_TINY_DIR=./tiny_quickstart llava-moslora train configs/tiny_quickstart_moslora.py
 
 The paper's adapters (Table 8: LLM rank 64 / alpha 128, ViT rank 64 / alpha 16, inherited) on the

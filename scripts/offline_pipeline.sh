@@ -31,7 +31,7 @@ export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two run
 # The only long step before training, so it gets both cores; docs/evaluation.md has the
 # measurements.
 OMP_NUM_THREADS=2 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --seed "$SEED" --samples 2000 \
-    --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 700 > "$OUT/make_tiny.log" 2>&1 &
+    --benchmark-rounds mcq_text,yes_no_read,short --verdict-steps 1000 > "$OUT/make_tiny.log" 2>&1 &
 tiny=$!
 llava-moslora make-tiny-bench "$OUT/bench" --seed "$SEED" --per-category 8 > /dev/null &
 bench=$!
@@ -56,14 +56,14 @@ run_chain() {  # run_chain KIND
         return 1
     }
     llava-moslora eval "$OUT/export_$kind" --suite tiny --data-root "$OUT/bench" \
-        --work-dir "$OUT/eval" --run-name "$kind" > "$OUT/eval_$kind.log" 2>&1 || {
+        --work-dir "$OUT/eval" --run-name "$kind" --overwrite > "$OUT/eval_$kind.log" 2>&1 || {
         echo "error: evaluating $kind failed: see $OUT/eval_$kind.log" >&2
         return 1
     }
 }
 pids=()
 for kind in moslora lora; do
-    rm -rf "$OUT/train_$kind" "$OUT/eval/$kind"
+    rm -rf "$OUT/train_$kind"
     echo "training, exporting and scoring $kind (logs: $OUT/{train,export,eval}_$kind.log)"
     run_chain "$kind" &
     pids+=($!)

@@ -178,7 +178,10 @@ VARIANTS = {
         "tiny_quickstart_moslora",
         {"llm_rank", "llm_alpha", "visual_encoder_rank", "visual_encoder_alpha"}
         | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
-        | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
+        | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"}
+        # 3 epochs of its 4,000 images, where the main job trains 5 of 2,000
+        | {"max_epochs", "train_cfg.max_epochs", "param_scheduler[0].end"}
+        | {"param_scheduler[1].begin", "param_scheduler[1].end"},
     ),
     # the pretrained base's family B data, its val / test / old-family items and 2 epochs
     "tiny_ablation_pretrained": (

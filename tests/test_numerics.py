@@ -6,12 +6,11 @@ the adapters bit for bit: pinned, the machine's own kernels and an emulated AVX2
 the same bits; unpinned, the machine's own kernels differ from the AVX2 machine's wherever the
 machine has AVX512 (the table the issue saw change from one CPU to the next).
 
-Run as a script (`python tests/test_numerics.py`), this file trains the slice and prints the hash.
+The slice is scripts/numerics_slice.py (scripts/bench_numerics.py times it pinned and unpinned).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -75,63 +74,7 @@ def test_the_main_job_runs_every_command_pinned(tmp_path):
     assert {tuple(x) for x in isa} == {tuple(PINNED.values())}
 
 
-# --- the slice: both towers' MoSLoRA adapters and the projector, 30 AdamW steps --------------------
-
-
-def train_slice(steps: int = 30) -> str:
-    """SHA-256 of the trained adapters and projector, and of the trained model's bfloat16 logits:
-    every kernel family the main job runs (the ViT's patch convolution, attention, layer and RMS
-    norms, GELU/SiLU, cross entropy, AdamW; bfloat16 inference) on a tiny LLaVA, at a learning
-    rate high enough that last bits grow."""
-    import torch
-    from peft import get_peft_model
-
-    from llava_moslora.builders.tiny import (
-        CLIP_TARGETS,
-        LLAMA_TARGETS,
-        tiny_clip_vision,
-        tiny_llama,
-    )
-    from llava_moslora.moslora import moslora_config
-
-    llm = get_peft_model(
-        tiny_llama(0, hidden_size=64),
-        moslora_config(r=8, lora_alpha=16, target_modules=list(LLAMA_TARGETS)),
-    )
-    vit = get_peft_model(
-        tiny_clip_vision(0), moslora_config(r=8, lora_alpha=2, target_modules=list(CLIP_TARGETS))
-    )
-    projector = torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)
-    )
-    params = [p for m in (llm, vit, projector) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        pixels = torch.randn(8, 3, 28, 28, generator=generator)
-        ids = torch.randint(0, 128, (8, 12), generator=generator)
-        image = projector(vit(pixel_values=pixels).last_hidden_state[:, 1:])  # (8, 4, 64)
-        embeds = torch.cat([image, llm.get_input_embeddings()(ids)], dim=1)  # (8, 16, 64)
-        labels = torch.cat([torch.full((8, 4), -100), ids], dim=1)
-        loss = llm(inputs_embeds=embeds, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    digest = hashlib.sha256()
-    for tensor in params:
-        digest.update(tensor.detach().numpy().tobytes())
-    # The main job scores bfloat16 exports: their matmuls take other kernels (AVX512-BF16, AMX).
-    with torch.no_grad():
-        image = projector.bfloat16()(
-            vit.bfloat16()(pixel_values=pixels.bfloat16()).last_hidden_state[:, 1:]
-        )
-        llm.bfloat16()
-        embeds = torch.cat([image, llm.get_input_embeddings()(ids)], dim=1)
-        digest.update(llm(inputs_embeds=embeds).logits.float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-SLICE = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.test_numerics import train_slice; print(train_slice())"
+SLICE = f"import runpy; runpy.run_path({str(REPO / 'scripts' / 'numerics_slice.py')!r}, run_name='__main__')"
 
 
 @pytest.mark.slow
@@ -152,7 +95,3 @@ def test_pinned_slices_are_bit_identical_on_every_instruction_set_this_machine_e
         assert own_unpinned != avx2_machine_unpinned
     else:
         assert native == "AVX2" and own_unpinned == avx2_machine_unpinned
-
-
-if __name__ == "__main__":
-    print(train_slice())
