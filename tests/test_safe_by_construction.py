@@ -736,6 +736,24 @@ def test_two_threads_loading_deepspeed_folders_never_run_a_payload(tmp_path, mon
         assert f"{folders[name]}/mp_rank_00_model_states.pt asks to load" in str(errors[name])
 
 
+def test_resume_under_deepspeed_reads_its_files_as_data(tmp_path):
+    """`--resume` with `--deepspeed`: mmengine has DeepSpeed's engine read the folder, through
+    its checkpoint engine (`torch.load(weights_only=False)` as DeepSpeed ships it)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from llava_moslora.train import compat
+
+    compat.apply()
+    marker = tmp_path / "pwned"
+    clean = tmp_path / "clean.pt"
+    torch.save({"module": {"w": torch.ones(2)}}, clean)
+    evil = with_getattr_gadget(clean, tmp_path / "mp_rank_00_model_states.pt", marker)
+    assert torch.equal(TorchCheckpointEngine().load(str(clean))["module"]["w"], torch.ones(2))
+    with pytest.raises(UnsafeCheckpointError, match=rf"{evil} asks to load `builtins\.getattr\("):
+        TorchCheckpointEngine().load(str(evil), map_location="cpu")
+    assert not marker.exists()
+
+
 def test_load_adapter_refuses_a_getattr_gadget_after_a_config_was_parsed(tiny_env, tmp_path):
     from tests.conftest import read_config
 

@@ -1,25 +1,27 @@
 """Route XTuner's and mmengine's own checkpoint reads through the safe loader (torch >= 2.6 too).
 
-Three reads during training are not ours, and each calls `torch.load` on a file from outside:
+Four reads during training are not ours, and each calls `torch.load` on a file from outside:
 
-    mmengine  `load_from_local` (the runner's `--resume` and `load_from`)  bare torch.load
-    XTuner    `get_seed_from_checkpoint` (the seed `--resume` restores)    bare torch.load
-    XTuner    `guess_load_checkpoint` (LLaVAModel's `pretrained_pth`)      weights_only=False
+    mmengine   `load_from_local` (the runner's `--resume` and `load_from`)  bare torch.load
+    DeepSpeed  `TorchCheckpointEngine.load` (`--resume` under --deepspeed)   weights_only=False
+    XTuner     `get_seed_from_checkpoint` (the seed `--resume` restores)    bare torch.load
+    XTuner     `guess_load_checkpoint` (LLaVAModel's `pretrained_pth`)      weights_only=False
 
 On torch >= 2.6 a bare `torch.load` is weights-only and refuses an mmengine checkpoint's message
 hub ("Unsupported global: HistoryBuffer"), so `--resume` fails; `weights_only=False` runs whatever
 the pickle says. Allowing mmengine's globals in torch's process-wide list
-(`torch.serialization.add_safe_globals`) would fix the first and widen every other load in the
+(`torch.serialization.add_safe_globals`) would fix the bare ones and widen every other load in the
 process, adapters included -- and the list mmengine needs held `builtins.getattr`, with which a
 pickle rebinds `len` to `exec`. So nothing is registered with torch. Instead `apply()` hands each
-of the three its safe counterpart in `llava_moslora.train.checkpoints`:
+of the four its safe counterpart in `llava_moslora.train.checkpoints`:
 
     mmengine's CheckpointLoader scheme for local paths  ->  load_checkpoint_file
+    DeepSpeed's TorchCheckpointEngine.load              ->  load_checkpoint_file
     get_seed_from_checkpoint (where XTuner bound it)     ->  resumed_seed
     guess_load_checkpoint (where XTuner bound it)        ->  pretrained_state
 
-through mmengine's documented hook (`CheckpointLoader.register_scheme(..., force=True)`) and, for
-XTuner, by rebinding the names in the modules that imported them (`xtuner train` runs
+through mmengine's documented hook (`CheckpointLoader.register_scheme(..., force=True)`), the
+method of DeepSpeed's default checkpoint engine, and, for XTuner, by rebinding the names in the modules that imported them (`xtuner train` runs
 xtuner/tools/train.py as `__main__`, so that is one of them). Every replacement refuses more than
 the original, never less; the rebinding is done once and never undone, so no thread sees it
 half-done. `configs/_base_/default_runtime.py` calls `apply()` while the config is parsed (before
@@ -59,6 +61,19 @@ def _route_mmengine() -> None:
     CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local, force=True)
 
 
+def _deepspeed_engine_load(self: Any, path: str, map_location: Any = None) -> Any:  # noqa: ARG001
+    """DeepSpeed's `TorchCheckpointEngine.load`, read as data."""
+    from llava_moslora.train.checkpoints import load_checkpoint_file
+
+    return load_checkpoint_file(path, map_location=map_location)
+
+
+def _route_deepspeed() -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    TorchCheckpointEngine.load = _deepspeed_engine_load
+
+
 def _route_xtuner() -> None:
     from llava_moslora.train.checkpoints import pretrained_state, resumed_seed
 
@@ -79,4 +94,5 @@ def _route_xtuner() -> None:
 def apply() -> None:
     """Install the routes; safe to call more than once."""
     _route_mmengine()
+    _route_deepspeed()
     _route_xtuner()
