@@ -642,6 +642,22 @@ def test_a_process_wide_allow_list_does_not_widen_the_safe_loader(tmp_path):
             safe_torch_load(path)
 
 
+def test_the_gadget_is_refused_when_torch_is_forced_to_load_weights_only(gadget, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse a private unpickler module: the loader
+    then uses torch's own, and still reads mmengine checkpoints and refuses the gadget."""
+    from mmengine.logging import HistoryBuffer
+
+    evil, marker = gadget
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpointError, match=r"asks to load `builtins\.getattr\(<function"):
+        load_checkpoint_file(evil)
+    assert not marker.exists()
+    buffer = HistoryBuffer()
+    buffer.update(2.5)
+    torch.save({"message_hub": {"loss": buffer}}, evil)
+    assert load_checkpoint_file(evil)["message_hub"]["loss"].mean() == 2.5
+
+
 def test_export_refuses_a_getattr_gadget_checkpoint(gadget, tmp_path, capsys):
     evil, marker = gadget
     out = tmp_path / "out"

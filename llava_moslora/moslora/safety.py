@@ -12,7 +12,8 @@ The allowed globals are private to the call. torch keeps one allow-list per proc
 (`torch.serialization.add_safe_globals`, and `safe_globals`, which adds to that same list for the
 duration of a `with` block): anything registered there widens every other `torch.load` in the
 process, and two threads entering and leaving `safe_globals` can leave it widened for good. So
-`safe_torch_load` never touches that list. It hands `torch.load` a private instance of torch's
+`safe_torch_load` leaves that list alone (unless TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, see there).
+It hands `torch.load` a private instance of torch's
 weights-only unpickler module (`_restricted_unpickler`), whose allow-list is the caller's and
 nothing else, as `pickle_module` -- what `torch.load(weights_only=True)` does with the shared one.
 A list registered process-wide by someone else is therefore not honoured here either.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import pickle
 import re
 import types
@@ -100,6 +102,11 @@ def private_module_copy(module: types.ModuleType, name: str) -> types.ModuleType
     return copy
 
 
+def _weights_only_forced() -> bool:
+    """Whether TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, read as torch.load reads it."""
+    return os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
+
+
 @functools.cache
 def _restricted_unpickler(allowed: frozenset) -> types.ModuleType:
     """torch's weights-only unpickler module with `allowed` as its (private) user allow-list."""
@@ -127,6 +134,12 @@ def safe_torch_load(
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     allowed = list(allowed_globals)
     try:
+        if _weights_only_forced():
+            # TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch refuse any `pickle_module`: its own
+            # unpickler then, with `allowed` in the shared list for this call (classes, and a
+            # getattr that answers HistoryBuffer's statistics only: nothing that runs code).
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         # weights_only=False only because torch refuses a `pickle_module` with True: the module
         # passed is torch's weights-only unpickler itself (a private copy, `allowed` its list).
         return torch.load(
