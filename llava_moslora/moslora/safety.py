@@ -12,15 +12,16 @@ The allowed globals are private to the call. torch keeps one allow-list per proc
 (`torch.serialization.add_safe_globals`, and `safe_globals`, which adds to that same list for the
 duration of a `with` block): anything registered there widens every other `torch.load` in the
 process, and two threads entering and leaving `safe_globals` can leave it widened for good. So
-`safe_torch_load` leaves that list alone (unless TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, see there).
-It hands `torch.load` a private instance of torch's
-weights-only unpickler module (`_restricted_unpickler`), whose allow-list is the caller's and
-nothing else, as `pickle_module` -- what `torch.load(weights_only=True)` does with the shared one.
-A list registered process-wide by someone else is therefore not honoured here either.
+`safe_torch_load` leaves that list alone (unless TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, see there):
+it hands `torch.load` a private instance of torch's weights-only unpickler module
+(`_restricted_unpickler`), whose allow-list is the caller's and nothing else, as `pickle_module`
+-- what `torch.load(weights_only=True)` does with the shared one. A list registered process-wide
+by someone else is therefore not honoured here either.
 
 A diverged run saves NaN/inf tensors without complaint, and a cast to float16 turns finite values
-above 65504 into inf; `require_finite` and `require_finite_file` refuse them at every boundary
-(export, `load_adapter`, eval), naming the tensor and the file.
+above 65504 into inf; `require_finite` (tensors in memory) and `non_finite_keys_in_file` (a
+written `.safetensors` file) find them at every boundary (export, `load_adapter`, eval), and the
+errors name the tensor and the file.
 """
 
 from __future__ import annotations
