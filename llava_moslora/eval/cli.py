@@ -179,7 +179,13 @@ def _eval_compositional(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    try:
+        result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    # ValueError: a checkpoint (or `pretrained_pth`) refused as unsafe, corrupt, non-finite or
+    # not fitting the config; OSError: a missing file.
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.items:
         result["chance"] = chance_accuracy(read_eval_items(args.items))
     print(json.dumps(result, indent=1))

@@ -25,8 +25,6 @@ from typing import Any
 
 from torch import nn
 
-from llava_moslora.moslora.safety import non_finite_keys
-
 IMAGE_TOKEN = "<image>"  # xtuner.utils.DEFAULT_IMAGE_TOKEN, LlavaProcessor's default
 
 
@@ -260,13 +258,3 @@ def build_hf_llava(
         chat_template=template,
     )
     return model, processor
-
-
-def assert_finite(model: nn.Module) -> None:
-    """Refuse to write a model with NaN/inf weights (a diverged run, a bad merge)."""
-    bad = non_finite_keys(dict(model.named_parameters()))
-    if bad:
-        raise ValueError(
-            f"{len(bad)} merged weight(s) are not finite, e.g. {bad[:3]}: the checkpoint diverged "
-            "or the merge overflowed; try `--dtype float32`."
-        )

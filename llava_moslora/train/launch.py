@@ -11,9 +11,9 @@ NPROC_PER_NODE, NODE_RANK, ADDR, PORT; `--launcher slurm` runs one process, as X
     child    llava_moslora.train.launch: XTuner's own `tools/train.py` main(), unchanged
 
 and returns the child's exit code. The child turns the errors a user can fix (the data check's
-bad samples, a missing or unreadable data file, config or model path) into one `error:` line that
-says what is wrong and where, exit code 2; anything else is a crash and keeps its traceback
-(exit 1). `xtuner train CONFIG` keeps working for users who call XTuner directly.
+bad samples, a missing or unreadable data file, config or model path, a checkpoint refused as
+unsafe or corrupt) into one `error:` line that says what is wrong and where, exit code 2;
+anything else is a crash and keeps its traceback (exit 1). `xtuner train CONFIG` keeps working for users who call XTuner directly.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def user_error(error: BaseException) -> str | None:
 
     from llava_moslora.data.check import DataFileError
     from llava_moslora.data.dataset import BadSamplesError
+    from llava_moslora.moslora.safety import CorruptCheckpointError, UnsafeCheckpointError
 
-    if isinstance(error, BadSamplesError | DataFileError):
+    # A checkpoint refused as unsafe or corrupt: `--resume`, `load_from`, `pretrained_pth`.
+    refused = UnsafeCheckpointError | CorruptCheckpointError
+    if isinstance(error, BadSamplesError | DataFileError | refused):
         return str(error)
     if isinstance(error, HFValidationError):
         # transformers took a local path that does not exist for a hub id
