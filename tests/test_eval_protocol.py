@@ -379,7 +379,7 @@ def test_a_judge_that_does_not_answer_is_an_error_not_a_silent_exact_match(tmp_p
 
     from llava_moslora.eval.benchmarks import TINY_MMBENCH_EN
     from llava_moslora.eval.runner import resolve_judge, run_benchmarks
-    from tests.conftest import make_constant
+    from tests.factories import make_constant
 
     asked = []
 

@@ -772,7 +772,7 @@ def test_resume_under_deepspeed_reads_its_files_as_data(tmp_path):
 
 
 def test_load_adapter_refuses_a_getattr_gadget_after_a_config_was_parsed(tiny_env, tmp_path):
-    from tests.conftest import read_config
+    from tests.factories import read_config
 
     read_config("tiny_moslora")  # what once registered getattr with torch for the whole process
     marker = tmp_path / "pwned"
@@ -819,7 +819,7 @@ def test_eval_compositional_refuses_a_pretrained_pth_with_a_payload(
 def train_refusing(tiny_dir: Path, work: Path, *args: str) -> str:
     """`llava-moslora train configs/tiny_moslora.py ARGS` into `work`; its stderr, once it has
     exited with the refusal's code (2) and written no checkpoint."""
-    from tests.conftest import run_train
+    from tests.launchers import run_train
 
     before = set(work.glob("iter_*.pth"))
     run = run_train("tiny_moslora", tiny_dir, work, *args, launcher="llava-moslora", check=False)
