@@ -479,3 +479,39 @@ def test_a_report_whose_numbers_do_not_add_up_is_refused_naming_the_file(tmp_pat
     assert (copy / "summary.md").read_text() == (RESULTS / "summary.md").read_text()  # kept
     assert main(["ablate-report", str(tmp_path / "none")]) == 1
     assert "holds no `ablate --lr-grid` report" in capsys.readouterr().err
+
+
+def test_a_redone_suite_run_scores_its_own_export_never_the_predictions_it_replaces(
+    tmp_path, monkeypatch
+):
+    """`--eval suite:NAME` re-exports a redone run into the same folder: its eval must record that
+    export's identity and predict afresh (issue 27's stale predictions, on the ablation's side)."""
+    import llava_moslora.eval.runner as eval_runner
+    import llava_moslora.export as export_package
+    from dataclasses import replace
+
+    from llava_moslora.ablate.runner import Run, evaluate
+    from llava_moslora.export.manifest import write_manifest
+    from tests.factories import _export_manifest
+
+    run = Run("lora", 0, tmp_path / "lora_seed0")
+    weights = {"before": b"old weights", "after": b"new weights"}
+    calls = []
+
+    def fake_export(checkpoint, config, fmt, out, **kwargs):  # writes what a real export lists
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter.safetensors").write_bytes(weights[checkpoint.name])
+        manifest = _export_manifest("xtuner", tmp_path, merged=False)
+        write_manifest(out, replace(manifest, files=("adapter.safetensors",)))
+
+    def fake_run_benchmarks(datasets, **kwargs):
+        calls.append(kwargs)
+        return {"benchmarks": {datasets[0]: {"score": 50.0}}}
+
+    monkeypatch.setattr(export_package, "export", fake_export)
+    monkeypatch.setattr(eval_runner, "run_benchmarks", fake_run_benchmarks)
+    for checkpoint in ("before", "after"):
+        evaluate(run, tmp_path / checkpoint, "configs/tiny_lora.py", evaluator="suite:tiny")
+    assert [c["overwrite"] for c in calls] == [True, True]
+    assert [c["export"]["dir"] for c in calls] == [str(run.dir / "export")] * 2
+    assert calls[0]["export"]["identity"] != calls[1]["export"]["identity"]

@@ -309,6 +309,7 @@ def evaluate(
         return {"score": 100 * details["overall"], "unit": unit, "details": details}
 
     from ..eval.benchmarks import resolve_datasets
+    from ..eval.manifest import export_identity, read_export_manifest
     from ..eval.model import LLaVAMoSLoRA
     from ..eval.runner import run_benchmarks
     from ..export import export
@@ -317,11 +318,16 @@ def evaluate(
     export_dir = run.dir / "export"
     log(f"[{run.variant} seed {run.seed}] export + VLMEvalKit suite {suite!r}")
     export(checkpoint, config, "xtuner", export_dir, cfg_options=options, overwrite=True)
+    # A redone run re-exports into the same folder: its predictions are made afresh, never reused
+    # from the run it replaces (the export's identity is recorded with the scores).
+    identity = export_identity(export_dir, read_export_manifest(export_dir))
     summary = run_benchmarks(
         resolve_datasets(suite),
         work_dir=run.dir / "eval",
         run_name=f"{run.variant}_seed{run.seed}",
         model_factory=lambda: LLaVAMoSLoRA(str(export_dir)),
+        export={"dir": str(export_dir), "identity": identity},
+        overwrite=True,
         offline=suite == "tiny",
         log=log,
     )
