@@ -486,10 +486,10 @@ def test_a_redone_suite_run_scores_its_own_export_never_the_predictions_it_repla
 ):
     """`--eval suite:NAME` re-exports a redone run into the same folder: its eval must record that
     export's identity and predict afresh (issue 27's stale predictions, on the ablation's side)."""
-    import llava_moslora.eval.runner as eval_runner
-    import llava_moslora.export as export_package
     from dataclasses import replace
 
+    import llava_moslora.eval.runner as eval_runner
+    import llava_moslora.export as export_package
     from llava_moslora.ablate.runner import Run, evaluate
     from llava_moslora.export.manifest import write_manifest
     from tests.factories import _export_manifest
