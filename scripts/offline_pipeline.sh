@@ -21,6 +21,25 @@ SEED=0
 source "$(dirname "$0")/claim_folder.sh"
 claim_folder "$OUT" offline_pipeline  # a rerun replaces what an earlier run wrote, nothing else
 export LLAVA_MOSLORA_TINY_DIR="$OUT/tiny" HF_HUB_OFFLINE=1
+# A rerun replaces the trainings it wrote and nothing else: a work dir holding anything but what
+# `llava-moslora train` writes there (mmengine's timestamped log folder, the config's copy,
+# checkpoints, last_checkpoint, a dead run's lock) is refused before anything runs.
+own_training() {  # own_training KIND: exit 2 unless OUT/train_KIND holds only a training's files
+    local dir="$OUT/train_$1" entry
+    for entry in "$dir"/* "$dir"/.[!.]*; do
+        [ -e "$entry" ] || continue
+        case "${entry##*/}" in
+            [0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]) ;;
+            iter_[0-9]*.pth | last_checkpoint | "tiny_quickstart_$1.py" | .llava_moslora_train.lock) ;;
+            *)
+                echo "error: $entry was not written by the job's training; move it out of $dir" \
+                    "(a rerun replaces that folder) and run again" >&2
+                exit 2
+                ;;
+        esac
+    done
+}
+for kind in moslora lora; do own_training "$kind"; done
 source "$(dirname "$0")/pin_numerics.sh"  # one table on every x86-64 machine with AVX2
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; the two runs get a core each
 

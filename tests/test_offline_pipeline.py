@@ -77,3 +77,24 @@ def test_a_failed_make_tiny_fails_the_job_with_the_end_of_its_log(tmp_path):
     assert f"error: make-tiny failed; the end of {out}/make_tiny.log:" in result.stderr
     assert "Traceback: boom in make-tiny" in result.stderr
     assert not any(c[0] == "train" for c in recorded_calls(tmp_path))
+
+
+def test_a_rerun_refuses_a_training_folder_holding_a_file_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    assert run_pipeline(tmp_path, out).returncode == 0
+    mine = out / "train_lora" / "my_notes.txt"
+    mine.write_text("keep me")
+    (tmp_path / "calls").unlink()
+    result = run_pipeline(tmp_path, out)
+    assert result.returncode == 2
+    assert f"error: {mine} was not written by the job's training" in result.stderr
+    assert mine.read_text() == "keep me"
+    assert (out / "train_lora" / "last_checkpoint").exists()  # the earlier run's, untouched
+    assert recorded_calls(tmp_path) == []  # refused before anything ran
+    # What a training writes there (logs, the config's copy, checkpoints) is replaced on a rerun.
+    mine.unlink()
+    (out / "train_lora" / "20261207_111604").mkdir()
+    for name in ("iter_750.pth", "tiny_quickstart_lora.py"):
+        (out / "train_lora" / name).touch()
+    assert run_pipeline(tmp_path, out).returncode == 0
+    assert sorted(p.name for p in (out / "train_lora").iterdir()) == ["last_checkpoint"]
