@@ -9,7 +9,8 @@ one is removed. `--overwrite` replaces OUT only if it is an earlier export holdi
 files its manifest lists (and not the checkpoint or config being exported). A killed export leaves
 its hidden folders behind; the next export into OUT removes those whose process is gone and whose
 marker file says they are an export's (restoring the old export if the new one never moved in),
-and names any other.
+and names any other. Those folders are found by their literal name, never a glob pattern built
+from OUT's (an OUT named `exp[1]` would otherwise reach `exp1`'s).
 """
 
 from __future__ import annotations
