@@ -39,6 +39,11 @@ def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
         return False
 
 
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line (transformers' connection errors span two)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def is_cached(name: str, filename: str = "config.json") -> bool:
     """Whether hub repo `name` has `filename` in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
@@ -77,4 +82,11 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, argument: str 
         pass  # not in the cache: a download is needed
     if not hub_reachable():
         raise unreachable(name, argument)
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except OSError as error:  # through a proxy that leads nowhere, a connection reset ...
+        raise HubUnreachableError(
+            f"`{argument}` {name!r} could not be downloaded ({one_line(error)}). Pass a local "
+            f"folder, or download it first where there is network: `huggingface-cli download "
+            f"{name}`."
+        ) from None

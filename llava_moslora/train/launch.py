@@ -164,6 +164,7 @@ def user_error(error: BaseException) -> str | None:
 
     from llava_moslora.data.check import DataFileError
     from llava_moslora.data.dataset import BadSamplesError
+    from llava_moslora.hub import one_line
 
     if isinstance(error, BadSamplesError | DataFileError):
         return str(error)
@@ -171,7 +172,7 @@ def user_error(error: BaseException) -> str | None:
         # transformers took a local path that does not exist for a hub id
         return f"{error}. If this is a local path, it does not exist: check the config's paths."
     if isinstance(error, OSError):  # FileNotFoundError, transformers' "Incorrect path_or_model_id"
-        return str(error)
+        return one_line(error)  # transformers' "couldn't connect" spans two lines
     return None
 
 
