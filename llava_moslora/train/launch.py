@@ -54,8 +54,10 @@ def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def launch_command(args: Sequence[str], env: Mapping[str, str] = os.environ) -> list[str]:
-    """The command `xtuner train ARGS` would run, with this module as the child."""
+def launch_command(args: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """The command `xtuner train ARGS` would run, with this module as the child (`env`: the
+    environment it reads, os.environ as it is when called by default)."""
+    env = os.environ if env is None else env
     args = list(args)
     slurm = "--launcher" in args and args[args.index("--launcher") + 1 :][:1] == ["slurm"]
     launcher = Launcher.from_env(env)  # TrainInputError for a value that is not a number
@@ -135,10 +137,12 @@ def _terminate_as_exit() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(args: Sequence[str], env: Mapping[str, str] = os.environ) -> int:
+def train(args: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Check `args` (`prepare`), claim the work dir, run `launch_command(args)`; return the
     child's exit code (torchrun's, when distributed), or USAGE_ERROR for an input to fix."""
     from .work_dir import acquire, release
+
+    env = os.environ if env is None else env
 
     def note(message: str) -> None:
         print(message, file=sys.stderr)
