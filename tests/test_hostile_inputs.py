@@ -681,16 +681,29 @@ def test_ablate_identifies_a_setting_by_its_data_not_how_its_path_is_spelled(tmp
     from llava_moslora.ablate.runner import config_sha256
 
     data = tmp_path / "data" / "train.json"
-    data.parent.mkdir()
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"an image")
     data.write_text('[{"id": 1}]')
     monkeypatch.chdir(tmp_path)
 
     def setting(path: str) -> str:
         config = tmp_path / "setting.py"
-        config.write_text(f"lr = 1e-3\ndata_path = {path!r}\n")
+        folder = str(Path(path).parent)
+        config.write_text(
+            f"lr = 1e-3\ndata_dir = {folder!r}\ndata_path = {path!r}\n"
+            f"image_folder = {folder + '/images'!r}\n"
+        )
         return config_sha256(config)
 
     spelled = {setting(p) for p in (str(data), "data/train.json", "./data/../data/train.json")}
     assert len(spelled) == 1
+    # what else lies in a folder that holds the config's folders is not the setting
+    (tmp_path / "data" / "ablation").mkdir()
+    (tmp_path / "data" / "ablation" / "result.json").write_text("{}")
+    assert setting(str(data)) in spelled
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"another image")  # regenerated
+    assert setting(str(data)) not in spelled
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"an image")
+    assert setting(str(data)) in spelled
     data.write_text('[{"id": 2}]')  # regenerated under the same path
     assert setting(str(data)) not in spelled

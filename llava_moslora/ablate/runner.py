@@ -115,16 +115,31 @@ def _file_sha256(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def content_of(value: Any) -> Any:
+def _existing_path(value: Any) -> Path | None:
+    if not isinstance(value, str) or not value or "\n" in value:
+        return None
+    path = Path(value).expanduser()
+    try:
+        return path.resolve() if path.exists() else None
+    except OSError:  # a name too long for a path
+        return None
+
+
+def content_of(value: Any, parents: frozenset[Path] = frozenset()) -> Any:
     """A config value that names a file or folder, as the SHA-256 of what is there; else itself.
 
     A path says where the data is, not what it is: `./tiny/llm` and its absolute spelling are one
     setting, and data regenerated under the same path is another. A folder's content is each
     file's relative path and content, sorted. Files are read once per process (by size and mtime).
+    A folder in `parents` (one that holds the config's other folders, such as the tiny configs'
+    `tiny_dir`) counts by those paths alone: whatever else lies in it (an ablation's own work
+    dir, say) is not the setting.
     """
-    if not isinstance(value, str) or not value or "\n" in value:
+    path = _existing_path(value)
+    if path is None:
         return value
-    path = Path(value).expanduser()
+    if path in parents:
+        return "folder of the config's other paths"
     try:
         if path.is_file():
             return f"file sha256 {_file_sha256(path)}"
@@ -157,7 +172,11 @@ def config_sha256(config: str | Path) -> str:
             f"`--config` {str(config)!r} cannot be read as an XTuner config "
             f"({type(error).__name__}: {error}); fix it (`xtuner train` would fail the same way)."
         ) from None
-    flat = {key: content_of(value) for key, value in _flatten(resolved).items()}
+    flat = _flatten(resolved)
+    paths = {path for path in map(_existing_path, flat.values()) if path is not None}
+    folders = {path for path in paths if path.is_dir()}
+    parents = frozenset(p for p in folders if any(p in other.parents for other in folders))
+    flat = {key: content_of(value, parents) for key, value in flat.items()}
     text = json.dumps(flat, sort_keys=True, default=_stable_name)
     return hashlib.sha256(text.encode()).hexdigest()
 
