@@ -99,7 +99,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .builders.make_tiny import make_tiny
+    from .builders.make_tiny import check_out_dir, make_tiny, record_written
 
     if args.verdict_steps is not None:
         from .builders.verdict import check_steps
@@ -124,6 +124,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
             )
             return 2
         return _pretrain(args)
+    try:
+        check_out_dir(args.dir, overwrite=args.overwrite)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.shape != "tiny":
         from .builders.standin import make_standin
 
@@ -139,6 +144,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        record_written(args.dir)
         for name, path in paths.items():
             print(f"{name:>11}: {path}")
         return 0
@@ -161,6 +167,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         from .builders.verdict import teach_verdict
 
         teach_verdict(paths, steps=args.verdict_steps, seed=args.seed)
+    record_written(args.dir)
     for name, path in paths.items():
         print(f"{name:>11}: {path}")
     return 0
@@ -275,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark-format rounds per shapes conversation, comma-separated from "
         f"{', '.join(BENCHMARK_FORMATS)} ('' for none); mcq_text answers a multiple-choice "
         "question with the option's text, mcq with its letter; default: %(default)s",
+    )
+    tiny.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of the same names in DIR that make-tiny did not write (by default "
+        "it refuses, naming them; files listed in DIR/make_tiny_files.json are its own)",
     )
     tiny.add_argument(
         "--verdict-steps",

@@ -52,7 +52,10 @@ def load_config(config: Any, cfg_options: dict[str, Any] | None = None):
             raise FileNotFoundError(f"`config` {config}: no such file")
         cfg = Config.fromfile(str(path))
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        from llava_moslora.builders.vision_layers import rederived_layers
+
+        # the ViT layers `train` adapted for an overridden visual_select_layer, derived the same way
+        cfg.merge_from_dict({**cfg_options, **rederived_layers(cfg, dict(cfg_options))})
     return cfg
 
 

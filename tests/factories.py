@@ -231,8 +231,8 @@ def tiny_llava(tmp_path_factory) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_llava) -> Path:
     """The tiny LLaVA most tests read: 160 samples, 40 iterations an epoch at the tiny configs'
-    batch 4. Fewer would round their warm-up (3 % of 2 epochs) to zero iterations, which
-    mmengine refuses ("end should be larger than begin")."""
+    batch 4, so their warm-up (3 % of 2 epochs) is 2 iterations as mmengine rounds it (fewer
+    samples get the 1-iteration minimum of llava_moslora/train/schedule.py)."""
     return tiny_llava(samples=160)
 
 

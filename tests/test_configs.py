@@ -73,8 +73,8 @@ def test_paper_config_has_table_8_numbers(paper):
     assert (optimizer.lr, optimizer.weight_decay) == (2e-5, 0)
     assert paper.optim_wrapper.clip_grad.max_norm == 1
     warmup, cosine = paper.param_scheduler
-    assert warmup.type is LinearLR and (warmup.begin, warmup.end) == (0, 0.03)
-    assert cosine.type is CosineAnnealingLR and (cosine.begin, cosine.end) == (0.03, 1)
+    assert issubclass(warmup.type, LinearLR) and (warmup.begin, warmup.end) == (0, 0.03)
+    assert issubclass(cosine.type, CosineAnnealingLR) and (cosine.begin, cosine.end) == (0.03, 1)
     assert cosine.eta_min == 0
     assert paper.train_cfg.max_epochs == 1
 

@@ -36,6 +36,20 @@ def check_rank_and_alpha(r: Any, lora_alpha: Any) -> None:
         )
 
 
+def check_lora_options(config: LoraConfig) -> None:
+    """Refuse what stock `LoraConfig` accepts and fails on later or never: `r` and `lora_alpha`
+    (check_rank_and_alpha), and a `lora_dropout` outside [0, 1) (torch refuses it only when the
+    layers are built; 1 would drop the whole adapter input). For plain LoRA configs too: `train`
+    checks every adapter of a config with it before XTuner starts."""
+    check_rank_and_alpha(config.r, config.lora_alpha)
+    dropout = config.lora_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(
+            f"`lora_dropout` should be a probability in [0, 1) but the value passed is "
+            f"{dropout!r}. Use e.g. lora_dropout=0.05, or 0 for none."
+        )
+
+
 def moslora_config(
     *,
     mixer_init: str = "kaiming",
@@ -62,7 +76,7 @@ def moslora_config(
     """
     options = MixerOptions(init=mixer_init, trainable=mixer_trainable, init_only=init_only)
     config = LoraConfig(**lora_kwargs)
-    check_rank_and_alpha(config.r, config.lora_alpha)
+    check_lora_options(config)
     options.check_rank(config.r)
     setattr(config, OPTIONS_ATTR, options)
     return register(config)
