@@ -264,3 +264,18 @@ def test_report_out_with_a_suffix_of_its_own_never_overwrites_another_file(tmp_p
     assert (md.name, csv_path.name) == ("x.v2.md", "x.v2.csv")
     assert mine.read_text() == "the user's notes\n"
     assert write_table([run], tmp_path / "t.md") == (tmp_path / "t.md", tmp_path / "t.csv")
+
+
+def test_the_radar_reads_a_run_named_like_a_glob_by_its_literal_name(tmp_path):
+    """An older results file lists no acc files, so the radar finds them by the run's name: taken
+    literally, "exp[1]" must not read the "exp1_..." file that a glob would match."""
+    run = _fake_run(tmp_path, "exp[1]", {}, acc={"MMBench_DEV_EN": [0.5] * 6})
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    del summary["benchmarks"]["MMBench_DEV_EN"]["files"]
+    (run / SUMMARY_NAME).write_text(json.dumps(summary))
+    own = next(run.glob("*_acc.csv"))
+    other = run / own.name.replace("exp[1]", "exp1")
+    other.write_text(own.read_text().replace("dev,0.5,0.5,", "dev,0.5,0.9,"))
+    own.unlink()
+    with pytest.raises(FileNotFoundError, match="MMBench_DEV_EN is scored but its VLMEvalKit"):
+        mmbench_abilities(run)

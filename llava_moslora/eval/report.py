@@ -13,6 +13,7 @@ marked with "*" (and the CSV's `Avg over` says how many).
 from __future__ import annotations
 
 import csv
+import glob
 import math
 import numbers
 from collections.abc import Sequence
@@ -321,7 +322,9 @@ def mmbench_abilities(run_dir: str | Path, split: str = "dev") -> dict[str, dict
             continue
         acc_files = [f for f in entry.get("files", []) if f.endswith("_acc.csv")]
         if not acc_files:
-            acc_files = [p.name for p in Path(run_dir).glob(f"{run_name}_{name}_*_acc.csv")]
+            # The run's name is taken literally: a run named "exp[1]" must not read "exp1"'s files.
+            pattern = f"{glob.escape(run_name)}_{glob.escape(name)}_*_acc.csv"
+            acc_files = [p.name for p in Path(run_dir).glob(pattern)]
         if not acc_files:
             raise FileNotFoundError(
                 f"`RUN_DIR` {str(run_dir)!r}: {name} is scored but its VLMEvalKit *_acc.csv is "
