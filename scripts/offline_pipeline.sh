@@ -106,7 +106,8 @@ wait "$machine"
     echo "aligned on captions and its LLM taught the yes/no verdict (llava_moslora/builders/verdict.py);"
     echo "the adapters as each run's log names them:"
     for kind in moslora lora; do  # read off the run, not hand-copied
-        echo "  $kind: $(sed -n 's/.* - \(LLM\|ViT\) adapter: /\1: /p' "$OUT/train_$kind.log" | paste -sd ';' -)"
+        echo "  $kind: $(sed -n 's/.* - \(LLM\|ViT\) adapter: /\1 /p' "$OUT/train_$kind.log" |
+            paste -sd ';' - | sed 's/;/; /g')"
     done
     echo "Scored by VLMEvalKit on the offline tiny benchmarks (scores vs chance above)."
     echo "Table: $OUT/results.md (.csv); radar: $OUT/mmbench_radar.png;" \

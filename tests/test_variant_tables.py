@@ -102,7 +102,8 @@ def test_each_adapter_kind_is_recognised_and_labelled_once_everywhere(name):
     assert kind_of(config) is kind
     model = get_peft_model(make_mlp(), config)
     assert adapter_of(model)[0] == name
-    assert adapter_kind(model).split(" (")[0] == kind.label
+    assert adapter_kind(model).split(" (")[0].split(",")[0] == kind.label
+    assert adapter_kind(model).endswith(f", r={config.r}, alpha={config.lora_alpha}")  # every kind
     assert _adapter_label({"adapter_kind": name}) == kind.label
     assert _adapter_label({"adapter_kind": {"llm": name, "visual_encoder": None}}).startswith(
         f"llm: {kind.label}"
