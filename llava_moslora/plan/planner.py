@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -280,6 +281,19 @@ def storage_keys(tensors) -> set[int]:
     return {t.untyped_storage()._cdata for t in tensors}
 
 
+def simulate_peak(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> int:
+    """Most bytes alive at once above the weights during `loss_of(model)` and its backward,
+    simulated on fake tensors: `model` (on the meta device) is made fake in place. What
+    `plan` does for a LLaVA config, for any module (scripts/bench_blocks.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu").train()
+        with LiveBytes(storage_keys([*model.parameters(), *model.buffers()])) as live:
+            loss_of(model).backward()
+    return live.peak
+
+
 def llava_loss(model, pixel_values: torch.Tensor, text_len: int) -> torch.Tensor:
     """LLaVA's training forward without the data-dependent splice: image features, then text."""
     tower = model.visual_encoder
@@ -360,6 +374,7 @@ class MemoryPlan:
     optimizer: int
     zero_gathered: int
     reduce_buckets: int  # DeepSpeed's gradient reduce buffers (allocated at the first backward)
+    adamw_temporary: int  # AdamW's scratch (see plan_memory)
     act_fixed: dict[bool, int]  # checkpointing -> saved bytes independent of batch
     act_per_sample: dict[bool, int]
     peak_fixed: dict[bool, int]  # checkpointing -> forward + backward peak, independent of batch
@@ -399,13 +414,16 @@ class MemoryPlan:
     def phases(self, batch: int, checkpointing: bool) -> dict[str, int]:
         """forward + backward: the simulated peak (activations, the fp32 logits and their
         gradients, the recomputed layer, gradients as they appear). optimizer: without
-        DeepSpeed, every gradient and AdamW's one temporary copy of them (foreach sqrt of
-        exp_avg_sq) once the activations are gone."""
+        DeepSpeed, every gradient and AdamW's scratch (on CUDA its foreach path takes the sqrt
+        of every exp_avg_sq at once; on CPU it loops, one tensor at a time) once the
+        activations are gone."""
         phases = {
             "forward + backward": self.peak_fixed[checkpointing]
             + batch * self.peak_per_sample[checkpointing]
         }
-        phases["optimizer"] = 2 * self.gradients if self.deepspeed == "none" else 0
+        phases["optimizer"] = (
+            self.gradients + self.adamw_temporary if self.deepspeed == "none" else 0
+        )
         return phases
 
     def total(self, batch: int, checkpointing: bool) -> int:
@@ -448,6 +466,7 @@ def plan_memory(
     llm_layers: int | None = None,
     vit_layers: int | None = None,
     seq_len: int | None = None,
+    device: str = "cuda",
 ) -> MemoryPlan:
     """Predict the per-GPU memory of `config` (see the module docstring for every term)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -456,8 +475,23 @@ def plan_memory(
         raise ValueError(
             f"`deepspeed` should be one of {', '.join(STAGES)} but the value passed is {deepspeed!r}."
         )
-    if gpus < 1:
-        raise ValueError(f"`gpus` should be a positive integer but the value passed is {gpus}.")
+    for name, value in (("gpus", gpus), ("llm_layers", llm_layers), ("vit_layers", vit_layers)):
+        if value is not None and value < 1:
+            raise ValueError(
+                f"`{name}` (--{name.replace('_', '-')}) should be a positive integer but the "
+                f"value passed is {value}."
+            )
+    if not (math.isfinite(gpu_memory_gib) and gpu_memory_gib * GiB > CUDA_RESERVE):
+        raise ValueError(
+            f"`gpu_memory_gib` (--gpu-memory) should be a GPU's memory in GiB, more than the "
+            f"{CUDA_RESERVE / GiB:g} GiB kept for the CUDA context, but the value passed is "
+            f"{gpu_memory_gib}."
+        )
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(
+            f"`seq_len` (--seq-len) should be a positive number of positions but the value "
+            f"passed is {seq_len}."
+        )
     cfg = load_config(config, cfg_options)
     meta = build_meta_llava(cfg, llm_layers, vit_layers)
     model = meta.model
@@ -467,7 +501,14 @@ def plan_memory(
     vit_config = model.visual_encoder.config
     image_tokens = (vit_config.image_size // vit_config.patch_size) ** 2
     max_length = cfg.train_dataloader.dataset.max_length
-    text_len = (seq_len - image_tokens) if seq_len else max_length - 1  # <image> -> image tokens
+    text_len = (
+        max_length - 1 if seq_len is None else seq_len - image_tokens
+    )  # <image> -> image tokens
+    if text_len < 1:
+        raise ValueError(
+            f"`seq_len` (--seq-len) should leave room for text after the {image_tokens} image "
+            f"tokens (at least {image_tokens + 1}) but the value passed is {seq_len}."
+        )
     gathered = 0
     if deepspeed == "zero3":
         layer = (
@@ -522,6 +563,11 @@ def plan_memory(
         optimizer=optimizer,
         zero_gathered=gathered,
         reduce_buckets=buckets,
+        # torch's AdamW: on CUDA its foreach path takes sqrt(exp_avg_sq) of every tensor at once
+        # (one copy); on CPU it loops, and sqrt(...) / bias_correction is two copies of one tensor
+        adamw_temporary=gradients
+        if device == "cuda"
+        else 2 * max((r.bytes for r in by_name.values()), default=0),
         act_fixed=act_fixed,
         act_per_sample=act_per_sample,
         peak_fixed=peak_fixed,
