@@ -16,7 +16,8 @@
 #   zero2        60  MoSLoRA under DeepSpeed ZeRO-2 on one GPU
 #   zero3        60  ... ZeRO-3
 #   table4       45  the paper's Table 4 shape (text-only, r16 on q,k,v,up,down, batch 16)
-#   plan         40  `llava-moslora plan` of the LLaVA configs: needs the XTuner stack
+#   plan         40  `llava-moslora plan` of the LLaVA recipe (dry run: 1 + 1 layers, 640 positions):
+#                    needs the XTuner stack
 #                    (transformers 4.57), which the image lacks: recorded as skipped there
 #   report       15  $OUT/gpu_check.md: every measured peak beside the planner's, the ratios
 # The dry run multiplies every limit by GPU_CHECK_LIMIT_SCALE (default 4).
@@ -103,7 +104,7 @@ else
 fi
 if ((DRY)); then
   skip cuda_tests "no CUDA in a dry run"
-elif "$PY" -c "import pytest" 2>/dev/null; then
+elif "$PY" -c "import pytest" >/dev/null 2>&1; then
   phase cuda_tests 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 else
   skip cuda_tests "no pytest on this Python"
@@ -114,9 +115,9 @@ phase zero2 60 "$PY" scripts/bench_blocks.py zero2 --out-dir "$OUT/blocks" "${BL
 phase zero3 60 "$PY" scripts/bench_blocks.py zero3 --out-dir "$OUT/blocks" "${BLOCKS[@]}"
 phase table4 45 "$PY" scripts/bench_blocks.py table4_lora table4_moslora --out-dir "$OUT/blocks" \
   "${BLOCKS[@]}"
-if "$PY" -c "import xtuner.model" 2>/dev/null; then
+if "$PY" -c "import xtuner.model" >/dev/null 2>&1; then
   if ((DRY)); then
-    plan_args=(configs/tiny_moslora.py)
+    plan_args=(configs/llama3_moslora.py --llm-layers 1 --vit-layers 1 --seq-len 640)
   else # the paper's LLaVA recipes at full depth, 1 GPU of this machine's memory
     gib=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)')
     plan_args=(configs/llama3_moslora.py --deepspeed zero2 --gpu-memory "$gib")

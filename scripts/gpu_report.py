@@ -114,7 +114,7 @@ def report(out: Path, elapsed: int | None = None) -> str:
         summary += f" in {elapsed} s"
     pair = ratio_line(cases, *PAIRS[0])
     if pair:
-        summary += "; " + pair.split(": ", 1)[1]
+        summary += "; MoSLoRA / LoRA " + pair.split(": ", 1)[1]
     if within:
         summary += f"; planner within {100 * max(within):.1f} % of every measured peak"
     return "\n".join(lines + ["", summary]) + "\n"

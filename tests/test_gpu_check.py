@@ -51,7 +51,8 @@ def test_gpu_report_puts_each_peak_beside_the_plan_and_keeps_table4_apart(tmp_pa
     assert "1.069" not in llava and "1.069" in table4 and "table4_moslora / table4_lora" in table4
     assert "| nf4 | timeout | 124 | 75 |" in text
     assert text.splitlines()[-1] == (
-        "gpu_check: 1/2 phases ok (1 skipped), 4 cases in 200 s; time 1.020, peak memory 1.005; "
+        "gpu_check: 1/2 phases ok (1 skipped), 4 cases in 200 s; MoSLoRA / LoRA time 1.020, "
+        "peak memory 1.005; "
         "planner within 2.5 % of every measured peak"
     )
 
