@@ -133,6 +133,8 @@ def loss_of(model: nn.Module, case: Case, config, dtype: torch.dtype, device: st
 def planned(case: Case, config, dtype: torch.dtype, cuda: bool) -> dict[str, int]:
     """The planner's figures for these blocks: persistent bytes and the simulated step peak."""
     model = build(case, config, dtype, "meta")
+    if case.zero and cuda:
+        model = model.to(torch.bfloat16)  # DeepSpeed's engine casts the module, adapters too
     frozen = adapters = largest = 0
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -147,6 +149,9 @@ def planned(case: Case, config, dtype: torch.dtype, cuda: bool) -> dict[str, int
     if case.zero:  # the planner's DeepSpeed rows on one GPU: bf16 adapters, 6 + 12 bytes each
         buckets = {2: 2, 3: 1}[case.zero] * REDUCE_BUCKET * 2 if cuda else 0
         persistent = frozen + (2 + 6 + 12) * adapters + buckets
+        if case.zero == 3:  # the planner's ZeRO-3 row: one block gathered twice (now + prefetch)
+            block = model.get_base_model().layers[0]
+            persistent += 2 * sum(2 * p.numel() for p in block.parameters())
         return {"persistent": persistent, "step": peak, "total": persistent + peak}
     # fp32 adapters (PEFT's autocast_adapter_dtype) and AdamW's exp_avg, exp_avg_sq
     persistent = frozen + 3 * 4 * adapters

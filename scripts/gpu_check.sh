@@ -101,6 +101,14 @@ if ((DRY)); then
 else
   phase install 45 "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" \
     "$BUNDLE"/*.whl
+  # The bundle keeps bitsandbytes' CUDA 12.8 / 13.x builds: where torch's CUDA has no build of
+  # its own (12.9, say), load the newest of the same major version.
+  cuda=$("$PY" -c 'import torch; print((torch.version.cuda or "").replace(".", ""))' 2>/dev/null)
+  if [[ -n $cuda && ! -e $SITE/bitsandbytes/libbitsandbytes_cuda$cuda.so ]]; then
+    pick=$(ls "$SITE"/bitsandbytes/libbitsandbytes_cuda"${cuda:0:2}"*.so 2>/dev/null | sort -V | tail -1)
+    pick=${pick##*_cuda}
+    [[ -z $pick ]] || export BNB_CUDA_VERSION=${pick%.so}
+  fi
 fi
 if ((DRY)); then
   skip cuda_tests "no CUDA in a dry run"
