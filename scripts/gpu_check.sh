@@ -9,17 +9,17 @@
 # killed phase is recorded and the next one runs, so a kill of the whole call still returns
 # every phase before it.
 #   env          20  versions, GPU name, the environment (`$OUT/env.txt`)
-#   install      45  the bundle's wheels into $OUT/../site (pip --no-index --no-deps)
+#   install      45  the bundle's wheels into work_dirs/gpu_check_site (pip --no-index --no-deps)
 #   cuda_tests   40  tests/test_cuda.py (needs pytest on the image; skipped without it)
 #   adapters     75  LoRA vs MoSLoRA, 4 LLaMA-3-8B blocks (scripts/bench_blocks.py)
 #   nf4          75  QLoRA vs QMoSLoRA (4-bit NF4 base, r512)
 #   zero2        60  MoSLoRA under DeepSpeed ZeRO-2 on one GPU
 #   zero3        60  ... ZeRO-3
-#   table4       45  the paper's Table 4 shape (text-only, r16 on q,k,v,up,down, batch 16)
-#   plan         40  `llava-moslora plan` of the LLaVA recipe (dry run: 1 + 1 layers, 640 positions):
+#   table4       40  the paper's Table 4 shape (text-only, r16 on q,k,v,up,down, batch 16)
+#   plan         50  `llava-moslora plan` of the LLaVA recipe (dry run: 1 + 1 layers, 640 positions):
 #                    needs the XTuner stack
 #                    (transformers 4.57), which the image lacks: recorded as skipped there
-#   report       15  $OUT/gpu_check.md: every measured peak beside the planner's, the ratios
+#   report       10  $OUT/gpu_check.md: every measured peak beside the planner's, the ratios
 # The dry run multiplies every limit by GPU_CHECK_LIMIT_SCALE (default 4).
 # The adapter-level phases need only torch, transformers (5.x is fine), peft, the plugin (this
 # tree, on PYTHONPATH), bitsandbytes and DeepSpeed (both in the bundle). The last line printed
@@ -42,7 +42,7 @@ OUT=$(cd "$OUT" && pwd)
 export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1
 export MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29531}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SITE=${GPU_CHECK_SITE:-$OUT/../gpu_check_site}
+SITE=${GPU_CHECK_SITE:-$PWD/work_dirs/gpu_check_site} # outside $OUT: it does not come back
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if ((DRY)); then
   PY=${PYTHON:-python}
@@ -121,7 +121,7 @@ phase adapters 75 "$PY" scripts/bench_blocks.py lora moslora --out-dir "$OUT/blo
 phase nf4 75 "$PY" scripts/bench_blocks.py qlora qmoslora --out-dir "$OUT/blocks" "${BLOCKS[@]}"
 phase zero2 60 "$PY" scripts/bench_blocks.py zero2 --out-dir "$OUT/blocks" "${BLOCKS[@]}"
 phase zero3 60 "$PY" scripts/bench_blocks.py zero3 --out-dir "$OUT/blocks" "${BLOCKS[@]}"
-phase table4 45 "$PY" scripts/bench_blocks.py table4_lora table4_moslora --out-dir "$OUT/blocks" \
+phase table4 40 "$PY" scripts/bench_blocks.py table4_lora table4_moslora --out-dir "$OUT/blocks" \
   "${BLOCKS[@]}"
 if "$PY" -c "import xtuner.model" >/dev/null 2>&1; then
   if ((DRY)); then
@@ -130,9 +130,9 @@ if "$PY" -c "import xtuner.model" >/dev/null 2>&1; then
     gib=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)')
     plan_args=(configs/llama3_moslora.py --deepspeed zero2 --gpu-memory "$gib")
   fi
-  phase plan 40 "$PY" -m llava_moslora.cli plan "${plan_args[@]}"
+  phase plan 50 "$PY" -m llava_moslora.cli plan "${plan_args[@]}"
 else
   skip plan "the XTuner stack (transformers 4.57) is not importable here"
 fi
-phase report 15 "$PY" scripts/gpu_report.py "$OUT" --elapsed $((SECONDS - START))
+phase report 10 "$PY" scripts/gpu_report.py "$OUT" --elapsed $((SECONDS - START))
 tail -1 "$OUT/gpu_check.md" 2>/dev/null || echo "gpu_check: no report; phases in $PHASES"
