@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# The paper's recipes at their real widths on one GPU machine without network, in one command.
+# The GPU check: one command, one call, on a GPU machine without network (docs/gpu.md).
 #
-#     scripts/gpu_check.sh [BUNDLE]     # on the GPU machine; BUNDLE from scripts/gpu_bundle.sh
-#     scripts/gpu_check.sh --dry-run    # CPU, tiny shapes, 2 steps: what tests/test_gpu_check.py runs
+#     OUT=/some/dir scripts/gpu_check.sh [BUNDLE]   # GPU: BUNDLE from scripts/gpu_bundle.sh
+#     OUT=/some/dir scripts/gpu_check.sh --dry-run  # CPU, tiny widths: tests/test_gpu_check.py
 #
-# 1. installs the bundle's wheels with --no-index (BUNDLE/a, BUNDLE/b, BUNDLE/c if present)
-# 2. tests/test_cuda.py
-# 3. stand-ins: llama3-8b and internlm2-7b (real widths, 2 LLM + 2 ViT layers, 2048-position data)
-# 4. `llava-moslora train` (XTuner's launcher, with the run's exit code), the unchanged paper
-#    configs with path-only --cfg-options plus the run length (STEPS iterations, log every one):
-#      llama3_moslora vs llama3_lora          --deepspeed deepspeed_zero2, bf16, batch 8
-#      internlm2_qmoslora vs internlm2_qlora  --deepspeed deepspeed_zero3, 4-bit NF4, batch 16
-# 5. benchmarks/results/gpu_check.md: median step time, peak memory per GPU, ratios
-#    (scripts/gpu_report.py), the memory plan for the same runs (llava-moslora plan)
-# 6. an hf-llava export of the MoSLoRA run, generating a few tokens with stock transformers
-# Budget: under 8 minutes on one H100/H200. The dry run swaps in the tiny shapes and configs
-# (tiny_moslora / tiny_lora, tiny_qmoslora / tiny_qlora), 2 steps, and writes to WORK only.
-set -euo pipefail
+# Phases, each under its own `timeout` (seconds; 475 in all, under the 8-minute budget), each
+# logged to $OUT/logs/PHASE.log and recorded in $OUT/phases.tsv as soon as it ends: a failed or
+# killed phase is recorded and the next one runs, so a kill of the whole call still returns
+# every phase before it.
+#   env          20  versions, GPU name, the environment (`$OUT/env.txt`)
+#   install      45  the bundle's wheels into work_dirs/gpu_check_site (pip --no-index --no-deps)
+#   cuda_tests   40  tests/test_cuda.py (needs pytest on the image; skipped without it)
+#   adapters     75  LoRA vs MoSLoRA, 4 LLaMA-3-8B blocks (scripts/bench_blocks.py)
+#   nf4          75  QLoRA vs QMoSLoRA (4-bit NF4 base, r512)
+#   zero2        60  MoSLoRA under DeepSpeed ZeRO-2 on one GPU
+#   zero3        60  ... ZeRO-3
+#   table4       40  the paper's Table 4 shape (text-only, r16 on q,k,v,up,down, batch 16)
+#   plan         50  `llava-moslora plan` of the LLaVA recipe (dry run: 1 + 1 layers, 640 positions):
+#                    needs the XTuner stack
+#                    (transformers 4.57), which the image lacks: recorded as skipped there
+#   report       10  $OUT/gpu_check.md: every measured peak beside the planner's, the ratios
+# The dry run multiplies every limit by GPU_CHECK_LIMIT_SCALE (default 4).
+# The adapter-level phases need only torch, transformers (5.x is fine), peft, the plugin (this
+# tree, on PYTHONPATH), bitsandbytes and DeepSpeed (both in the bundle). The last line printed
+# summarises. The dry run uses this venv's Python, tiny widths and 2 steps, and skips `install`.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 BUNDLE=gpu_bundle
@@ -26,125 +34,105 @@ for arg in "$@"; do
     *) BUNDLE=$arg ;;
   esac
 done
-WORK=${GPU_CHECK_WORK:-work_dirs/gpu_check}
-mkdir -p "$WORK"
-START=$SECONDS
-log() { echo "[gpu_check +$((SECONDS - START))s] $*"; }
-
-if (( DRY )); then
+OUT=${OUT:-work_dirs/gpu_check}
+mkdir -p "$OUT/logs" "$OUT/blocks"
+OUT=$(cd "$OUT" && pwd)
+# One process is the whole "cluster": DeepSpeed reads these instead of probing MPI (mpi4py is on
+# the image, an MPI runtime is not). No hub, ever.
+export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1
+export MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29531}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SITE=${GPU_CHECK_SITE:-$PWD/work_dirs/gpu_check_site} # outside $OUT: it does not come back
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if ((DRY)); then
   PY=${PYTHON:-python}
-  STEPS=${STEPS:-2}
-  OUT=$WORK/gpu_check.md
-  PAIR1=(tiny_moslora tiny_lora) PAIR2=(tiny_qmoslora tiny_qlora)
-  SHAPE1=tiny SHAPE2=tiny
+  BLOCKS=(--tiny --steps 2 --warmup 1)
+  SCALE=${GPU_CHECK_LIMIT_SCALE:-4} # a shared 2-core CI machine, not a GPU machine's 16 cores
 else
   PY=${PYTHON:-python3}
-  STEPS=${STEPS:-30}
-  OUT=benchmarks/results/gpu_check.md
-  PAIR1=(llama3_moslora llama3_lora) PAIR2=(internlm2_qmoslora internlm2_qlora)
-  SHAPE1=llama3-8b SHAPE2=internlm2-7b
-  log "installing from $BUNDLE (no index)"
-  wheels=("$BUNDLE"/a/*.whl "$BUNDLE"/b/*.whl)
-  [[ -d "$BUNDLE/c" ]] && wheels+=("$BUNDLE"/c/*.whl)
-  "$PY" -m pip install --quiet --no-index --no-deps "${wheels[@]}"
-  missing=$("$PY" - <<'EOF'
-import importlib
-print(" ".join(m for m in ("cv2", "datasets", "pyarrow", "pandas", "scipy", "torchvision")
-               if importlib.util.find_spec(m) is None))
-EOF
-)
-  [[ -z "$missing" ]] || { echo "error: the image lacks $missing: build BUNDLE/c with gpu_bundle.sh --heavy"; exit 1; }
-  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+  BLOCKS=(--steps 6 --warmup 2)
+  SCALE=1
 fi
-export PATH="$(dirname "$(command -v "$PY")"):$PATH"
+PHASES=$OUT/phases.tsv
+printf 'phase\tstatus\texit\tseconds\n' >"$PHASES"
+START=$SECONDS
 
-: >"$OUT"
-{
-  echo "# gpu_check ($(date -u +%Y-%m-%d), $([[ $DRY == 1 ]] && echo 'CPU dry run, tiny shapes' || "$PY" -c 'import torch; print(torch.cuda.get_device_name())'))"
-  echo
-  "$PY" -c 'import torch, transformers, peft, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}")' | grep -v '\[WARNING\]'
-  echo
-} >>"$OUT"
-
-log "tests/test_cuda.py"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -1 | tee -a "$OUT"
-
-standin() {  # standin SHAPE DIR
-  if [[ $1 == tiny ]]; then
-    llava-moslora make-tiny "$2" --samples 16 >/dev/null
-  else
-    llava-moslora make-tiny "$2" --shape "$1" --samples 64 >/dev/null
-  fi
+phase() { # phase NAME LIMIT_S COMMAND...: run it under `timeout`, record how it ended
+  local name=$1 limit=$(($2 * SCALE)) begin=$SECONDS rc status
+  shift 2
+  echo "[gpu_check +$((SECONDS - START))s] $name (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - begin))" >>"$PHASES"
+  [[ $status == ok ]] || tail -5 "$OUT/logs/$name.log" | sed "s/^/  $name: /"
 }
-log "stand-ins: $SHAPE1, $SHAPE2"
-[[ -d "$WORK/standin_$SHAPE1/llm" ]] || standin "$SHAPE1" "$WORK/standin_$SHAPE1"
-[[ -d "$WORK/standin_$SHAPE2/llm" ]] || standin "$SHAPE2" "$WORK/standin_$SHAPE2"
-
-train() {  # train CONFIG STAGE STANDIN
-  local options
-  read -r -a options <<<"$(llava-moslora standin-options "configs/$1.py" "$3")"
-  log "llava-moslora train $1 --deepspeed deepspeed_$2 ($STEPS steps)"
-  # Besides paths, only the run length: STEPS iterations, the schedule (3 % warm-up of an epoch
-  # is 0 iterations on a stand-in's data) as 1 warm-up iteration then cosine, log every step.
-  llava-moslora train "configs/$1.py" --deepspeed "deepspeed_$2" --work-dir "$WORK/$1" \
-    --cfg-options "${options[@]}" train_cfg.max_epochs=None "train_cfg.max_iters=$STEPS" \
-    param_scheduler.0.by_epoch=False param_scheduler.0.convert_to_iter_based=False \
-    param_scheduler.0.begin=0 param_scheduler.0.end=1 \
-    param_scheduler.1.by_epoch=False param_scheduler.1.convert_to_iter_based=False \
-    param_scheduler.1.begin=1 "param_scheduler.1.end=$STEPS" \
-    default_hooks.logger.interval=1 "default_hooks.checkpoint.interval=$STEPS" \
-    >"$WORK/$1.log" 2>&1 && [[ -e "$WORK/$1/iter_$STEPS.pth" ]] \
-    || { tail -40 "$WORK/$1.log"; echo "error: $1 failed"; exit 1; }
+skip() { # skip NAME WHY
+  printf '%s\tskipped\t-\t0\n' "$1" >>"$PHASES"
+  echo "$2" >"$OUT/logs/$1.log"
+  echo "[gpu_check +$((SECONDS - START))s] $1: skipped ($2)"
 }
-for config in "${PAIR1[@]}"; do train "$config" zero2 "$WORK/standin_$SHAPE1"; done
-for config in "${PAIR2[@]}"; do train "$config" zero3 "$WORK/standin_$SHAPE2"; done
 
-"$PY" scripts/gpu_report.py "$WORK" "${PAIR1[0]}:${PAIR1[1]}" "${PAIR2[0]}:${PAIR2[1]}" \
-  --skip $(( STEPS > 10 ? 5 : 0 )) --title "runs ($STEPS steps each, one GPU)" --out "$OUT"
-
-log "memory plan of the same runs"
-{
-  echo "## llava-moslora plan for the same runs"
-  for pair in "${PAIR1[0]} zero2 $SHAPE1" "${PAIR2[0]} zero3 $SHAPE2"; do
-    read -r config stage shape <<<"$pair"
-    read -r -a options <<<"$(llava-moslora standin-options "configs/$config.py" "$WORK/standin_$shape")"
-    echo
-    llava-moslora plan "configs/$config.py" --gpus 1 --deepspeed "$stage" \
-      --gpu-memory "$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80)')" \
-      --cfg-options "${options[@]}" 2>/dev/null | grep -v '\[WARNING\]'
-  done
-  echo
-} >>"$OUT"
-
-log "hf-llava export of ${PAIR1[0]} and generation"
-ckpt=$(ls -d "$WORK/${PAIR1[0]}"/iter_*.pth | sort -V | tail -1)
-read -r -a options <<<"$(llava-moslora standin-options "configs/${PAIR1[0]}.py" "$WORK/standin_$SHAPE1")"
-rm -rf "$WORK/hf_llava"
-llava-moslora export "$ckpt" "$WORK/hf_llava" --config "configs/${PAIR1[0]}.py" --to hf-llava \
-  --cfg-options "${options[@]}" >"$WORK/export.log" 2>&1 || { tail -40 "$WORK/export.log"; exit 1; }
-"$PY" - "$WORK/hf_llava" "$WORK/standin_$SHAPE1/data/images" >>"$OUT" <<'EOF'
-import sys
-from pathlib import Path
-
-import torch
-from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-out, images = sys.argv[1], Path(sys.argv[2])
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32
-model = LlavaForConditionalGeneration.from_pretrained(out, torch_dtype=dtype).to(device).eval()
-processor = AutoProcessor.from_pretrained(out)
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there?"}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-image = Image.open(sorted(images.glob("*.png"))[0]).convert("RGB")
-batch = processor(images=image, text=prompt, return_tensors="pt").to(device)
-batch["pixel_values"] = batch["pixel_values"].to(dtype)
-batch.pop("token_type_ids", None)  # the fast tokenizer returns it; LLaVA's generate refuses it
-with torch.no_grad():
-    ids = model.generate(**batch, max_new_tokens=8, do_sample=False)
-new = ids[0, batch["input_ids"].shape[1]:]
-assert len(new) > 0, "generated nothing"
-print(f"## hf-llava export\n\ngenerated {len(new)} tokens (random weights): {new.tolist()}\n")
+environment() {
+  "$PY" - <<'EOF'
+import importlib.metadata as md, os, platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+for name in ("transformers", "peft", "accelerate", "safetensors", "deepspeed", "bitsandbytes",
+             "xtuner", "mmengine", "pytest"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} -")
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+print({k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                 "MASTER_PORT", "HF_HUB_OFFLINE")})
 EOF
-log "done: $OUT"
+  command -v nvidia-smi >/dev/null && nvidia-smi || true
+}
+phase env 20 bash -c "$(declare -f environment); PY=$PY environment"
+cp "$OUT/logs/env.log" "$OUT/env.txt"
+
+if ((DRY)); then
+  skip install "dry run: this venv holds the stack"
+else
+  phase install 45 "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" \
+    "$BUNDLE"/*.whl
+  # The bundle keeps bitsandbytes' CUDA 12.8 / 13.x builds: where torch's CUDA has no build of
+  # its own (12.9, say), load the newest of the same major version.
+  cuda=$("$PY" -c 'import torch; print((torch.version.cuda or "").replace(".", ""))' 2>/dev/null)
+  if [[ -n $cuda && ! -e $SITE/bitsandbytes/libbitsandbytes_cuda$cuda.so ]]; then
+    pick=$(ls "$SITE"/bitsandbytes/libbitsandbytes_cuda"${cuda:0:2}"*.so 2>/dev/null | sort -V | tail -1)
+    pick=${pick##*_cuda}
+    [[ -z $pick ]] || export BNB_CUDA_VERSION=${pick%.so}
+  fi
+fi
+if ((DRY)); then
+  skip cuda_tests "no CUDA in a dry run"
+elif "$PY" -c "import pytest" >/dev/null 2>&1; then
+  phase cuda_tests 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+else
+  skip cuda_tests "no pytest on this Python"
+fi
+phase adapters 75 "$PY" scripts/bench_blocks.py lora moslora --out-dir "$OUT/blocks" "${BLOCKS[@]}"
+phase nf4 75 "$PY" scripts/bench_blocks.py qlora qmoslora --out-dir "$OUT/blocks" "${BLOCKS[@]}"
+phase zero2 60 "$PY" scripts/bench_blocks.py zero2 --out-dir "$OUT/blocks" "${BLOCKS[@]}"
+phase zero3 60 "$PY" scripts/bench_blocks.py zero3 --out-dir "$OUT/blocks" "${BLOCKS[@]}"
+phase table4 40 "$PY" scripts/bench_blocks.py table4_lora table4_moslora --out-dir "$OUT/blocks" \
+  "${BLOCKS[@]}"
+if "$PY" -c "import xtuner.model" >/dev/null 2>&1; then
+  if ((DRY)); then
+    plan_args=(configs/llama3_moslora.py --llm-layers 1 --vit-layers 1 --seq-len 640)
+  else # the paper's LLaVA recipes at full depth, 1 GPU of this machine's memory
+    gib=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)')
+    plan_args=(configs/llama3_moslora.py --deepspeed zero2 --gpu-memory "$gib")
+  fi
+  phase plan 50 "$PY" -m llava_moslora.cli plan "${plan_args[@]}"
+else
+  skip plan "the XTuner stack (transformers 4.57) is not importable here"
+fi
+phase report 10 "$PY" scripts/gpu_report.py "$OUT" --elapsed $((SECONDS - START))
+tail -1 "$OUT/gpu_check.md" 2>/dev/null || echo "gpu_check: no report; phases in $PHASES"

@@ -1,72 +1,133 @@
 #!/usr/bin/env python
-"""Step time and peak memory of `xtuner train` runs, side by side: the table of gpu_check.md.
+"""The GPU check's report: every measured peak beside the planner's, the ratios, each phase's time.
 
-    python scripts/gpu_report.py WORK A:B [C:D ...] --out benchmarks/results/gpu_check.md
+    python scripts/gpu_report.py OUT [--elapsed SECONDS]
 
-Reads WORK/<run>/<timestamp>/vis_data/scalars.json (mmengine's LocalVisBackend, one JSON line
-per logged iteration; the configs log every iteration here): `time` is seconds per iteration,
-`memory` mmengine's max_memory_allocated in MiB (CUDA only). The first `--skip` iterations
-(start-up, allocator warm-up) are left out of the median time.
+Reads OUT/blocks/*.json (scripts/bench_blocks.py, one per case) and OUT/phases.tsv
+(scripts/gpu_check.sh), writes OUT/gpu_check.md and prints it; its last line summarises. Works on
+whatever ran: a phase that failed or was killed leaves its cases out and its row says so.
+The Table 4 shape (text-only commonsense LLaMA-3-8B, r16) has its own section: the paper's
+figures for it are not LLaVA's and stand beside nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import statistics
 import sys
 from pathlib import Path
 
-# MoSLoRA paper, Table 4 (A100, LLaMA-3-8B, LoRA vs MoSLoRA): 8.0 h / 29 GB vs 8.2 h / 31 GB.
-PAPER = "paper (Table 4, A100): time 1.025, memory 1.069"
+GiB = 2**30
+# (MoSLoRA case, LoRA case, what the pair is)
+PAIRS = [
+    ("moslora", "lora", "LLaVA's LLM recipe, bf16"),
+    ("qmoslora", "qlora", "QMoSLoRA's recipe, NF4 base"),
+]
+TABLE4_PAIR = ("table4_moslora", "table4_lora", "Table 4 shape")
+# The paper's Table 4 (A100, text-only commonsense LLaMA-3-8B, r16 on q,k,v,up,down, batch 16):
+# LoRA 8.0 h / 29 GB, MoSLoRA 8.2 h / 31 GB.
+TABLE4_PAPER = (
+    "paper, Table 4 (whole run on A100): time 8.2 / 8.0 h = 1.025, memory 31 / 29 GB = 1.069"
+)
 
 
-def run_stats(run_dir: Path, skip: int) -> dict[str, float]:
-    logs = sorted(run_dir.glob("*/vis_data/scalars.json"))
-    if not logs:
-        raise FileNotFoundError(f"no */vis_data/scalars.json under {run_dir}: did the run start?")
-    rows = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "time" in r]
-    if not rows:
-        raise ValueError(f"{logs[-1]} has no logged iteration")
-    times = [r["time"] for r in rows[skip:]] or [r["time"] for r in rows]
-    memory = max((r.get("memory", 0) for r in rows), default=0)
-    return {"steps": len(rows), "time": statistics.median(times), "memory": memory}
+def read_cases(out: Path) -> dict[str, dict]:
+    return {
+        path.stem: json.loads(path.read_text()) for path in sorted((out / "blocks").glob("*.json"))
+    }
 
 
-def report(work: Path, pairs: list[tuple[str, str]], skip: int, title: str) -> str:
+def read_phases(out: Path) -> list[dict[str, str]]:
+    path = out / "phases.tsv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def gib(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / GiB:.3f}"
+
+
+def case_rows(cases: dict[str, dict], names: list[str]) -> list[str]:
     lines = [
-        f"# {title}",
-        "",
-        "| run | steps | median s/step | peak MiB / GPU |",
-        "|---|---|---|---|",
+        "| case | adapter | DeepSpeed | r | batch x seq | s/step | peak GiB | planned GiB | planned / peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios = []
-    for a, b in pairs:
-        stats = {name: run_stats(work / name, skip) for name in (a, b)}
-        for name, s in stats.items():
-            lines.append(f"| {name} | {s['steps']} | {s['time']:.4f} | {s['memory']:.0f} |")
-        time_ratio = stats[a]["time"] / stats[b]["time"]
-        mem_ratio = stats[a]["memory"] / stats[b]["memory"] if stats[b]["memory"] else float("nan")
-        ratios.append(f"- {a} / {b}: time {time_ratio:.3f}, memory {mem_ratio:.3f}")
-    return "\n".join(lines + ["", *ratios, f"- {PAPER}", ""])
+    for name in names:
+        if name not in cases:
+            continue
+        c = cases[name]
+        peak, planned = c["peak_bytes"], c["planned_bytes"]
+        ratio = f"{planned / peak:.3f}" if peak else "-"
+        lines.append(
+            f"| {name} | {c['adapter']} | {c['deepspeed']} | {c['r']} | {c['batch']} x {c['seq']} "
+            f"| {c['median_s']:.4f} | {gib(peak)} | {gib(planned)} | {ratio} |"
+        )
+    return lines
+
+
+def ratio_line(cases: dict[str, dict], a: str, b: str, what: str) -> str | None:
+    if a not in cases or b not in cases:
+        return None
+    time = cases[a]["median_s"] / cases[b]["median_s"]
+    pa, pb = cases[a]["peak_bytes"], cases[b]["peak_bytes"]
+    memory = f"{pa / pb:.3f}" if pa and pb else "- (no peak on CPU)"
+    return f"- {a} / {b} ({what}): time {time:.3f}, peak memory {memory}"
+
+
+def report(out: Path, elapsed: int | None = None) -> str:
+    cases = read_cases(out)
+    phases = read_phases(out)
+    first = next(iter(cases.values()), None)
+    device = first["device"] if first else "-"
+    lines = [f"# gpu_check: {device}", ""]
+    if first:
+        v = first["versions"]
+        lines += [", ".join(f"{k} {v[k]}" for k in v), ""]
+        lines += [
+            f"{first['layers']} decoder blocks at hidden {first['hidden']} (no embedding, no "
+            "lm_head); median seconds per step; peak = torch.cuda.max_memory_allocated; planned "
+            "= llava_moslora.plan's weights, AdamW, DeepSpeed rows + the step simulated on fake "
+            "tensors.",
+            "",
+        ]
+    llava = [n for n in ("lora", "moslora", "qlora", "qmoslora", "zero2", "zero3")]
+    lines += ["## LLaVA recipes, per block", "", *case_rows(cases, llava), ""]
+    lines += [r for r in (ratio_line(cases, *pair) for pair in PAIRS) if r]
+    table4 = [TABLE4_PAIR[1], TABLE4_PAIR[0]]
+    if any(n in cases for n in table4):
+        lines += ["", "## The paper's Table 4 shape (text-only, not LLaVA)", ""]
+        lines += case_rows(cases, table4) + [""]
+        line = ratio_line(cases, *TABLE4_PAIR)
+        lines += [line, f"- {TABLE4_PAPER}"] if line else [f"- {TABLE4_PAPER}"]
+    lines += ["", "## Phases", "", "| phase | status | exit | seconds |", "|---|---|---|---|"]
+    lines += [f"| {p['phase']} | {p['status']} | {p['exit']} | {p['seconds']} |" for p in phases]
+    within = [
+        abs(c["planned_bytes"] / c["peak_bytes"] - 1) for c in cases.values() if c["peak_bytes"]
+    ]
+    ok = sum(p["status"] == "ok" for p in phases)
+    ran = sum(p["status"] != "skipped" for p in phases)
+    summary = f"gpu_check: {ok}/{ran} phases ok ({len(phases) - ran} skipped), {len(cases)} cases"
+    if elapsed is not None:
+        summary += f" in {elapsed} s"
+    pair = ratio_line(cases, *PAIRS[0])
+    if pair:
+        summary += "; MoSLoRA / LoRA " + pair.split(": ", 1)[1]
+    if within:
+        summary += f"; planner within {100 * max(within):.1f} % of every measured peak"
+    return "\n".join(lines + ["", summary]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path, help="folder holding one work dir per run")
-    parser.add_argument("pairs", nargs="+", metavar="A:B", help="run names; ratios are A / B")
-    parser.add_argument("--skip", type=int, default=5, help="iterations left out of the median")
-    parser.add_argument("--title", default="gpu_check: whole-model step time and peak memory")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("out", type=Path, help="the check's $OUT")
+    parser.add_argument("--elapsed", type=int, help="seconds the check has run")
     args = parser.parse_args(argv)
-    pairs = [tuple(p.split(":", 1)) for p in args.pairs]
-    text = report(args.work, pairs, args.skip, args.title)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as out:
-            out.write(text + "\n")
+    text = report(args.out, args.elapsed)
+    (args.out / "gpu_check.md").write_text(text)
+    print(text, end="")
     return 0
 
 

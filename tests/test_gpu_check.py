@@ -1,7 +1,8 @@
-"""scripts/gpu_check.sh cannot rot: its CPU dry run (tiny shapes, 2 steps) runs here; gpu_report.py."""
+"""scripts/gpu_check.sh cannot rot: its CPU dry run (tiny widths) runs here end to end; the report."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -13,47 +14,90 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+# Every phase gpu_check.sh runs, in order (docs/gpu.md lists what each needs).
+PHASES = [
+    "env", "install", "cuda_tests", "adapters", "nf4", "zero2", "zero3", "table4", "plan", "report",
+]  # fmt: skip
+CASES = ["lora", "moslora", "qlora", "qmoslora", "zero2", "zero3", "table4_lora", "table4_moslora"]
 
-def write_run(work: Path, name: str, times: list[float], memory: int) -> None:
-    vis = work / name / "20260101_000000" / "vis_data"
-    vis.mkdir(parents=True)
-    lines = [json.dumps({"step": i + 1, "time": t, "memory": memory}) for i, t in enumerate(times)]
-    (vis / "scalars.json").write_text("\n".join(lines) + "\n")
+
+def write_case(out: Path, name: str, seconds: float, peak: int | None, planned: int) -> None:
+    (out / "blocks").mkdir(parents=True, exist_ok=True)
+    case = {
+        "case": name, "device": "NVIDIA H100", "layers": 4, "hidden": 4096, "batch": 4,
+        "seq": 2048, "r": 64, "adapter": "MoSLoRA" if "mos" in name else "LoRA",
+        "deepspeed": "none", "median_s": seconds, "peak_bytes": peak, "planned_bytes": planned,
+        "versions": {"torch": "2.11.0"},
+    }  # fmt: skip
+    (out / "blocks" / f"{name}.json").write_text(json.dumps(case))
 
 
-def test_gpu_report_medians_after_warmup_and_ratios(tmp_path):
+def test_gpu_report_puts_each_peak_beside_the_plan_and_keeps_table4_apart(tmp_path):
     import gpu_report
 
-    write_run(tmp_path, "mos", [9.0, 1.02, 1.01, 1.03], 31000)
-    write_run(tmp_path, "lora", [9.0, 1.0, 1.0, 1.0], 29000)
-    text = gpu_report.report(tmp_path, [("mos", "lora")], skip=1, title="t")
-    assert "| mos | 4 | 1.0200 | 31000 |" in text
-    assert "mos / lora: time 1.020, memory 1.069" in text
-    with pytest.raises(FileNotFoundError, match="did the run start"):
-        gpu_report.run_stats(tmp_path / "missing", 0)
+    write_case(tmp_path, "lora", 0.50, 40 * 2**30, 41 * 2**30)
+    write_case(tmp_path, "moslora", 0.51, 40.2 * 2**30, 41 * 2**30)
+    write_case(tmp_path, "table4_lora", 0.10, 10 * 2**30, 10 * 2**30)
+    write_case(tmp_path, "table4_moslora", 0.11, 10 * 2**30, 10 * 2**30)
+    (tmp_path / "phases.tsv").write_text(
+        "phase\tstatus\texit\tseconds\nadapters\tok\t0\t30\nnf4\ttimeout\t124\t75\n"
+        "plan\tskipped\t-\t0\n"
+    )
+    text = gpu_report.report(tmp_path, elapsed=200)
+    assert "| moslora | MoSLoRA | none | 64 | 4 x 2048 | 0.5100 | 40.200 | 41.000 | 1.020 |" in text
+    assert "- moslora / lora (LLaVA's LLM recipe, bf16): time 1.020, peak memory 1.005" in text
+    # The paper's Table 4 figures appear once, in the text-only section, after its own shape.
+    llava, table4 = text.split("## The paper's Table 4 shape")
+    assert "1.069" not in llava and "1.069" in table4 and "table4_moslora / table4_lora" in table4
+    assert "| nf4 | timeout | 124 | 75 |" in text
+    assert text.splitlines()[-1] == (
+        "gpu_check: 1/2 phases ok (1 skipped), 4 cases in 200 s; MoSLoRA / LoRA time 1.020, "
+        "peak memory 1.005; "
+        "planner within 2.5 % of every measured peak"
+    )
+
+
+def test_gpu_report_of_a_check_killed_before_any_case(tmp_path):
+    import gpu_report
+
+    (tmp_path / "phases.tsv").write_text("phase\tstatus\texit\tseconds\nenv\tok\t0\t3\n")
+    text = gpu_report.report(tmp_path)
+    assert text.splitlines()[-1] == "gpu_check: 1/1 phases ok (0 skipped), 0 cases"
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """The whole script on CPU: 4 xtuner train runs (ZeRO-2 and ZeRO-3), report, plan, export.
-
-    About 5-7 minutes on 2 shared CPU cores, nearly all of it `xtuner train` start-up.
-    """
-    env = dict(os.environ, GPU_CHECK_WORK=str(tmp_path), PYTHON=sys.executable)
+    """The whole script on CPU at tiny widths: every phase, its log and row, each case's JSON,
+    the report and its summary line, all under a fake $OUT. About 2 minutes on 2 quiet cores."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    report = (tmp_path / "gpu_check.md").read_text()
-    assert "tiny_moslora / tiny_lora: time" in report
-    assert "tiny_qmoslora / tiny_qlora: time" in report
-    assert "## llava-moslora plan for the same runs" in report
-    assert "generated 8 tokens" in report or "generated" in report
-    for name in ("tiny_moslora", "tiny_lora", "tiny_qmoslora", "tiny_qlora"):
-        assert (tmp_path / name / "iter_2.pth").exists()
+    with (out / "phases.tsv").open() as f:
+        rows = {row["phase"]: row for row in csv.DictReader(f, delimiter="\t")}
+    assert list(rows) == PHASES
+    assert {rows[p]["status"] for p in ("install", "cuda_tests")} == {"skipped"}
+    failed = {p: r["status"] for p, r in rows.items() if r["status"] not in ("ok", "skipped")}
+    assert not failed, {p: (out / "logs" / f"{p}.log").read_text()[-2000:] for p in failed}
+    assert rows["plan"]["status"] == "ok"  # this venv holds the XTuner stack
+    for phase in PHASES:
+        assert (out / "logs" / f"{phase}.log").is_file()
+    assert (
+        "RANK" in (out / "env.txt").read_text()
+        and "'HF_HUB_OFFLINE': '1'" in (out / "env.txt").read_text()
+    )
+    for name in CASES:
+        case = json.loads((out / "blocks" / f"{name}.json").read_text())
+        assert case["median_s"] > 0 and case["planned_bytes"] > 0 and case["peak_bytes"] is None
+    assert "largest per-device batch" in (out / "logs" / "plan.log").read_text()
+    report = (out / "gpu_check.md").read_text()
+    assert "moslora / lora (LLaVA's LLM recipe, bf16): time" in report
+    assert "table4_moslora / table4_lora (Table 4 shape): time" in report
+    # The report counts the phases before it (its own row is written after it ends).
+    summary = "gpu_check: 7/7 phases ok (2 skipped), 8 cases"
+    assert report.splitlines()[-1].startswith(summary)
+    assert result.stdout.strip().splitlines()[-1].startswith(summary)

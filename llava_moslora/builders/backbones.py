@@ -203,7 +203,11 @@ def build_llm(config, dtype=None):
     from .internlm2 import InternLM2Config, InternLM2ForCausalLM
 
     dtype = torch.bfloat16 if dtype is None else dtype
-    if isinstance(config, InternLM2Config):
+    # By model_type, not class: a config read from a stand-in folder through trust_remote_code is
+    # an instance of that folder's copy of InternLM2Config, a different class object.
+    if config.model_type == InternLM2Config.model_type:
+        if not isinstance(config, InternLM2Config):
+            config = InternLM2Config(**config.to_dict())
         return InternLM2ForCausalLM._from_config(config, dtype=dtype)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 

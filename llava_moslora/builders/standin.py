@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -227,6 +227,34 @@ def make_standin(
     )
     record = {"shape": shape, "llm_layers": llm_layers, "vit_layers": vit_layers, "tiny": tiny}
     (out_dir / "standin.json").write_text(json.dumps(record) + "\n")
+    return paths
+
+
+def write_standin_configs(
+    out_dir: str | Path,
+    shape: str,
+    *,
+    llm_layers: int | None = None,
+    vit_layers: int | None = None,
+    image_size: int | None = None,
+) -> dict[str, Path]:
+    """Only the towers' config.json of `shape` (and InternLM2's remote code): no weights, no data.
+
+    Enough for `plan`, which builds on the meta device, and for a test that builds the towers in
+    memory (llava_moslora.plan.planner.build_meta_llava(..., device="cpu")) without writing the
+    stand-in's gigabytes; `path_overrides`' LLM and CLIP keys point a config at them. A smaller
+    `image_size` (fewer image tokens, same widths) keeps such a test's sequence short.
+    """
+    spec = _check_standin(shape)
+    vision = spec.vision if image_size is None else replace(spec.vision, image_size=image_size)
+    paths = standin_paths(out_dir)
+    config = llm_config(spec.llm, llm_layers or spec.llm_layers)
+    config.save_pretrained(paths["llm"])
+    if BACKBONES[spec.llm.family].remote_code:
+        from .internlm2 import write_remote_code
+
+        write_remote_code(paths["llm"])
+    clip_config(vision, vit_layers or spec.vit_layers).save_pretrained(paths["clip"])
     return paths
 
 

@@ -38,18 +38,29 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ..runs import image_features, load_config
+from ..runs import load_config
 
 STAGES = ("none", "zero2", "zero3")
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context + allocator slack kept out of the fit
+# How far a predicted peak may be from a measured one (tests/test_plan.py holds the planner to it
+# on CPU); `largest_batch` keeps this margin, so its answer is never above the measured fit.
+PEAK_TOLERANCE = 0.05
+# DeepSpeed's default `reduce_bucket_size` (elements): ZeRO-2 allocates two buffers of it in the
+# training dtype at backward's start (contiguous_gradients + overlap_comm, XTuner's json), ZeRO-3 one.
+REDUCE_BUCKET = 500_000_000
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size
 NF4_NESTED_BLOCK = 256  # double quantization: absmax quantized in blocks of 256, fp32 scale each
 
@@ -123,8 +134,14 @@ class MetaLLaVA:
     vit_layers: int
 
 
-def build_meta_llava(cfg, llm_layers: int | None = None, vit_layers: int | None = None):
-    """XTuner's LLaVAModel of `cfg.model` on the meta device (towers from their configs)."""
+def build_meta_llava(
+    cfg, llm_layers: int | None = None, vit_layers: int | None = None, device: str = "meta"
+):
+    """XTuner's LLaVAModel of `cfg.model` on the meta device (towers from their configs).
+
+    `device="cpu"` builds the same model with real, randomly initialised tensors: what the
+    planner's tests measure against, at stand-in shapes no files on disk need to hold.
+    """
     from transformers import CLIPVisionModel
 
     from ..builders.standin import build_llm
@@ -140,7 +157,7 @@ def build_meta_llava(cfg, llm_layers: int | None = None, vit_layers: int | None 
     if vit_layers:
         vit_config.num_hidden_layers = vit_layers
     quant = llm_cfg.get("quantization_config")
-    with torch.device("meta"):
+    with torch.device(device):
         llm = build_llm(llm_config, _dtype(llm_cfg.get("torch_dtype")) or torch.float32)
         vit = CLIPVisionModel._from_config(
             vit_config, dtype=_dtype(vit_cfg.get("torch_dtype")) or torch.float32
@@ -158,7 +175,7 @@ def build_meta_llava(cfg, llm_layers: int | None = None, vit_layers: int | None 
                 nf4[id(module.weight)] = nf4_bytes(module.weight.numel(), double)
     model_type = model_cfg.pop("type")
     model_cfg.pop("pretrained_pth", None)  # the projector's values do not change its size
-    with torch.device("meta"):
+    with torch.device(device):
         model = model_type(llm=llm, visual_encoder=vit, pretrained_pth=None, **model_cfg)
     return MetaLLaVA(model, nf4, llm_config.num_hidden_layers, vit_config.num_hidden_layers)
 
@@ -190,17 +207,25 @@ def parameter_rows(
 
 
 class SavedBytes:
-    """Bytes autograd saves for backward inside the `with` block (unique storages, no Parameters)."""
+    """Bytes autograd saves for backward inside the `with` block: unique storages, weights left out.
+
+    A parameter's storage is counted once as a weight, never as an activation, also when an op
+    saves a view of it (F.linear saves `weight.t()`, which is not a Parameter). Every storage
+    seen is kept alive until the block ends: a freed storage's address can be reused by a later
+    one, which a set of addresses alone would then skip (the planner's totals varied from run to
+    run by that). `marks` records the running total at named points (see `trace_activations`).
+    """
 
     def __enter__(self):
-        self.seen: set[int] = set()
+        self.kept: dict[int, torch.UntypedStorage] = {}
         self.total = 0
 
         def pack(tensor):
-            if not isinstance(tensor, nn.Parameter):
+            owner = tensor if tensor._base is None else tensor._base
+            if not isinstance(owner, nn.Parameter):
                 storage = tensor.untyped_storage()
-                if storage._cdata not in self.seen:  # one storage, however many views
-                    self.seen.add(storage._cdata)
+                if storage._cdata not in self.kept:  # one storage, however many views
+                    self.kept[storage._cdata] = storage
                     self.total += storage.nbytes()
             return tensor
 
@@ -210,11 +235,72 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
+        self.kept = {}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the `with` block and alive at once, op by op.
+
+    Every op's output storage is counted from its creation until it is freed (a weak reference's
+    callback), exactly as the allocator sees tensors (on real CPU tensors it equals
+    torch.profiler's memory peak to the byte); on FakeTensorMode's shape-only tensors it
+    simulates a training step's memory without allocating it. `known` storages (weights,
+    optimizer states: accounted elsewhere) and views of them are not counted.
+    """
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known = known
+        self.refs: dict[int, weakref.ref] = {}
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self.known or key in self.refs:
+            return
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        self.refs[key] = weakref.ref(storage, partial(self._free, key, nbytes))
+
+    def _free(self, key: int, nbytes: int, _ref) -> None:
+        self.live -= nbytes
+        self.refs.pop(key, None)
+
+
+def storage_keys(tensors) -> set[int]:
+    """The storages behind `tensors`, as LiveBytes' `known`."""
+    return {t.untyped_storage()._cdata for t in tensors}
+
+
+def simulate_peak(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> int:
+    """Most bytes alive at once above the weights during `loss_of(model)` and its backward,
+    simulated on fake tensors: `model` (on the meta device) is made fake in place. What
+    `plan` does for a LLaVA config, for any module (scripts/bench_blocks.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu").train()
+        with LiveBytes(storage_keys([*model.parameters(), *model.buffers()])) as live:
+            loss_of(model).backward()
+    return live.peak
 
 
 def llava_loss(model, pixel_values: torch.Tensor, text_len: int) -> torch.Tensor:
     """LLaVA's training forward without the data-dependent splice: image features, then text."""
-    features = image_features(model, pixel_values)  # (B, image tokens, d_llm)
+    tower = model.visual_encoder
+    # As LLaVAModel.forward, the tower's outputs (every hidden state, and the graph of the layers
+    # above visual_select_layer) stay alive until the loss is computed: part of the forward peak.
+    visual = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
+    features = model.projector(visual.hidden_states[model.visual_select_layer][:, 1:])
     ids = torch.zeros(pixel_values.shape[0], text_len, dtype=torch.long)
     embeds = torch.cat([features, model.llm.get_input_embeddings()(ids)], dim=1)
     labels = torch.zeros(embeds.shape[:2], dtype=torch.long)
@@ -248,23 +334,27 @@ def fake_masks_are_unpadded():
 @dataclass
 class Trace:
     saved: int  # bytes saved for backward
+    peak: int  # most bytes alive at once during forward and backward (gradients included)
     unreachable: list[str] = field(default_factory=list)  # trainable, no gradient
 
 
 def trace_activations(model, batch: int, text_len: int, image_size: int) -> Trace:
-    """Saved-for-backward bytes of one training forward of `model` (already fake), and the
-    trainable parameters its backward never reaches."""
+    """One training forward and backward of `model` (already fake): the bytes saved for backward,
+    the peak of all it allocates, and the trainable parameters its backward never reaches."""
     dtype = model.visual_encoder.dtype
     for param in model.parameters():
         param.grad = None
-    pixels = torch.zeros(batch, 3, image_size, image_size, dtype=dtype)
-    with SavedBytes() as saved:
-        loss = llava_loss(model, pixels, text_len)
-    loss.backward()
+    known = storage_keys([*model.parameters(), *model.buffers()])
+    with LiveBytes(known) as live:
+        pixels = torch.zeros(batch, 3, image_size, image_size, dtype=dtype)
+        with SavedBytes() as saved:
+            loss = llava_loss(model, pixels, text_len)
+        loss.backward()
+        del loss
     unreachable = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for param in model.parameters():
         param.grad = None
-    return Trace(saved.total, unreachable)
+    return Trace(saved.total, live.peak, unreachable)
 
 
 @dataclass
@@ -283,8 +373,12 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     zero_gathered: int
-    act_fixed: dict[bool, int]  # checkpointing -> bytes independent of batch
+    reduce_buckets: int  # DeepSpeed's gradient reduce buffers (allocated at the first backward)
+    adamw_temporary: int  # AdamW's scratch (see plan_memory)
+    act_fixed: dict[bool, int]  # checkpointing -> saved bytes independent of batch
     act_per_sample: dict[bool, int]
+    peak_fixed: dict[bool, int]  # checkpointing -> forward + backward peak, independent of batch
+    peak_per_sample: dict[bool, int]
     unreachable: list[str]
     unreachable_numel: int
     batch_size: int
@@ -301,21 +395,49 @@ class MemoryPlan:
     def static(self) -> int:
         return self.weights + self.gradients + self.optimizer
 
-    def workspace(self, batch: int) -> int:
-        """Backward's transient logits gradient (fp32)."""
-        return batch * self.seq_len * self.vocab * 4
+    @property
+    def persistent(self) -> int:
+        """Alive across steps: weights and AdamW states; under DeepSpeed also its gradient
+        partitions and reduce buckets. Without DeepSpeed `zero_grad()` frees the gradients."""
+        if self.deepspeed == "none":
+            return self.weights + self.optimizer
+        return self.static + self.reduce_buckets
 
     def activations(self, batch: int, checkpointing: bool) -> int:
+        """Bytes saved for backward (the table's per-sample rows)."""
         return self.act_fixed[checkpointing] + batch * self.act_per_sample[checkpointing]
 
+    def step_peak(self, batch: int, checkpointing: bool) -> int:
+        """Most bytes alive above `persistent` during one step (see `phases`)."""
+        return max(self.phases(batch, checkpointing).values())
+
+    def phases(self, batch: int, checkpointing: bool) -> dict[str, int]:
+        """forward + backward: the simulated peak (activations, the fp32 logits and their
+        gradients, the recomputed layer, gradients as they appear). optimizer: without
+        DeepSpeed, every gradient and AdamW's scratch (on CUDA its foreach path takes the sqrt
+        of every exp_avg_sq at once; on CPU it loops, one tensor at a time) once the
+        activations are gone."""
+        phases = {
+            "forward + backward": self.peak_fixed[checkpointing]
+            + batch * self.peak_per_sample[checkpointing]
+        }
+        phases["optimizer"] = (
+            self.gradients + self.adamw_temporary if self.deepspeed == "none" else 0
+        )
+        return phases
+
     def total(self, batch: int, checkpointing: bool) -> int:
-        return self.static + self.activations(batch, checkpointing) + self.workspace(batch)
+        """The predicted peak memory of one training step at `batch`."""
+        return self.persistent + self.step_peak(batch, checkpointing)
 
     def largest_batch(self, checkpointing: bool) -> int:
-        usable = self.gpu_memory_gib * GiB - CUDA_RESERVE
-        per_sample = self.act_per_sample[checkpointing] + self.workspace(1)
-        room = usable - self.static - self.act_fixed[checkpointing]
-        return max(0, int(room // per_sample)) if per_sample else 0
+        """The largest batch whose peak, plus the stated tolerance, fits the GPU less 1 GiB."""
+        budget = (self.gpu_memory_gib * GiB - CUDA_RESERVE) / (1 + PEAK_TOLERANCE)
+        budget -= self.persistent
+        per_sample = self.peak_per_sample[checkpointing]
+        if per_sample <= 0 or budget < self.phases(0, checkpointing)["optimizer"]:
+            return 0
+        return max(0, int((budget - self.peak_fixed[checkpointing]) // per_sample))
 
 
 def _optimizer_bytes(
@@ -344,6 +466,7 @@ def plan_memory(
     llm_layers: int | None = None,
     vit_layers: int | None = None,
     seq_len: int | None = None,
+    device: str = "cuda",
 ) -> MemoryPlan:
     """Predict the per-GPU memory of `config` (see the module docstring for every term)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -352,8 +475,23 @@ def plan_memory(
         raise ValueError(
             f"`deepspeed` should be one of {', '.join(STAGES)} but the value passed is {deepspeed!r}."
         )
-    if gpus < 1:
-        raise ValueError(f"`gpus` should be a positive integer but the value passed is {gpus}.")
+    for name, value in (("gpus", gpus), ("llm_layers", llm_layers), ("vit_layers", vit_layers)):
+        if value is not None and value < 1:
+            raise ValueError(
+                f"`{name}` (--{name.replace('_', '-')}) should be a positive integer but the "
+                f"value passed is {value}."
+            )
+    if not (math.isfinite(gpu_memory_gib) and gpu_memory_gib * GiB > CUDA_RESERVE):
+        raise ValueError(
+            f"`gpu_memory_gib` (--gpu-memory) should be a GPU's memory in GiB, more than the "
+            f"{CUDA_RESERVE / GiB:g} GiB kept for the CUDA context, but the value passed is "
+            f"{gpu_memory_gib}."
+        )
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(
+            f"`seq_len` (--seq-len) should be a positive number of positions but the value "
+            f"passed is {seq_len}."
+        )
     cfg = load_config(config, cfg_options)
     meta = build_meta_llava(cfg, llm_layers, vit_layers)
     model = meta.model
@@ -363,7 +501,14 @@ def plan_memory(
     vit_config = model.visual_encoder.config
     image_tokens = (vit_config.image_size // vit_config.patch_size) ** 2
     max_length = cfg.train_dataloader.dataset.max_length
-    text_len = (seq_len - image_tokens) if seq_len else max_length - 1  # <image> -> image tokens
+    text_len = (
+        max_length - 1 if seq_len is None else seq_len - image_tokens
+    )  # <image> -> image tokens
+    if text_len < 1:
+        raise ValueError(
+            f"`seq_len` (--seq-len) should leave room for text after the {image_tokens} image "
+            f"tokens (at least {image_tokens + 1}) but the value passed is {seq_len}."
+        )
     gathered = 0
     if deepspeed == "zero3":
         layer = (
@@ -395,10 +540,13 @@ def plan_memory(
     for checkpointing, (one, two) in traces.items():
         act_per_sample[checkpointing] = two.saved - one.saved
         act_fixed[checkpointing] = one.saved - act_per_sample[checkpointing]
+    peak_fixed: dict[bool, int] = {}
+    peak_per_sample: dict[bool, int] = {}
+    for checkpointing, (one, two) in traces.items():
+        peak_per_sample[checkpointing] = two.peak - one.peak
+        peak_fixed[checkpointing] = one.peak - peak_per_sample[checkpointing]
     gradients, optimizer = _optimizer_bytes(by_name, unreachable, deepspeed, gpus)
-    # One LLM layer's activations come back during backward (recomputed), per sample.
-    recompute = (act_per_sample[False] - act_per_sample[True]) // max(meta.llm_layers, 1)
-    act_per_sample[True] += recompute
+    buckets = {"none": 0, "zero2": 2, "zero3": 1}[deepspeed] * REDUCE_BUCKET * 2  # bf16
     return MemoryPlan(
         config=str(config),
         gpus=gpus,
@@ -414,8 +562,16 @@ def plan_memory(
         gradients=gradients,
         optimizer=optimizer,
         zero_gathered=gathered,
+        reduce_buckets=buckets,
+        # torch's AdamW: on CUDA its foreach path takes sqrt(exp_avg_sq) of every tensor at once
+        # (one copy); on CPU it loops, and sqrt(...) / bias_correction is two copies of one tensor
+        adamw_temporary=gradients
+        if device == "cuda"
+        else 2 * max((r.bytes for r in by_name.values()), default=0),
         act_fixed=act_fixed,
         act_per_sample=act_per_sample,
+        peak_fixed=peak_fixed,
+        peak_per_sample=peak_per_sample,
         unreachable=unreachable,
         unreachable_numel=sum(by_name[n].numel for n in unreachable),
         batch_size=cfg.train_dataloader.batch_size,
@@ -462,7 +618,14 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(
             f"| activations / sample, checkpointing {on} | | {_gib(plan.act_per_sample[ckpt])} |"
         )
-    lines.append(f"| backward logits gradient / sample | | {_gib(plan.workspace(1))} |")
+    for ckpt in (True, False):
+        on = "on" if ckpt else "off"
+        lines.append(
+            f"| step peak above static / sample, checkpointing {on} | | "
+            f"{_gib(plan.peak_per_sample[ckpt])} |"
+        )
+    if plan.reduce_buckets:
+        lines.append(f"| DeepSpeed reduce buckets (bf16) | | {_gib(plan.reduce_buckets)} |")
     b = plan.batch_size
     lines += [
         "",
