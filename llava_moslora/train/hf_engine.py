@@ -310,12 +310,14 @@ def check_samples(records: list[dict], samples: Samples, recipe: Recipe):
 
 def lr_factor(iteration: int, recipe: Recipe, iters_per_epoch: int) -> float:
     """mmengine's LinearLR warm-up then CosineAnnealingLR, converted to iterations as mmengine
-    converts them (`int(epochs * iters_per_epoch)`), as a factor of the base lr."""
+    converts them (`int(epochs * iters_per_epoch)`), as a factor of the base lr. mmengine's
+    LinearLR reaches the full rate on the warm-up's last iteration (`total_iters = end - begin - 1`)
+    and the cosine spans `end - begin` iterations."""
     warmup = int(recipe.warmup_epochs * iters_per_epoch)
     end = recipe.epochs * iters_per_epoch
     if iteration < warmup:
         start = recipe.warmup_start_factor
-        return start + (1 - start) * iteration / warmup
+        return start + (1 - start) * iteration / max(1, warmup - 1)
     floor = recipe.eta_min / recipe.lr
     progress = (iteration - warmup) / max(1, end - warmup)
     return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2

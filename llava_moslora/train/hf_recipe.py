@@ -183,3 +183,26 @@ def recipe_from_config(cfg: Any) -> Recipe:
         log_interval=int(cfg.default_hooks.logger.interval),
         amp_dtype=str(optim["dtype"]) if wrapper == "AmpOptimWrapper" else None,
     )
+
+
+def recipe_from_file(path: str | Path, cfg_options: dict[str, Any] | None = None) -> Recipe:
+    """The recipe of an XTuner config (needs mmengine and XTuner) or of a recipe JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"`config` {path}: no such file")
+    if path.suffix == ".json":
+        if cfg_options:
+            raise RecipeError("`--cfg-options` applies to a config .py, not to a recipe .json")
+        return read_recipe(path)
+    try:
+        from mmengine.config import Config
+
+        cfg = Config.fromfile(str(path))
+        cfg.merge_from_dict(cfg_options or {})
+        return recipe_from_config(cfg)
+    except ImportError as error:
+        raise RecipeError(
+            f"reading {path} needs XTuner and mmengine ({error}); derive its recipe where they are "
+            f"installed (`uv sync`): `llava-moslora train --engine hf {path} --write-recipe "
+            "RECIPE.json`, then pass RECIPE.json here"
+        ) from error
