@@ -26,6 +26,7 @@ logits stay as the XTuner engine's; padding is written with the eos id (masked, 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -398,6 +399,20 @@ class Run:
             self.optimizer.zero_grad()
         return loss.item()
 
+    def log(self, loss: float, total: int, seconds: float) -> None:
+        """One progress line on stderr and in WORK_DIR/hf_engine_log.jsonl (as mmengine's
+        scalars.json: one JSON object per logged iteration)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        print(
+            f"hf engine: iter {self.iteration}/{total} loss {loss:.4f} lr {lr:.3g} "
+            f"{seconds:.3f} s/iter",
+            file=sys.stderr,
+        )
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        line = {"iter": self.iteration, "loss": loss, "lr": lr, "seconds_per_iter": seconds}
+        with open(self.work_dir / "hf_engine_log.jsonl", "a") as file:
+            file.write(json.dumps(line) + "\n")
+
     def save(self, iteration: int) -> Path:
         """`iter_N.pth` (XTuner's layout plus the resume state) and mmengine's `last_checkpoint`."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -442,12 +457,7 @@ class Run:
             losses.append(self.step(batch, iteration, total, iters_per_epoch))
             self.iteration = iteration + 1
             if self.iteration % recipe.log_interval == 0 or self.iteration == stop:
-                seconds = (time.perf_counter() - start) / len(losses)
-                print(
-                    f"hf engine: iter {self.iteration}/{total} loss {losses[-1]:.4f} "
-                    f"lr {self.optimizer.param_groups[0]['lr']:.3g} {seconds:.3f} s/iter",
-                    file=sys.stderr,
-                )
+                self.log(losses[-1], total, (time.perf_counter() - start) / len(losses))
             if self.iteration % recipe.save_steps == 0 or self.iteration == stop:
                 self.save(self.iteration)
         return losses
