@@ -68,9 +68,13 @@ _PROJECTOR_KEYS = {
 }
 
 
-def _tower_prefixes(llm_adapter: bool, vision_adapter: bool) -> dict[str, str]:
+def _tower_prefixes(model: nn.Module, llm_adapter: bool, vision_adapter: bool) -> dict[str, str]:
     llm = "llm.base_model.model." if llm_adapter else "llm."
     vision = "visual_encoder.base_model.model." if vision_adapter else "visual_encoder."
+    if not hasattr(model.model.vision_tower, "vision_model"):
+        # transformers 5's CLIPVisionModel holds the embeddings and encoder itself; XTuner's
+        # (4.57) keys, and so the checkpoints, name them under `vision_model.`.
+        vision += "vision_model."
     return {
         "model.language_model.": llm + "model.",
         "lm_head.": llm + "lm_head.",
@@ -94,7 +98,9 @@ def is_trained_key(key: str) -> bool:
 
 def xtuner_keys(model: nn.Module, recipe: Recipe) -> dict[str, str]:
     """{our key: XTuner's key} for every trained tensor of `model`."""
-    prefixes = _tower_prefixes(recipe.llm_adapter is not None, recipe.vision_adapter is not None)
+    prefixes = _tower_prefixes(
+        model, recipe.llm_adapter is not None, recipe.vision_adapter is not None
+    )
     return {k: xtuner_key(k, prefixes) for k in model.state_dict() if is_trained_key(k)}
 
 
