@@ -454,7 +454,7 @@ class Run:
         stop = total if max_iters is None else min(total, max_iters)
         self.model.train()
         losses = []
-        start = time.perf_counter()
+        window_start, window_iteration = time.perf_counter(), self.iteration
         for iteration in range(self.iteration, stop):
             epoch, position = divmod(iteration, iters_per_epoch)
             order = batch_order(len(samples), epoch, self.seed)
@@ -463,7 +463,11 @@ class Run:
             losses.append(self.step(batch, iteration, total, iters_per_epoch))
             self.iteration = iteration + 1
             if self.iteration % recipe.log_interval == 0 or self.iteration == stop:
-                self.log(losses[-1], total, (time.perf_counter() - start) / len(losses))
+                now = time.perf_counter()  # mean over the window since the last line, as mmengine
+                self.log(
+                    losses[-1], total, (now - window_start) / (self.iteration - window_iteration)
+                )
+                window_start, window_iteration = now, self.iteration
             if self.iteration % recipe.save_steps == 0 or self.iteration == stop:
                 self.save(self.iteration)
         return losses
