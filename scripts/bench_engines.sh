@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Time per step of the two training engines on the same tiny run: configs/tiny_moslora.py (batch 4
-# x 2 accumulation, float32, 2 epochs) with XTuner (transformers 4.57), and with the hf engine on
+# x 2 accumulation, float32, 2 epochs of 80 samples) with XTuner (transformers 4.57), and with the hf engine on
 # transformers 4.57 (the default environment) and 5.x (.venv-hf5), one after the other.
 #
 #   bash scripts/bench_engines.sh [OUT.md]   # default benchmarks/results/engines_tiny.md
@@ -17,7 +17,9 @@ OUT=${1:-benchmarks/results/engines_tiny.md}
 BENCH_DIR=${BENCH_DIR:-/tmp/llava_moslora_bench_engines}
 export LLAVA_MOSLORA_TINY_DIR="$BENCH_DIR/tiny" HF_HUB_OFFLINE=1
 mkdir -p "$BENCH_DIR"
-[ -d "$LLAVA_MOSLORA_TINY_DIR/llm" ] || uv run llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR"
+# 80 samples: 20 iterations an epoch, 40 in all (the evaluation hook's sample answers come once,
+# at the end; a shared 2-core machine takes minutes per engine even so)
+[ -d "$LLAVA_MOSLORA_TINY_DIR/llm" ] || uv run llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --samples 80
 UV_PROJECT_ENVIRONMENT=.venv-hf5 uv sync --frozen --no-group xtuner --group hf5 -q
 rm -rf "$BENCH_DIR"/{xtuner,hf4,hf5}
 
