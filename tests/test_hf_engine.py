@@ -163,6 +163,22 @@ def test_bad_data_stops_before_training_with_one_line(tiny_env, tmp_path, capsys
     assert not (tmp_path / "work" / "last_checkpoint").exists()
 
 
+def test_text_holding_the_image_token_is_refused(tiny_env, tmp_path, capsys):
+    """The pad token stands the image patches in: a sample whose text holds it would shift the
+    image features, so the run stops naming the sample."""
+    import json
+
+    recipe = recipe_from_config(read_config("tiny_moslora"))
+    records = json.loads(Path(recipe.data_path).read_text())
+    records[5]["conversations"][1]["value"] += " <|finetune_right_pad_id|>"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    bad = dataclasses.replace(recipe, data_path=str(data))
+    assert hf_engine.train(bad, tmp_path / "work") == hf_engine.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert f"sample {records[5]['id']!r} contains '<|finetune_right_pad_id|>'" in err
+
+
 @pytest.mark.slow
 def test_cli_run_exports_to_every_format(tiny_env, tmp_path):
     """`llava-moslora train --engine hf` on a config, then its checkpoint through every export."""

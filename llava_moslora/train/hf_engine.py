@@ -241,7 +241,9 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
 class Samples(torch.utils.data.Dataset):
     """The recipe's LLaVA samples as (input_ids with IMAGE_PLACEHOLDER, labels, pixel values)."""
 
-    def __init__(self, records: list[dict], recipe: Recipe, tokenizer, image_processor) -> None:
+    def __init__(
+        self, records: list[dict], recipe: Recipe, tokenizer, image_processor, image_token_id: int
+    ) -> None:
         self.records = records
         self.recipe = recipe
         self.image_processor = image_processor
@@ -249,6 +251,14 @@ class Samples(torch.utils.data.Dataset):
             encode_conversation(r["conversations"], tokenizer, recipe.template, recipe.max_length)
             for r in records
         ]
+        for record, (input_ids, _) in zip(records, self.encoded, strict=True):
+            if image_token_id in input_ids:  # it would be taken for an image patch
+                token = tokenizer.convert_ids_to_tokens(image_token_id)
+                raise RecipeError(
+                    f"`data_path` {recipe.data_path}: sample {record.get('id')!r} contains "
+                    f"{token!r}, the token the hf engine stands image patches with (the "
+                    "tokenizer's pad token): remove it from the text"
+                )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -352,11 +362,16 @@ class Run:
         self.seed = seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
-        if self.tokenizer.pad_token_id is None:
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+        ):
             raise RecipeError(
-                f"the tokenizer of {recipe.llm} has no pad token, which the hf engine uses as the "
-                "image token: set `pad_token` in its tokenizer_config.json"
+                f"the tokenizer of {recipe.llm} has pad token {tokenizer.pad_token!r}; the hf "
+                "engine stands image patches with the pad token, so it must exist and differ from "
+                "bos and eos: set `pad_token` in its tokenizer_config.json to a special token the "
+                "data never contains (LLaMA-3: <|finetune_right_pad_id|> or a reserved one)"
             )
         self.image_token_id = self.tokenizer.pad_token_id
         self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
@@ -372,7 +387,7 @@ class Run:
     def samples(self, records: list[dict] | None = None) -> Samples:
         recipe = self.recipe
         records = load_records(recipe.data_path) if records is None else records
-        return Samples(records, recipe, self.tokenizer, self.image_processor)
+        return Samples(records, recipe, self.tokenizer, self.image_processor, self.image_token_id)
 
     def batch(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         batch = collate(samples, self.image_token_id, self.patches, self.tokenizer.eos_token_id)
@@ -503,6 +518,11 @@ def train(
             pointer = Path(work_dir) / "last_checkpoint"
             if pointer.is_file():
                 run.resume(pointer.read_text().strip())
+            else:  # as mmengine's resume: nothing saved yet, so start from the beginning
+                print(
+                    f"hf engine: --resume: no {pointer} yet, starting at iteration 0",
+                    file=sys.stderr,
+                )
         run.train(samples, max_iters)
     except (
         RecipeError,
