@@ -96,6 +96,7 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     assert compared >= 80  # both towers' A, B, mixers and the projector
 
 
+@pytest.mark.slow
 def test_n_steps_give_the_same_adapters_as_xtuner(engines):
     """8 micro-batches (4 optimizer steps: accumulation 2, clipping, warm-up then cosine) with
     mmengine's OptimWrapper and schedulers on XTuner's model, the hf engine's loop on ours."""
@@ -136,6 +137,7 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
     assert worst <= 1e-6
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tiny_env, tmp_path):
     recipe = dataclasses.replace(recipe_from_config(read_config("tiny_moslora")), save_steps=2)
     assert hf_engine.train(recipe, tmp_path / "straight", max_iters=4) == 0
