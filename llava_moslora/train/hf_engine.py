@@ -382,6 +382,10 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
         )
+        # float16 autocast needs a dynamic loss scale, as AmpOptimWrapper's `loss_scale="dynamic"`;
+        # disabled (a pass-through) in float32 and bfloat16.
+        fp16 = recipe.amp_dtype == "float16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.iteration = 0
 
     def samples(self, records: list[dict] | None = None) -> Samples:
@@ -412,11 +416,13 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = recipe.lr * lr_factor(iteration, recipe, iters_per_epoch)
         loss = self.loss(batch)
-        (loss / divisor).backward()
+        self.scaler.scale(loss / divisor).backward()
         if (iteration + 1) % counts == 0 or iteration + 1 == max_iters:
+            self.scaler.unscale_(self.optimizer)
             if recipe.max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.trainable, recipe.max_norm)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.optimizer.zero_grad()
         return loss.item()
 
@@ -444,6 +450,7 @@ class Run:
                 "state_dict": trained_state(self.model, self.recipe),
                 "meta": {"seed": self.seed, "iter": iteration, "engine": "hf"},
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
             },
             partial,
@@ -458,6 +465,8 @@ class Run:
             raise RecipeError(f"`--resume` {path}: not a checkpoint of the hf engine")
         load_trained(self.model, self.recipe, saved["state_dict"], path)
         self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         self.iteration = int(saved["meta"]["iter"])
 
