@@ -137,7 +137,6 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
     assert worst <= 1e-6
 
 
-@pytest.mark.slow
 def test_resume_is_bit_identical(tiny_env, tmp_path):
     recipe = dataclasses.replace(recipe_from_config(read_config("tiny_moslora")), save_steps=2)
     assert hf_engine.train(recipe, tmp_path / "straight", max_iters=4) == 0
