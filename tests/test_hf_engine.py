@@ -51,6 +51,20 @@ def test_recipe_is_derived_from_the_config(tiny_env, tmp_path):
     assert read_recipe(write_recipe(recipe, tmp_path / "r.json")) == recipe
 
 
+def test_the_paper_configs_recipe_and_what_is_refused():
+    """llama3_moslora.py (the paper's run) derives its recipe; a 4-bit config is refused by name."""
+    from llava_moslora.train.hf_recipe import RecipeError
+
+    recipe = recipe_from_config(read_config("llama3_moslora"))
+    assert (recipe.lr, recipe.batch_size, recipe.accumulative_counts) == (2e-5, 8, 2)
+    assert recipe.amp_dtype == "float16" and recipe.max_norm == 1 and recipe.warmup_epochs == 0.03
+    assert recipe.llm_adapter.options["r"] == 64 and recipe.llm_adapter.options["lora_alpha"] == 128
+    assert recipe.vision_adapter.options["layers_to_transform"] == list(range(23))
+    assert recipe.template["INSTRUCTION"].startswith("<|start_header_id|>user")
+    with pytest.raises(RecipeError, match="quantization_config"):
+        recipe_from_config(read_config("internlm2_qmoslora"))
+
+
 def test_samples_encode_as_xtuner_does(engines):
     """Every sample: the same ids, labels (loss only on answers) and padded-square pixels."""
     _, dataset, _, run = engines
