@@ -13,7 +13,7 @@ from llava_moslora.moslora import moslora_config
 
 with read_base():
     from ._base_.default_runtime import *
-    from ._base_.llava_llama3_8b_clip_vit_l_336 import *
+    from ._base_.llava_clip_vit_l_336 import *
     from ._base_.schedule_visual_instruction import *
 
 #######################################################################
@@ -24,7 +24,12 @@ with read_base():
 llm_rank, llm_alpha = 64, 128
 visual_encoder_rank, visual_encoder_alpha = 64, 16
 lora_dropout = 0.05
-llm_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+# Every linear layer of the LLM: the paper's seven projections, as the family names them.
+llm_target_modules = list(
+    __import__("llava_moslora.builders.backbones", fromlist=["BACKBONES"])
+    .BACKBONES[llm_family]
+    .targets
+)
 # CLIP's counterparts (attention q/k/v/out, MLP fc1/fc2): all its linear layers, which is also what
 # XTuner picks when target_modules is None.
 visual_encoder_target_modules = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

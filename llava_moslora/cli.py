@@ -17,8 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 # make_tiny.TASKS (a test checks they agree), spelled out so `--help` does not import torch.
 TASKS = ("shapes", "compositional")
-# standin.SHAPES (a test checks they agree), spelled out for the same reason.
-SHAPES = ("llama3-8b", "internlm2-7b", "mid")
+# standin.STANDINS' names (a test checks they agree), spelled out for the same reason.
+STANDIN_NAMES = ("llama3-8b", "vicuna-7b", "qwen2.5-7b", "internlm2-7b", "mid")
 
 
 def _standin_options(args: argparse.Namespace) -> int:
@@ -99,7 +99,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .builders.make_tiny import make_tiny
+    from .builders.make_tiny import check_out_dir, make_tiny, record_written
 
     if args.verdict_steps is not None:
         from .builders.verdict import check_steps
@@ -124,6 +124,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
             )
             return 2
         return _pretrain(args)
+    try:
+        check_out_dir(args.dir, overwrite=args.overwrite)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.shape != "tiny":
         from .builders.standin import make_standin
 
@@ -139,6 +144,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        record_written(args.dir)
         for name, path in paths.items():
             print(f"{name:>11}: {path}")
         return 0
@@ -161,6 +167,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         from .builders.verdict import teach_verdict
 
         teach_verdict(paths, steps=args.verdict_steps, seed=args.seed)
+    record_written(args.dir)
     for name, path in paths.items():
         print(f"{name:>11}: {path}")
     return 0
@@ -254,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--shape",
         default="tiny",
-        choices=("tiny",) + SHAPES,
+        choices=("tiny",) + STANDIN_NAMES,
         help="tiny (default): toy widths; llama3-8b / internlm2-7b: the paper's towers at their "
         "real widths with few layers and 2048-position samples (llava_moslora/builders/standin.py); "
         "mid: hidden 1024, the CPU benchmark size",
@@ -275,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark-format rounds per shapes conversation, comma-separated from "
         f"{', '.join(BENCHMARK_FORMATS)} ('' for none); mcq_text answers a multiple-choice "
         "question with the option's text, mcq with its letter; default: %(default)s",
+    )
+    tiny.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of the same names in DIR that make-tiny did not write (by default "
+        "it refuses, naming them; files listed in DIR/make_tiny_files.json are its own)",
     )
     tiny.add_argument(
         "--verdict-steps",
@@ -347,9 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     check.set_defaults(func=_check_data)
 
+    machine = sub.add_parser(
+        "machine",
+        help="print the machine a measurement runs on (CPU, kernel-selecting flags, numeric pins, "
+        "stack versions) as Markdown, for the results files",
+    )
+    machine.set_defaults(func=_machine)
+
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
+
+
+def _machine(args: argparse.Namespace) -> int:
+    from .machine import describe_machine
+
+    print(describe_machine())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

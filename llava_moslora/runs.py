@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava_moslora.moslora.options import FIXED_PATTERN_INITS
 from llava_moslora.moslora.safety import require_finite
-from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
+from llava_moslora.train.checkpoints import checkpoint_meta, load_trained_state
 
 logger = logging.getLogger("llava_moslora.runs")
 
@@ -53,7 +52,10 @@ def load_config(config: Any, cfg_options: dict[str, Any] | None = None):
             raise FileNotFoundError(f"`config` {config}: no such file")
         cfg = Config.fromfile(str(path))
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        from llava_moslora.builders.vision_layers import rederived_layers
+
+        # the ViT layers `train` adapted for an overridden visual_select_layer, derived the same way
+        cfg.merge_from_dict({**cfg_options, **rederived_layers(cfg, dict(cfg_options))})
     return cfg
 
 
@@ -66,6 +68,9 @@ def build_model(cfg, *, start_projector: bool = False) -> nn.Module:
     """
     from xtuner.registry import BUILDER
 
+    from llava_moslora.train import compat
+
+    compat.apply()  # XTuner reads `pretrained_pth` through the safe loader, whatever the config
     model_cfg = cfg.model.copy()
     if not start_projector:
         model_cfg.pretrained_pth = None
@@ -117,7 +122,7 @@ def _frozen_pattern_mixers(model: nn.Module) -> dict[str, tuple[str, torch.Tenso
     fixed = {}
     for name, module in model.named_modules():
         for adapter, options in getattr(module, "mixer_options", {}).items():
-            if options.learnable or not (options.init in FIXED_PATTERN_INITS or options.init_only):
+            if not options.fixed_matrix:
                 continue
             key = f"{name}.lora_mixer.{adapter}.weight"
             if key in built:  # (LLaVAModel.state_dict keeps every lora_ key: always true)
@@ -159,16 +164,11 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch
 
 def checkpoint_seed(checkpoint: str | Path) -> int | None:
     """The seed mmengine recorded in the checkpoint's meta (`xtuner train --seed`), if any."""
-    checkpoint = Path(checkpoint)
-    files = sorted(checkpoint.glob("*mp_rank_00_model_states.pt")) if checkpoint.is_dir() else []
-    path = files[0] if files else checkpoint
     try:  # read as data: an unsafe file was refused by load_trained_state already
-        saved = load_checkpoint_file(path, mmap=True)
+        seed = checkpoint_meta(checkpoint).get("seed")
     except Exception as error:  # noqa: BLE001 - the seed is informative only
-        logger.warning("could not read the seed from %s: %s", path, error)
+        logger.warning("could not read the seed from %s: %s", checkpoint, error)
         return None
-    meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
-    seed = meta.get("seed") if isinstance(meta, dict) else None
     return int(seed) if isinstance(seed, int) else None
 
 

@@ -377,3 +377,141 @@ def test_eval_compositional_refuses_a_malformed_cfg_option_before_building(capsy
     assert code == 2
     err = capsys.readouterr().err
     assert "'rank2'" in err and "KEY=VALUE" in err and "model.llm_lora.r=2" in err
+
+
+def test_tost_against_student_t_in_closed_form_and_the_90_percent_interval():
+    # diffs 1, 2, 3: mean 2, sd 1, se 1/sqrt 3, 2 dof, where Student's cdf is
+    # 1/2 + t / (2 sqrt(2 + t^2)); margin 5: t = (2 - 5) sqrt 3 and (2 + 5) sqrt 3
+    e = stats.tost_paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 5.0)
+
+    def cdf(t):
+        return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+    expected = max(cdf((2 - 5) * math.sqrt(3)), 1 - cdf((2 + 5) * math.sqrt(3)))
+    assert e.p == pytest.approx(expected, rel=1e-9) and e.p == pytest.approx(0.017549, abs=1e-6)
+    assert (e.n, e.mean_diff, e.std_diff) == (3, 2.0, 1.0) and e.equivalent
+    # equivalence at 5 % <=> the 90 % interval inside the margin: at its edge p is exactly 0.05
+    edge = stats.tost_paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, e.ci90_high)
+    assert edge.p == pytest.approx(0.05, rel=1e-9) and not edge.equivalent
+    assert e.ci90_high == pytest.approx(2 + 2.919986 / math.sqrt(3), rel=1e-6)  # t_{.95, 2}
+    wide = stats.tost_paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 2.5)
+    assert not wide.equivalent and wide.p > 0.05  # a mean of 2 is not shown inside +-2.5
+    with pytest.raises(ValueError, match="`margin` should be a positive number"):
+        stats.tost_paired({0: 1.0}, {0: 0.0}, 0)
+
+
+def test_tost_power_is_the_simulated_rejection_rate_and_seeds_needed_the_first_to_reach_80():
+    import numpy as np
+    from scipy import stats as sp
+
+    rng = np.random.default_rng(0)
+    for n, sd, true in ((5, 1.2, 0.0), (20, 5.0, 0.0), (12, 2.0, 1.0)):
+        d = rng.normal(true, sd, (40_000, n))
+        half = sp.t.ppf(0.95, n - 1) * d.std(1, ddof=1) / math.sqrt(n)
+        rate = ((d.mean(1) - half > -3) & (d.mean(1) + half < 3)).mean()
+        # 40,000 draws: the simulated rate's standard error is at most 0.0025
+        assert stats.tost_power(n, sd, 3.0, true) == pytest.approx(rate, abs=0.01)
+    needed = stats.tost_seeds_needed(5.0, 3.0)
+    assert stats.tost_power(needed, 5.0, 3.0) >= 0.8 > stats.tost_power(needed - 1, 5.0, 3.0)
+    assert needed == 26
+    assert stats.tost_seeds_needed(0.0, 3.0) is None
+
+
+RESULTS = REPO / "benchmarks" / "results" / "ablation_pretrained"
+
+
+def test_the_committed_old_design_report_gives_the_independently_recomputed_numbers(tmp_path):
+    """benchmarks/results/ablation_pretrained (per-seed scores only in ablation.md, 2 decimals):
+    issue 29's recomputation, without the project's code, found rank 64's TS-Mixing shared-rate
+    p 0.3748 and, over all 20 t-tests, the smallest Holm p 0.66; family A after 28.3-35.6 %."""
+    import shutil
+
+    from llava_moslora.ablate import summary
+
+    tables, grids = summary.read_tables(RESULTS)
+    assert [(t.rank, t.setting) for t in tables] == [
+        ("r8", "shared"),
+        ("r8", "best"),
+        ("r64", "shared"),
+        ("r64", "best"),
+    ]
+    assert tables[0].scores["lora"][0] == 45 / 96 * 100  # 46.88 snapped back to 45 of 96 items
+    found = summary.comparisons(tables)
+    assert len(found) == 20
+    by = {(c["rank"], c["setting"], c["variant"], c["control"]): c for c in found}
+    assert round(by["r64", "shared", "ts_mixing", "lora"]["p"], 4) == 0.3748
+    assert min(c["p_holm_pooled"] for c in found) == pytest.approx(0.6632, abs=1e-4)
+    assert by["r8", "best", "ts_mixing", "lora"]["p_holm_table"] == pytest.approx(0.1658, abs=1e-4)
+    assert summary.verdict(by["r64", "best", "moslora_kaiming", "lora"]) == "equivalent within ±3"
+    assert summary.verdict(by["r8", "best", "ts_mixing", "lora"]).startswith("no difference")
+    # The committed summary.md is what the command writes from these files, byte for byte.
+    copy = tmp_path / RESULTS.name
+    shutil.copytree(RESULTS, copy)
+    (copy / summary.SUMMARY).unlink()
+    text = summary.write_summary(copy).read_text()
+    assert text == (RESULTS / summary.SUMMARY).read_text()
+    assert "old design: the grid's seeds 0, 1 are test seeds" in text
+    assert "Family A (the old questions) after adaptation: 28.3–35.6 %" in text
+    assert "`position` accuracy, variant means: 0.500–0.554" in text
+    # The README's mixer sentence cites these numbers of the summary, not numbers of its own.
+    readme = (REPO / "README.md").read_text()
+    bullet = readme[readme.index("* **Does the mixer matter?") : readme.index("* **Cost.**")]
+    assert "(benchmarks/results/ablation_pretrained/summary.md)" in bullet
+    for cited in ("0.6632", "28.3–35.6", "4–143", "±3 points"):
+        assert cited in bullet and cited in text
+
+
+def test_a_report_whose_numbers_do_not_add_up_is_refused_naming_the_file(tmp_path, capsys):
+    import shutil
+
+    from llava_moslora.cli import main
+
+    copy = tmp_path / "r"
+    shutil.copytree(RESULTS, copy)
+    md = copy / "r8" / "ablation.md"
+    md.write_text(md.read_text().replace("| lora | 46.88 | 41.67 |", "| lora | 46.80 | 41.67 |", 1))
+    assert main(["ablate-report", str(copy)]) == 1
+    assert f"{md}: lora seed 0 scores 46.80, not k/96 of the test items" in capsys.readouterr().err
+    md.write_text(md.read_text().replace("| lora | 46.80 | 41.67 |", "| lora | 47.92 | 41.67 |", 1))
+    assert main(["ablate-report", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "ablation_shared_lr.csv: lora's mean 42.5000 is not the mean of its per-seed" in err
+    assert (copy / "summary.md").read_text() == (RESULTS / "summary.md").read_text()  # kept
+    assert main(["ablate-report", str(tmp_path / "none")]) == 1
+    assert "holds no `ablate --lr-grid` report" in capsys.readouterr().err
+
+
+def test_a_redone_suite_run_scores_its_own_export_never_the_predictions_it_replaces(
+    tmp_path, monkeypatch
+):
+    """`--eval suite:NAME` re-exports a redone run into the same folder: its eval must record that
+    export's identity and predict afresh (issue 27's stale predictions, on the ablation's side)."""
+    from dataclasses import replace
+
+    import llava_moslora.eval.runner as eval_runner
+    import llava_moslora.export as export_package
+    from llava_moslora.ablate.runner import Run, evaluate
+    from llava_moslora.export.manifest import write_manifest
+    from tests.factories import _export_manifest
+
+    run = Run("lora", 0, tmp_path / "lora_seed0")
+    weights = {"before": b"old weights", "after": b"new weights"}
+    calls = []
+
+    def fake_export(checkpoint, config, fmt, out, **kwargs):  # writes what a real export lists
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter.safetensors").write_bytes(weights[checkpoint.name])
+        manifest = _export_manifest("xtuner", tmp_path, merged=False)
+        write_manifest(out, replace(manifest, files=("adapter.safetensors",)))
+
+    def fake_run_benchmarks(datasets, **kwargs):
+        calls.append(kwargs)
+        return {"benchmarks": {datasets[0]: {"score": 50.0}}}
+
+    monkeypatch.setattr(export_package, "export", fake_export)
+    monkeypatch.setattr(eval_runner, "run_benchmarks", fake_run_benchmarks)
+    for checkpoint in ("before", "after"):
+        evaluate(run, tmp_path / checkpoint, "configs/tiny_lora.py", evaluator="suite:tiny")
+    assert [c["overwrite"] for c in calls] == [True, True]
+    assert [c["export"]["dir"] for c in calls] == [str(run.dir / "export")] * 2
+    assert calls[0]["export"]["identity"] != calls[1]["export"]["identity"]

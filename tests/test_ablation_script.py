@@ -6,7 +6,8 @@ from __future__ import annotations
 from mmengine.config import Config
 
 from llava_moslora.ablate.variants import VARIANTS
-from tests.conftest import CONFIGS, REPO, recorded_calls, run_script
+from tests.factories import CONFIGS, REPO
+from tests.launchers import recorded_calls, run_script
 
 SCRIPT = REPO / "scripts" / "ablation_pretrained.sh"
 
@@ -26,23 +27,28 @@ def test_a_folder_the_script_did_not_write_is_refused_untouched(tmp_path):
     assert recorded_calls(tmp_path) == []
 
 
-def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid(tmp_path):
+def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid_then_pooled(tmp_path):
     out = tmp_path / "out"
     result = run_script(SCRIPT, tmp_path, out)
     assert result.returncode == 0, result.stderr
     made = recorded_calls(tmp_path)
     assert made[0] == ["make-tiny", f"{out}/base", "--pretrain"]
-    ablations = {_flag(call, "--work-dir"): call for call in made[1:]}
-    assert set(ablations) == {f"{out}/r8", f"{out}/r64"} and len(made) == 3
+    assert made[-1] == ["ablate-report", str(out)]  # both ranks pooled, after both finished
+    ablations = {_flag(call, "--work-dir"): call for call in made[1:-1]}
+    assert set(ablations) == {f"{out}/r8", f"{out}/r64"} and len(made) == 4
     config = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py"))
     for call in ablations.values():
         assert call[0] == "ablate" and _flag(call, "--config").endswith(
             "tiny_ablation_pretrained.py"
         )
         assert set(_flag(call, "--variants").split(",")) == set(VARIANTS) - {"dora"}
-        assert int(_flag(call, "--seeds")) >= 5 and int(_flag(call, "--grid-seeds")) == 2
+        seeds = int(_flag(call, "--seeds"))
+        grid_seeds = [int(s) for s in _flag(call, "--grid-seeds").split(",")]
+        assert seeds >= 5 and len(grid_seeds) == 2
+        assert not set(grid_seeds) & set(range(seeds))  # the test seeds are 0..seeds-1
+        assert int(_flag(call, "--grid-widen")) >= 1  # an edge choice widens the grid
         rates = [float(r) for r in _flag(call, "--lr-grid").split(",")]
-        assert len(rates) >= 3 and config.lr in rates  # the shared-rate runs reuse the grid's
+        assert len(rates) >= 3 and config.lr in rates  # the shared rate is on the grid too
     # rank 64 chose the grid's lowest rate on 2e-3..8e-3, so its grid reaches below the shared one
     assert min(float(r) for r in _flag(ablations[f"{out}/r64"], "--lr-grid").split(",")) < config.lr
     assert "--cfg-options" not in ablations[f"{out}/r8"]  # the config's own rank 8
@@ -66,4 +72,4 @@ def test_a_failed_rank_fails_the_command_and_shows_its_log(tmp_path):
     assert result.returncode == 1
     assert "error: the rank-r64 ablation failed; the end of" in result.stderr
     assert "Traceback: boom in r64" in result.stderr
-    assert len(recorded_calls(tmp_path)) == 3  # rank 8 still ran to its end
+    assert len(recorded_calls(tmp_path)) == 3  # rank 8 still ran to its end; nothing pooled

@@ -73,8 +73,8 @@ def test_paper_config_has_table_8_numbers(paper):
     assert (optimizer.lr, optimizer.weight_decay) == (2e-5, 0)
     assert paper.optim_wrapper.clip_grad.max_norm == 1
     warmup, cosine = paper.param_scheduler
-    assert warmup.type is LinearLR and (warmup.begin, warmup.end) == (0, 0.03)
-    assert cosine.type is CosineAnnealingLR and (cosine.begin, cosine.end) == (0.03, 1)
+    assert issubclass(warmup.type, LinearLR) and (warmup.begin, warmup.end) == (0, 0.03)
+    assert issubclass(cosine.type, CosineAnnealingLR) and (cosine.begin, cosine.end) == (0.03, 1)
     assert cosine.eta_min == 0
     assert paper.train_cfg.max_epochs == 1
 
@@ -178,7 +178,10 @@ VARIANTS = {
         "tiny_quickstart_moslora",
         {"llm_rank", "llm_alpha", "visual_encoder_rank", "visual_encoder_alpha"}
         | {f"model.{t}_lora.{k}" for t in ("llm", "visual_encoder") for k in ("r", "lora_alpha")}
-        | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"},
+        | {"diagnostics_interval", "custom_hooks[1].type", "custom_hooks[1].interval"}
+        # 3 epochs of its 4,000 images, where the main job trains 5 of 2,000
+        | {"max_epochs", "train_cfg.max_epochs", "param_scheduler[0].end"}
+        | {"param_scheduler[1].begin", "param_scheduler[1].end"},
     ),
     # the pretrained base's family B data, its val / test / old-family items and 2 epochs
     "tiny_ablation_pretrained": (
@@ -226,8 +229,12 @@ def test_every_config_is_checked_here():
     # end to end by tests/test_compositional.py and tests/test_ablate.py.
     # tiny_quickstart_moslora (the main job's) changes the rates and schedule of tiny_moslora;
     # tests/test_train_tiny.py builds its optimizer (tiny_ablation's, which inherits them).
+    # vicuna_moslora and qwen2_moslora change only the backbone of llama3_moslora; each trains a
+    # step and exports in tests/test_backbones.py.
     roots = {
         "llama3_moslora",
+        "vicuna_moslora",
+        "qwen2_moslora",
         "internlm2_qmoslora",
         "tiny_moslora",
         "tiny_compositional_moslora",
@@ -333,7 +340,9 @@ def build_with_tiny_towers(cfg: Config, tiny_paths):
     return BUILDER.build(model)
 
 
-@pytest.mark.parametrize("name", ["llama3_moslora", "internlm2_qmoslora"])
+@pytest.mark.parametrize(
+    "name", ["llama3_moslora", "internlm2_qmoslora", "vicuna_moslora", "qwen2_moslora"]
+)
 def test_paper_config_builds_with_tiny_stand_ins(name, tiny_paths):
     """The real config's model dict, with only the 8B towers swapped for local tiny ones."""
     from llava_moslora.moslora.layers import MoSLoRALinear

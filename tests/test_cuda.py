@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from llava_moslora.moslora import merge_and_unload_dequantized, moslora_config
-from tests.conftest import LLAMA_TARGETS, make_tiny_llama, moslora_layers, nf4_config
+from tests.factories import LLAMA_TARGETS, make_tiny_llama, moslora_layers, nf4_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

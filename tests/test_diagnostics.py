@@ -28,7 +28,7 @@ from llava_moslora.train.diagnostics import (
     read_diagnostics,
     relative_distance,
 )
-from tests.conftest import build_llava, make_mlp, moslora_layers, qmoslora
+from tests.factories import build_llava, make_mlp, moslora_layers, qmoslora
 
 LLM_GROUPS = {f"llm/{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
     f"llm/{t}" for t in ("gate_proj", "up_proj", "down_proj")

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import copy_lora_weights, make_mlp, moslora_layers
+from tests.factories import copy_lora_weights, make_mlp, moslora_layers
 
 TARGETS = ["lin0", "lin1"]
 
@@ -253,21 +253,71 @@ def test_init_only_folds_the_random_mixer_into_a():
     torch.testing.assert_close(ctl(x), mos(x))
 
 
-@pytest.mark.parametrize("init", ["kaiming", "orthogonal", "normal", "identity", "butterfly"])
-def test_mixer_inits(init):
+def _is_kaiming(m: torch.Tensor) -> bool:
+    return bool(m.abs().max() <= 1 / 8**0.5 and m.std() > 0.1)
+
+
+def _is_orthogonal(m: torch.Tensor) -> bool:
+    return torch.allclose(m @ m.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def _is_butterfly(m: torch.Tensor) -> bool:
+    half = torch.eye(4)
+    return (
+        torch.equal(m[:4, :4], half) and torch.equal(m[:4, 4:], half) and torch.equal(m[4:], m[:4])
+    )
+
+
+# What each init of MIXER_INITS draws at r=8: a registered init without an entry here fails
+# test_every_mixer_init_has_its_check, so no init goes untested.
+WHAT_EACH_INIT_DRAWS = {
+    "kaiming": _is_kaiming,
+    "orthogonal": _is_orthogonal,
+    "normal": lambda m: 0.05 < m.std() < 0.25,  # std 1/r = 0.125
+    "identity": lambda m: torch.equal(m, torch.eye(8)),
+    "butterfly": _is_butterfly,
+}
+
+
+def test_every_mixer_init_has_its_check():
+    from llava_moslora.moslora.inits import MIXER_INITS
+
+    assert set(WHAT_EACH_INIT_DRAWS) == set(MIXER_INITS)
+
+
+@pytest.mark.parametrize("init", list(WHAT_EACH_INIT_DRAWS))
+def test_mixer_inits(init, monkeypatch):
+    """Each init draws what it says; `random` in its entry is true exactly when two seeds differ;
+    and XTuner's LoadWoInit (torch.nn.init made no-ops) changes nothing."""
     from llava_moslora.moslora import MixerOptions, initial_mixer
+    from llava_moslora.moslora.inits import MIXER_INITS
 
     torch.manual_seed(0)
     m = initial_mixer(MixerOptions(init=init), 8)
-    assert m.shape == (8, 8) and torch.isfinite(m).all()
-    if init == "kaiming":
-        assert m.abs().max() <= 1 / 8**0.5 and m.std() > 0.1
-    elif init == "orthogonal":
-        torch.testing.assert_close(m @ m.T, torch.eye(8), atol=1e-5, rtol=0)
-    elif init == "normal":
-        assert 0.05 < m.std() < 0.25  # std 1/r = 0.125
-    elif init == "identity":
-        assert torch.equal(m, torch.eye(8))
-    else:
-        assert torch.equal(m[:4, :4], torch.eye(4)) and torch.equal(m[:4, 4:], torch.eye(4))
-        assert torch.equal(m[4:], m[:4])
+    assert m.shape == (8, 8) and m.dtype == torch.float32 and torch.isfinite(m).all()
+    assert WHAT_EACH_INIT_DRAWS[init](m)
+    torch.manual_seed(1)
+    other = initial_mixer(MixerOptions(init=init), 8)
+    assert (not torch.equal(m, other)) == MIXER_INITS[init].random
+    for name in dir(torch.nn.init):
+        if name.endswith("_") and not name.startswith("_"):
+            monkeypatch.setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+    torch.manual_seed(0)
+    assert torch.equal(initial_mixer(MixerOptions(init=init), 8), m)
+    assert initial_mixer(MixerOptions(init=init), 8, dtype=torch.float64).dtype == torch.float64
+
+
+def test_a_mixer_init_entry_needs_its_function_and_its_draw_must_fit():
+    from llava_moslora.moslora import MixerOptions, initial_mixer
+    from llava_moslora.moslora.inits import MIXER_INITS, MixerInit, mixer_init
+
+    with pytest.raises(TypeError, match="mixer init 'nothing': `draw` should be a function"):
+        MixerInit("nothing", None, random=False, even_rank=False, about="")
+    with pytest.raises(ValueError, match="mixer init 'kaiming' is registered twice"):
+        mixer_init("kaiming", random=True, about="")(lambda weight: weight)
+    try:
+        mixer_init("too_small", random=False, about="")(lambda weight: weight[:2, :2])
+        with pytest.raises(ValueError, match=r"'too_small' returned a \(2, 2\) .* the \(8, 8\)"):
+            initial_mixer(MixerOptions(init="too_small"), 8)
+    finally:
+        del MIXER_INITS["too_small"]

@@ -27,7 +27,7 @@ from llava_moslora.eval.benchmarks import (
 from llava_moslora.eval.manifest import read_export_manifest
 from llava_moslora.eval.runner import resolve_judge
 from llava_moslora.eval.tiny_bench import CIRCULAR_OFFSET
-from tests.conftest import make_constant
+from tests.factories import make_constant
 
 QUESTION = "What colour are the shapes?"
 
@@ -89,13 +89,13 @@ def test_offline_names_are_unknown_to_vlmevalkit_and_classes_score_them():
 
     for name in TINY:
         assert name not in vd.SUPPORTED_DATASETS
-        assert TINY_TYPE[name] == getattr(vd, benchmarks.TINY_CLASS[name]).TYPE
+        assert TINY_TYPE[name] == getattr(vd, benchmarks.BENCHMARKS[name].vlmeval_class).TYPE
     # Our ability table matches the abbreviations VLMEvalKit writes into *_acc.csv.
     assert {full: abbr for full, abbr, _ in benchmarks.MMBENCH_ABILITIES} == MMB_abbrs
 
 
 # ----------------------------------------------------------------------------- export layouts
-# `tiny_exports` and `tiny_runs` (below) are session fixtures of tests/conftest.py, shared with
+# `tiny_exports` and `tiny_runs` (below) are session fixtures of tests/factories.py, shared with
 # test_report.py.
 def _last_logits(model, image) -> torch.Tensor:
     with torch.no_grad():
@@ -297,10 +297,16 @@ def test_pending_without_judge_then_score_only_from_saved_predictions(
 ):
     """Treat the VQA stand-in as judge-graded: inference runs, the score is "pending", and
     --score-only later scores the saved predictions without any model."""
+    import dataclasses
+
     from llava_moslora.eval import runner
 
+    entry = benchmarks.BENCHMARKS[TINY_TEXTVQA]
+    judged = dataclasses.replace(entry.family, needs_judge=True)
     monkeypatch.setenv("LMUData", str(tiny_runs["lmu"]))
-    monkeypatch.setattr(runner, "NEEDS_JUDGE", frozenset({TINY_TEXTVQA}))
+    monkeypatch.setitem(
+        benchmarks.BENCHMARKS, TINY_TEXTVQA, dataclasses.replace(entry, family=judged)
+    )
     first = runner.run_benchmarks(
         [TINY_TEXTVQA], work_dir=tmp_path, run_name="c", model=make_constant(), offline=True,
         log=lambda _: None,
@@ -311,7 +317,8 @@ def test_pending_without_judge_then_score_only_from_saved_predictions(
         saved["pending"] == [TINY_TEXTVQA] and "judge" in saved["benchmarks"][TINY_TEXTVQA]["note"]
     )
 
-    monkeypatch.setattr(runner, "NEEDS_JUDGE", frozenset())  # "the judge is now configured"
+    # "the judge is now configured"
+    monkeypatch.setitem(benchmarks.BENCHMARKS, TINY_TEXTVQA, entry)
     later = runner.run_benchmarks(
         [TINY_TEXTVQA],
         work_dir=tmp_path,
@@ -341,11 +348,6 @@ def test_offline_refusals_are_immediate_and_explain_themselves(tmp_path, monkeyp
     with pytest.raises(OfflineError, match=r"`--datasets` MMVet: .*MMVet.tsv does not exist"):
         run_benchmarks(
             ["MMVet"], work_dir=tmp_path, run_name="r", model=make_constant(), offline=True
-        )
-    (tmp_path / "MME.tsv").write_text("index\tquestion\n1\tq\n")
-    with pytest.raises(OfflineError, match=r"MME.tsv has md5 \w+, VLMEvalKit expects b36b43c3"):
-        run_benchmarks(
-            ["MME"], work_dir=tmp_path, run_name="r", model=make_constant(), offline=True
         )
     from vlmeval.dataset import image_base
 

@@ -16,19 +16,19 @@ import torch
 
 from llava_moslora.export import FORMATS, MANIFEST_NAME, ExportManifest, export, read_manifest
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
-from tests.conftest import (
+from tests.factories import (
     FP32_ATOL,
     IMAGE_TOKEN_INDEX,
     QUESTION,
-    STOCK_READER,
     TINY_LORA,
     TINY_MOSLORA,
     llava_model_logits,
     max_diff,
     randomise_trained_tensors,
-    run_train,
     save_mmengine_checkpoint,
 )
+from tests.launchers import run_train
+from tests.stock_interpreter import STOCK_READER
 
 
 def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2):
@@ -195,7 +195,10 @@ def test_hf_llava_refuses_a_backbone_llava_cannot_hold():
 
     from llava_moslora.export.hf_llava import build_hf_llava
 
-    with pytest.raises(ValueError, match="needs a LLaMA-family LLM.*Linear.*--to merged-xtuner"):
+    with pytest.raises(
+        ValueError,
+        match="needs an LLM whose architecture transformers itself ships .* Linear.*--to merged-xtuner",
+    ):
         build_hf_llava(
             nn.Linear(2, 2),
             None,

@@ -18,7 +18,7 @@ import torch
 
 from llava_moslora.train import hf_engine
 from llava_moslora.train.hf_recipe import read_recipe, recipe_from_config, write_recipe
-from tests.conftest import build_from_config, read_config
+from tests.factories import build_from_config, read_config
 
 # No dropout: its random masks are drawn in another order by each engine's forward.
 NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lora_dropout": 0.0}

@@ -19,7 +19,8 @@ import torch
 from llava_moslora.export import export
 from llava_moslora.train import hf_engine
 from llava_moslora.train.hf_recipe import recipe_from_config, write_recipe
-from tests.conftest import FP32_ATOL, QUESTION, STOCK_READER, TINY_MOSLORA, max_diff, read_config
+from tests.factories import FP32_ATOL, QUESTION, TINY_MOSLORA, max_diff, read_config
+from tests.stock_interpreter import STOCK_READER
 
 pytestmark = pytest.mark.slow
 

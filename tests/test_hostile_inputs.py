@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from llava_moslora.data import synthetic
 from llava_moslora.export.manifest import MANIFEST_NAME
 from llava_moslora.moslora import load_adapter, moslora_config, save_adapter
 from llava_moslora.moslora.safety import CorruptCheckpointError
-from tests.conftest import TINY_MOSLORA, make_mlp, make_tiny_llama
+from tests.factories import TINY_MOSLORA, make_mlp, make_tiny_llama
 
 MLP_TARGETS = ["lin0", "lin1"]
 
@@ -382,7 +383,7 @@ def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
     write_manifest(export, manifest)
     before = snapshot(export)
     args = ["--suite", "tiny", "--work-dir", str(tmp_path / "work"), "--data-root", str(tmp_path)]
-    code = main(["eval", str(export), *args])
+    code = main(["eval", str(export), *args, "--create-data-root"])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -390,3 +391,319 @@ def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
     assert f"{weights} is not a readable safetensors file (" in line
     assert "truncated or corrupt. Copy it again, or export the checkpoint again." in line
     assert snapshot(export) == before
+
+
+# --- train: refused before XTuner starts (issue 23, items 3 and 5) ---------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch) -> list[list[str]]:
+    """`llava-moslora train` never starts its child here: the child's command is recorded and
+    "exits 0", as `xtuner train` did whatever happened. A refused input must never get there."""
+    import subprocess
+
+    from llava_moslora.train import launch
+
+    started: list[list[str]] = []
+
+    def record(command, *args, **kwargs):
+        started.append(list(command))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", record)
+    return started
+
+
+def train_cli(*args: str) -> int:
+    return main(["train", TINY_MOSLORA, *args])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("model.llm_lora.r=0", "`r` should be a positive integer value but the value passed is 0"),
+        ("model.llm_lora.r=-1", "`r` should be a positive integer value but the value passed is -1"),
+        ("model.llm_lora.r=2.5", "`r` should be a positive integer value but the value passed is 2.5"),
+        ("model.llm_lora.lora_alpha=0", "`lora_alpha` should be a positive number but the value passed is 0"),
+        ("model.visual_encoder_lora.lora_dropout=1.5", "`lora_dropout` should be a probability in [0, 1) but the value passed is 1.5"),
+        ("model.llm_lora.mixer_init=bogus", "`mixer_init` should be one of kaiming, orthogonal, identity, normal, butterfly but the value passed is 'bogus'"),
+        ("model.llm_lora.target_modules=[qproj]", "`model.llm_lora.target_modules` {'qproj'} matches no layer of"),
+        ("model.llm_lora.target_modules=[embed_tokens,q_proj]", "`target_modules` matched `model.embed_tokens` (Embedding), but MoSLoRA wraps only nn.Linear"),
+    ],
+    ids=["r0", "r-1", "r2.5", "alpha0", "dropout1.5", "mixer_init", "unknown_target", "embedding_target"],
+)  # fmt: skip
+def test_train_refuses_a_bad_adapter_option_in_one_line_before_xtuner_starts(
+    tiny_env, tmp_path, capsys, no_training, option, message
+):
+    work = tmp_path / "work"
+    code = train_cli("--work-dir", str(work), "--cfg-options", option)
+    line = one_error_line(capsys)
+    assert code == 2 and not no_training
+    assert line.startswith("error: training refused: `model.") and message in line
+    assert not work.exists()
+
+
+def test_train_refuses_an_adapter_rank_written_as_a_string(tiny_env):
+    from llava_moslora.train.preflight import TrainInputError, check_adapters
+    from tests.factories import read_config
+
+    cfg = read_config("tiny_moslora")
+    cfg.model.llm_lora.r = "8"  # a config file that quotes its rank
+    with pytest.raises(TrainInputError, match=r"`model.llm_lora`: `r` should be a positive integer value but the value passed is '8'\. Use"):  # fmt: skip
+        check_adapters(cfg)
+
+
+def test_train_names_the_line_of_a_config_with_a_syntax_error(tmp_path, capsys, no_training):
+    config = tmp_path / "broken.py"
+    config.write_text("lr = 1e-3\nmodel = dict(r=8\n")
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "work")]) == 2
+    line = one_error_line(capsys)
+    assert f"`config` {config} has a syntax error at line 2" in line and "Fix the file" in line
+    assert not no_training and config.read_text() == "lr = 1e-3\nmodel = dict(r=8\n"
+
+
+def test_train_refuses_cfg_options_without_an_equals_sign(tiny_env, tmp_path, capsys, no_training):
+    assert train_cli("--work-dir", str(tmp_path / "w"), "--cfg-options", "model.llm_lora.r") == 2
+    line = one_error_line(capsys)
+    assert (
+        "`--cfg-options` items should be KEY=VALUE but the value passed is 'model.llm_lora.r'"
+        in line
+    )
+    assert not no_training
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "span"),
+    [("NPROC_PER_NODE", "abc", "of at least 1"), ("NNODES", "0", "of at least 1"),
+     ("NODE_RANK", "-1", "from 0 to 0"), ("PORT", "70000", "from 1 to 65535")],
+)  # fmt: skip
+def test_train_refuses_a_bad_launcher_environment_variable(
+    tiny_env, tmp_path, capsys, monkeypatch, no_training, name, value, span
+):
+    monkeypatch.setenv(name, value)
+    assert train_cli("--work-dir", str(tmp_path / "w")) == 2
+    line = one_error_line(capsys)
+    assert f"environment variable `{name}` should be an integer {span} but is {value!r}" in line
+    assert "or unset it" in line and not no_training
+
+
+def test_train_says_in_one_line_that_a_hub_id_cannot_be_reached_without_hf_hub_offline(
+    tiny_env, tmp_path, capsys, monkeypatch, no_training
+):
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    hub_id = "meta-llama/Meta-Llama-3-8B-Instruct"
+    key = "model.llm.pretrained_model_name_or_path"
+    assert train_cli("--work-dir", str(tmp_path / "w"), "--cfg-options", f"{key}={hub_id}") == 2
+    line = one_error_line(capsys)
+    assert f"`{key}` {hub_id!r} is not a local folder nor in the Hugging Face cache" in line
+    assert f"huggingface-cli download {hub_id}" in line and not no_training
+
+
+def test_a_changed_visual_select_layer_adapts_the_vit_layers_that_feed_it(
+    tiny_env, tmp_path, no_training
+):
+    from llava_moslora.runs import load_config
+
+    # the tiny CLIP's 3 layers: -2 reads layer 1's output (adapt 0-1), -1 reads layer 2's (0-2)
+    assert load_config(TINY_MOSLORA).model.visual_encoder_lora.layers_to_transform == [0, 1]
+    for key in ("model.visual_select_layer", "visual_select_layer"):
+        cfg = load_config(TINY_MOSLORA, {key: -1})
+        assert cfg.model.visual_select_layer == -1
+        assert cfg.model.visual_encoder_lora.layers_to_transform == [0, 1, 2]
+    # layers the user names stay as named
+    chosen = {"model.visual_select_layer": -1, "model.visual_encoder_lora.layers_to_transform": [1]}
+    assert load_config(TINY_MOSLORA, chosen).model.visual_encoder_lora.layers_to_transform == [1]
+    # `train` hands XTuner the derived layers with the override
+    assert (
+        train_cli(
+            "--work-dir", str(tmp_path / "w"), "--cfg-options", "model.visual_select_layer=-1"
+        )
+        == 0
+    )
+    (command,) = no_training
+    assert command[-2:] == [
+        "--cfg-options",
+        "model.visual_encoder_lora.layers_to_transform=[0,1,2]",
+    ]
+
+
+# --- one work dir, one run --------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (its PID holds a lock in the tests)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_a_second_training_into_a_work_dir_in_use_is_refused(
+    tiny_env, tmp_path, capsys, no_training, other_process
+):
+    import socket
+
+    work = tmp_path / "work"
+    work.mkdir()
+    lock = work / ".llava_moslora_train.lock"
+    lock.write_text(f"{other_process} {socket.gethostname()}\n")
+    assert train_cli("--work-dir", str(work)) == 2
+    line = one_error_line(capsys)
+    assert f"`--work-dir` {work} is in use by a training: PID {other_process} on" in line
+    assert "Wait for it to finish, or pass another `--work-dir`" in line
+    assert not no_training and lock.read_text().split()[0] == str(other_process)
+
+
+def test_a_training_into_a_work_dir_holding_another_runs_checkpoints_needs_resume(
+    tiny_env, tmp_path, capsys, no_training
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "iter_40.pth").write_bytes(b"run A's checkpoint")
+    (work / "last_checkpoint").write_text(str(work / "iter_40.pth"))
+    before = snapshot(work)
+    assert train_cli("--work-dir", str(work)) == 2
+    line = one_error_line(capsys)
+    assert (
+        f"`--work-dir` {work} holds another run's checkpoints (iter_40.pth, last_checkpoint)"
+        in line
+    )
+    assert "Pass `--resume` to continue that run, or another `--work-dir`" in line
+    assert not no_training and snapshot(work) == before
+    # resuming it is that run's own business: it starts, and the lock is gone afterwards
+    assert train_cli("--work-dir", str(work), "--resume", str(work / "iter_40.pth")) == 0
+    assert len(no_training) == 1 and snapshot(work) == before
+
+
+def test_a_lock_left_by_a_training_that_died_is_reclaimed_with_a_message(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from llava_moslora.train.work_dir import LOCK_NAME, acquire, release
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / LOCK_NAME).write_text(f"{dead.pid} {socket.gethostname()}\n")
+    said: list[str] = []
+    lock = acquire(work, said.append)
+    assert said == [
+        f"note: {lock} named training PID {dead.pid} on {socket.gethostname()}, which has "
+        "ended: lock reclaimed"
+    ]
+    assert lock.read_text().split()[0] == str(os.getpid())
+    release(lock)
+    assert not lock.exists()
+
+
+# --- folders: literal names, never overwrite what was not ours --------------------------------
+
+
+def test_stale_cleanup_of_an_out_named_like_a_glob_leaves_other_exports_alone(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from llava_moslora.export.out_dir import MARKER_NAME, clean_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # A killed export into `exp1` left its earlier export aside, to be restored into exp1.
+    saved = tmp_path / f".exp1.old-{dead.pid}"
+    saved.mkdir()
+    (saved / MARKER_NAME).write_text(f"{dead.pid} {socket.gethostname()}\n")
+    (saved / "adapter.safetensors").write_bytes(b"exp1's earlier export")
+    before = snapshot(saved)
+    clean_stale(tmp_path / "exp[1]")  # `[1]` as a glob matches `1`
+    assert snapshot(saved) == before and not (tmp_path / "exp[1]").exists()
+    clean_stale(tmp_path / "exp1")  # its own export puts it back
+    assert (tmp_path / "exp1" / "adapter.safetensors").read_bytes() == b"exp1's earlier export"
+
+
+def test_make_tiny_refuses_to_overwrite_the_users_files_naming_them(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    (out / "llm").mkdir(parents=True)
+    (out / "llm" / "config.json").write_text('{"mine": true}')
+    assert main(["make-tiny", str(out), "--samples", "2"]) == 2
+    line = one_error_line(capsys)
+    assert f"`DIR` {out} holds llm/config.json, which make-tiny did not write" in line
+    assert "Choose another DIR, or pass `--overwrite`" in line
+    assert snapshot(out) == {"llm/config.json": b'{"mine": true}'}
+    # its own earlier output is rewritten without a flag
+    (out / "llm" / "config.json").unlink()
+    assert main(["make-tiny", str(out), "--samples", "2"]) == 0
+    assert main(["make-tiny", str(out), "--samples", "2"]) == 0
+    listed = json.loads((out / "make_tiny_files.json").read_text())["files"]
+    assert "llm/config.json" in listed and "data/tiny_llava.json" in listed
+
+
+# --- small data, ablate's setting ---------------------------------------------------------------
+
+
+def test_the_warmup_of_a_small_dataset_is_at_least_one_step(tiny_env):
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    from tests.factories import read_config
+
+    cfg = read_config("tiny_moslora")  # warm-up 3 % of 2 epochs
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    for epoch_length, warmup_end in ((4, 1), (16, 1), (40, 2)):  # 16, 64 and 160 samples
+        warmup, main_phase = (
+            PARAM_SCHEDULERS.build(
+                dict(scheduler), default_args=dict(optimizer=optimizer, epoch_length=epoch_length)
+            )
+            for scheduler in cfg.param_scheduler
+        )
+        assert (warmup.begin, warmup.end) == (0, warmup_end)
+        assert (main_phase.begin, main_phase.end) == (warmup_end, 2 * epoch_length)
+
+
+@pytest.mark.slow
+def test_a_dataset_of_16_samples_trains(tiny_llava, tmp_path):
+    from tests.launchers import run_train
+
+    work = tmp_path / "work"
+    run = run_train("tiny_moslora", tiny_llava(samples=16), work, launcher="llava-moslora")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (work / "iter_8.pth").exists()  # 4 steps an epoch x 2 epochs
+
+
+def test_ablate_identifies_a_setting_by_its_data_not_how_its_path_is_spelled(tmp_path, monkeypatch):
+    from llava_moslora.ablate.runner import config_sha256
+
+    data = tmp_path / "data" / "train.json"
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"an image")
+    data.write_text('[{"id": 1}]')
+    monkeypatch.chdir(tmp_path)
+
+    def setting(path: str) -> str:
+        config = tmp_path / "setting.py"
+        folder = str(Path(path).parent)
+        config.write_text(
+            f"lr = 1e-3\ndata_dir = {folder!r}\ndata_path = {path!r}\n"
+            f"image_folder = {folder + '/images'!r}\n"
+        )
+        return config_sha256(config)
+
+    spelled = {setting(p) for p in (str(data), "data/train.json", "./data/../data/train.json")}
+    assert len(spelled) == 1
+    # what else lies in a folder that holds the config's folders is not the setting
+    (tmp_path / "data" / "ablation").mkdir()
+    (tmp_path / "data" / "ablation" / "result.json").write_text("{}")
+    assert setting(str(data)) in spelled
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"another image")  # regenerated
+    assert setting(str(data)) not in spelled
+    (tmp_path / "data" / "images" / "0.png").write_bytes(b"an image")
+    assert setting(str(data)) in spelled
+    data.write_text('[{"id": 2}]')  # regenerated under the same path
+    assert setting(str(data)) not in spelled

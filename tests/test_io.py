@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from llava_moslora.moslora import load_adapter, save_adapter, save_folded
-from tests.conftest import make_tiny_llama, trained_moslora
+from tests.factories import make_tiny_llama, trained_moslora
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 4]])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llava_moslora.train.launch import USAGE_ERROR, launch_command
-from tests.conftest import run_train
+from tests.launchers import run_train
 
 CHILD = ["-m", "llava_moslora.train.launch"]
 
@@ -99,11 +99,12 @@ def test_a_missing_model_or_data_path_exits_2_naming_it(tiny_dir, tmp_path, key)
 
 @pytest.mark.slow
 def test_a_crash_exits_non_zero_with_its_traceback(tiny_dir, tmp_path):
-    # A bad adapter option raises inside the model build: not an input error the launcher knows,
-    # so it keeps its traceback; `xtuner train` would have returned 0 here.
-    run = train(tiny_dir, tmp_path / "work", "--cfg-options", "model.llm_lora.mixer_init=zero")
+    # torch's optimizer refuses a negative rate when XTuner builds it: not an input error the
+    # launcher knows, so it keeps its traceback; `xtuner train` would have returned 0 here. (A bad
+    # adapter option is refused before XTuner starts: tests/test_hostile_inputs.py.)
+    run = train(tiny_dir, tmp_path / "work", "--cfg-options", "optim_wrapper.optimizer.lr=-1")
     assert run.returncode not in (0, USAGE_ERROR), run.stderr[-3000:]
-    assert "Traceback" in run.stderr and "mixer_init" in run.stderr
+    assert "Traceback" in run.stderr and "Invalid learning rate: -1" in run.stderr
 
 
 @pytest.mark.slow

@@ -230,3 +230,56 @@ def test_checker_places_a_top_level_module_as_a_layer_of_its_own(toy):
         "llava_moslora.mid -> llava_moslora.high.b",
     }
     assert cycles(graph) == []
+
+
+# --- the top-level eval/ folder (the user's entry points) ---------------------------------------
+
+EVAL_DIR = REPO / "eval"
+
+
+def test_the_top_level_eval_folder_shadows_nothing():
+    """eval/ holds data and scripts, never a Python package or module: with the repository root
+    on sys.path (pytest, `python -m` from the root) `import eval...` must not exist, and
+    `llava_moslora.eval` must still be the package's."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    python_files = sorted(str(p.relative_to(REPO)) for p in EVAL_DIR.rglob("*.py"))
+    assert python_files == [], (
+        f"{python_files}: eval/ is not a package; code goes in {PACKAGE}/eval/"
+    )
+    assert not (REPO / PACKAGE / "eval" / "suites").exists()  # one home for the suites
+    code = "import llava_moslora.eval as e; print(e.__file__)"
+    for cwd in (REPO, EVAL_DIR):  # the current folder comes first on sys.path with -c
+        run = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+        assert run.stdout.strip() == str(REPO / PACKAGE / "eval" / "__init__.py"), run.stderr
+    assert importlib.util.find_spec("llava_moslora.eval").origin == str(
+        REPO / PACKAGE / "eval" / "__init__.py"
+    )
+
+
+def test_the_eval_folder_names_only_what_exists():
+    """Every suite file lists known benchmarks (read through the package's reader), every
+    `llava-moslora` subcommand and script path its shell scripts and README name exists."""
+    from llava_moslora.eval.benchmarks import SUITES_DIR, read_suite, suite_names
+
+    assert SUITES_DIR == EVAL_DIR / "suites"
+    assert suite_names() == ["paper9", "tiny"]
+    for name in suite_names():
+        assert read_suite(name)  # raises on an unknown name, naming the file and line
+    texts = {p: p.read_text() for p in EVAL_DIR.rglob("*") if p.suffix in (".sh", ".md")}
+    assert EVAL_DIR / "run_paper9.sh" in texts and EVAL_DIR / "README.md" in texts
+    for path, text in texts.items():
+        for ref in re.findall(
+            r"\b((?:eval|scripts|docs|configs|llava_moslora)/[\w./-]+\.\w+)", text
+        ):
+            assert (REPO / ref).exists(), (
+                f"{path.relative_to(REPO)} names {ref}, which does not exist"
+            )
+    mentions = [
+        p
+        for p in REPO.rglob("*.md")
+        if ".venv" not in p.parts and "scripts/run_paper9.sh" in p.read_text()
+    ]
+    assert mentions == [], f"{mentions} still name scripts/run_paper9.sh (now eval/run_paper9.sh)"

@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import LLAMA_TARGETS, make_mlp, make_tiny_llama, moslora_layers
+from tests.factories import LLAMA_TARGETS, make_mlp, make_tiny_llama, moslora_layers
 
 TARGETS = ["lin0", "lin1"]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import REPO, recorded_calls, run_script
+from tests.factories import REPO
+from tests.launchers import recorded_calls, run_script
 
 SCRIPT = REPO / "scripts" / "offline_pipeline.sh"
 
@@ -44,8 +45,15 @@ def test_each_adapter_is_trained_exported_and_scored_then_reported(tmp_path):
         chain = [c for c in made if f"configs/tiny_quickstart_{kind}.py" in c or kind in c]
         assert [c[0] for c in chain] == ["train", "export", "eval"], chain
         assert f"{out}/train_{kind}/iter_1200.pth" == chain[1][1]  # the checkpoint it trained
+    (machine,) = [c for c in made if c[0] == "machine"]  # beside the report, in the background
+    made.remove(machine)
     assert made[-1][0] == "report" and made[-1][1:3] == [f"{out}/eval/moslora", f"{out}/eval/lora"]
-    assert "1200 steps" in result.stdout  # read off the checkpoint, not hand-copied
+    assert "1200 steps each" in result.stdout  # read off the checkpoint, not hand-copied
+    # What it printed is also its summary, with the machine and the time.
+    summary = (out / "summary.md").read_text()
+    assert result.stdout.endswith(summary) and summary.startswith("| the table |")
+    assert "Machine (numerics pinned by scripts/pin_numerics.sh" in summary
+    assert "- the job: 0 min" in summary
     # A rerun into the folder it wrote is allowed (it replaces its own runs).
     assert run_pipeline(tmp_path, out).returncode == 0
 
@@ -69,3 +77,24 @@ def test_a_failed_make_tiny_fails_the_job_with_the_end_of_its_log(tmp_path):
     assert f"error: make-tiny failed; the end of {out}/make_tiny.log:" in result.stderr
     assert "Traceback: boom in make-tiny" in result.stderr
     assert not any(c[0] == "train" for c in recorded_calls(tmp_path))
+
+
+def test_a_rerun_refuses_a_training_folder_holding_a_file_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    assert run_pipeline(tmp_path, out).returncode == 0
+    mine = out / "train_lora" / "my_notes.txt"
+    mine.write_text("keep me")
+    (tmp_path / "calls").unlink()
+    result = run_pipeline(tmp_path, out)
+    assert result.returncode == 2
+    assert f"error: {mine} was not written by the job's training" in result.stderr
+    assert mine.read_text() == "keep me"
+    assert (out / "train_lora" / "last_checkpoint").exists()  # the earlier run's, untouched
+    assert recorded_calls(tmp_path) == []  # refused before anything ran
+    # What a training writes there (logs, the config's copy, checkpoints) is replaced on a rerun.
+    mine.unlink()
+    (out / "train_lora" / "20261207_111604").mkdir()
+    for name in ("iter_750.pth", "tiny_quickstart_lora.py"):
+        (out / "train_lora" / name).touch()
+    assert run_pipeline(tmp_path, out).returncode == 0
+    assert sorted(p.name for p in (out / "train_lora").iterdir()) == ["last_checkpoint"]

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import (
+from tests.factories import (
     LLAMA_TARGETS,
     make_mlp,
     make_tiny_clip_vision,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava_moslora.moslora import merge_and_unload_dequantized
-from tests.conftest import load_4bit, moslora_layers, qmoslora
+from tests.factories import load_4bit, moslora_layers, qmoslora
 
 bnb = pytest.importorskip("bitsandbytes")
 

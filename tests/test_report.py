@@ -21,7 +21,7 @@ from llava_moslora.eval.report import (
 from llava_moslora.eval.runner import SUMMARY_NAME
 
 HEADER = [
-    "Run", "Config", "Adapter", "Seed", "Judge",
+    "Run", "Config", "Adapter", "Seed", "Scorer",
     "MMBench EN", "MMBench CN", "SEED", "AI2D", "SciQA", "TextVQA", "MathVista", "MM-Vet", "MME",
     "Avg", "Avg over",
 ]  # fmt: skip
@@ -72,14 +72,14 @@ def test_table5_layout_mme_scaling_and_missing_scores(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert list(rows[0]) == HEADER and len(rows) == 2
     assert rows[0]["MME"] == "58.4" and rows[0]["Avg"] == "56.8" and rows[0]["Avg over"] == "9/9"
-    assert (rows[0]["Config"], rows[0]["Adapter"], rows[0]["Seed"]) == ("llama3_lora", "lora", "7")
+    assert (rows[0]["Config"], rows[0]["Adapter"], rows[0]["Seed"]) == ("llama3_lora", "LoRA", "7")
     # Missing and pending are "–", never 0; the average of 7 columns is marked, not passed off.
     assert rows[1]["MathVista"] == rows[1]["MM-Vet"] == MISSING
     expected = sum(v / (28 if k == "MME" else 1) for k, v in partial.items()) / 7
     assert rows[1]["Avg"] == f"{expected:.1f}*" and rows[1]["Avg over"] == "7/9"
-    assert "pending: MathVista_MINI" in rows[1]["Judge"]
+    assert "pending: MathVista_MINI" in rows[1]["Scorer"]
     md = md_path.read_text()
-    assert md.splitlines()[0].startswith("| Run | Config | Adapter | Seed | Judge | MMBench EN |")
+    assert md.splitlines()[0].startswith("| Run | Config | Adapter | Seed | Scorer | MMBench EN |")
     assert "| – | – |" in md and "average over the benchmarks present only" in md
 
 
@@ -128,9 +128,9 @@ def test_report_and_radar_on_the_offline_runs(tiny_runs, tmp_path, capsys):
         assert oracle[column] == MISSING  # not in the tiny suite
     assert oracle["Avg over"] == "4/9" and oracle["Avg"].endswith("*")
     assert (
-        oracle["Adapter"] == "moslora"
+        oracle["Adapter"] == "MoSLoRA"
         and oracle["Seed"] == "0"
-        and oracle["Judge"].startswith("none")
+        and oracle["Scorer"] == "exact matching"
     )
     assert "wrote" in capsys.readouterr().out
 
@@ -199,6 +199,83 @@ def test_eval_data_root_becomes_vlmevalkits_lmudata(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("LMUData", "unset")  # restored (to unset, if it was) after the test
     monkeypatch.delenv("LMUData")
     root = tmp_path / "bench"
-    code = main(["eval", str(tmp_path / "no_export"), "--suite", "tiny", "--data-root", str(root)])
+    args = ["--suite", "tiny", "--data-root", str(root), "--create-data-root"]
+    code = main(["eval", str(tmp_path / "no_export"), *args])
     assert code == 2 and "no_export" in capsys.readouterr().err  # stops at the missing export
     assert os.environ["LMUData"] == str(root.resolve())  # noqa: SIM112 (VLMEvalKit's spelling)
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+def test_eval_refuses_a_data_root_that_does_not_exist_unless_asked_to_create_it(
+    tmp_path, monkeypatch, capsys
+):
+    """A mistyped `--data-root` once got a fresh tiny benchmark written there, and scored."""
+    from llava_moslora.cli import main
+
+    monkeypatch.delenv("LMUData", raising=False)
+    typo = tmp_path / "bnech"
+    code = main(["eval", str(tmp_path / "no_export"), "--suite", "tiny", "--data-root", str(typo)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"`--data-root` {str(typo)!r} is not a folder" in err and "--create-data-root" in err
+    assert not typo.exists()
+
+
+def test_report_refuses_an_entry_that_is_not_an_object_naming_file_and_entry(tmp_path):
+    run = _fake_run(tmp_path, "r", {"MME": 1500.0})
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    summary["benchmarks"]["TextVQA_VAL"] = 55.0  # a score where the entry object should be
+    (run / SUMMARY_NAME).write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=rf"{run / SUMMARY_NAME}: the entry 'TextVQA_VAL' is 55.0"):
+        write_table([run], tmp_path / "table")
+    assert not (tmp_path / "table.md").exists()
+
+
+def test_report_escapes_a_run_name_holding_a_pipe_or_a_line_break(tmp_path):
+    run = _fake_run(tmp_path, "r", {"MME": 1400.0})
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    summary["run"] = "lora | seed 1\nrerun"
+    (run / SUMMARY_NAME).write_text(json.dumps(summary))
+    md, csv_path = write_table([run], tmp_path / "table")
+    lines = md.read_text().splitlines()
+    header, row = lines[0], lines[2]
+    assert row.startswith("| lora \\| seed 1 rerun | llama3_lora |")
+    # as many cells as the header: the name did not open a column or a row of its own
+    assert row.replace("\\|", "").count("|") == header.count("|")
+    assert lines[3] == "" and next(csv.DictReader(csv_path.open()))["Run"] == summary["run"]
+
+
+def test_radar_refuses_an_ability_that_is_nan(tmp_path):
+    run = _fake_run(tmp_path, "r", {}, acc={"MMBench_DEV_EN": [0.5] * 6})
+    acc = next(run.glob("*_acc.csv"))
+    acc.write_text(acc.read_text().replace("dev,0.5,0.5,", "dev,0.5,nan,"))
+    with pytest.raises(ValueError, match=rf"{acc}: ability CP is nan, not an accuracy from 0 to 1"):
+        mmbench_abilities(run)
+    with pytest.raises(ValueError, match=r"ability CP is nan"):
+        draw_radar([run], tmp_path / "radar.png")
+    assert not (tmp_path / "radar.png").exists()
+
+
+def test_report_out_with_a_suffix_of_its_own_never_overwrites_another_file(tmp_path):
+    run = _fake_run(tmp_path, "r", {"MME": 1400.0})
+    mine = tmp_path / "x.md"
+    mine.write_text("the user's notes\n")
+    md, csv_path = write_table([run], tmp_path / "x.v2")
+    assert (md.name, csv_path.name) == ("x.v2.md", "x.v2.csv")
+    assert mine.read_text() == "the user's notes\n"
+    assert write_table([run], tmp_path / "t.md") == (tmp_path / "t.md", tmp_path / "t.csv")
+
+
+def test_the_radar_reads_a_run_named_like_a_glob_by_its_literal_name(tmp_path):
+    """An older results file lists no acc files, so the radar finds them by the run's name: taken
+    literally, "exp[1]" must not read the "exp1_..." file that a glob would match."""
+    run = _fake_run(tmp_path, "exp[1]", {}, acc={"MMBench_DEV_EN": [0.5] * 6})
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    del summary["benchmarks"]["MMBench_DEV_EN"]["files"]
+    (run / SUMMARY_NAME).write_text(json.dumps(summary))
+    own = next(run.glob("*_acc.csv"))
+    other = run / own.name.replace("exp[1]", "exp1")
+    other.write_text(own.read_text().replace("dev,0.5,0.5,", "dev,0.5,0.9,"))
+    own.unlink()
+    with pytest.raises(FileNotFoundError, match="MMBench_DEV_EN is scored but its VLMEvalKit"):
+        mmbench_abilities(run)

@@ -14,13 +14,8 @@ import pytest
 import torch
 
 from llava_moslora.train.checkpoints import last_checkpoint, load_trained_state
-from tests.conftest import (
-    REPO,
-    assert_both_towers_have_mixers,
-    run_train,
-    train_command,
-    train_env,
-)
+from tests.factories import REPO
+from tests.launchers import assert_both_towers_have_mixers, run_train, train_command, train_env
 
 # 160 samples at batch 4: 40 iterations an epoch, the config's 2 epochs = 80 iterations (40
 # optimizer steps at 2 accumulation steps; ~0.05 s each here, so the kill lands well before the

@@ -24,7 +24,7 @@ from llava_moslora.runs import (
     load_run,
     square_pixels,
 )
-from tests.conftest import TINY_LORA, TINY_MOSLORA, llava_model_logits, save_mmengine_checkpoint
+from tests.factories import TINY_LORA, TINY_MOSLORA, llava_model_logits, save_mmengine_checkpoint
 
 FROZEN_IDENTITY = {
     f"model.{tower}.{key}": value

@@ -1,5 +1,7 @@
-"""Safe by construction (issue 13): checkpoints are data, exports never destroy inputs, diverged or
-mislabelled adapters never pass, offline stays offline, stock tools read hf-llava exports right.
+"""Safe by construction (issues 13 and 23): checkpoints are data, exports never destroy inputs,
+diverged or mislabelled adapters never pass, offline stays offline, stock tools read hf-llava
+exports right; no allowed global reaches other objects, every file from outside (resume,
+`pretrained_pth`, DeepSpeed folders, adapters) is read as data, and what export writes is finite.
 
 Each test fails without its fix: the payload tests assert the payload's file is never written, the
 overwrite tests that every file survives, the refusals pin their message.
@@ -8,11 +10,16 @@ overwrite tests that every file survives, the refusals pin their message.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import socket
+import struct
 import subprocess
 import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +36,7 @@ from llava_moslora.moslora.safety import (
 )
 from llava_moslora.runs import CheckpointMismatchError, build_model, load_config
 from llava_moslora.train.checkpoints import load_checkpoint_file, load_trained_state
-from tests.conftest import (
+from tests.factories import (
     FP32_ATOL,
     LLAMA_TARGETS,
     TINY_MOSLORA,
@@ -344,7 +351,8 @@ def test_eval_cli_exits_non_zero_on_a_non_finite_adapter_instead_of_scoring_it(
     save_file(tensors, str(file), metadata={"format": "pt"})
     code = main(
         ["eval", str(out), "--suite", "tiny", "--datasets", "TinyShapes_MMBench_EN", "--limit", "2"]
-        + ["--data-root", str(tmp_path / "bench"), "--work-dir", str(tmp_path / "eval")]
+        + ["--data-root", str(tmp_path / "bench"), "--create-data-root"]
+        + ["--work-dir", str(tmp_path / "eval")]
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {file}: ") and "non-finite" in err
@@ -530,3 +538,347 @@ def test_a_truncated_checkpoint_is_named_as_corrupt(trained, tmp_path):
     path.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(CorruptCheckpointError, match=rf"{path} is not a readable torch checkpoint"):
         load_checkpoint_file(path)
+
+
+# --- 4. no global reaches other objects; every file from outside is read as data (issue 23) ----
+
+
+def _pickle_str(text: str) -> bytes:
+    data = text.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
+
+
+def _getattr_of(memo: int, name: str) -> bytes:
+    """Opcodes pushing getattr(memo[memo], name); getattr itself is memo[0]."""
+    return pickle.BINGET + b"\x00" + pickle.BINGET + bytes([memo]) + _pickle_str(name) + b"\x86R"
+
+
+def getattr_gadget(marker: Path) -> bytes:
+    """Pickle opcodes that, with `builtins.getattr` and HistoryBuffer allowed, write `marker`.
+
+    getattr(getattr, "__self__") is the builtins module; its __dict__ gets `len = eval` (the real
+    len kept as `_len`); HistoryBuffer(code, []) calls len(code), so `code` runs: it puts len back
+    and writes the marker. It leaves its objects on the stack, under the real checkpoint's.
+    """
+    code = (
+        "(__import__('builtins').__setattr__('len', __import__('builtins')._len), "
+        f"open({str(marker)!r}, 'w').write('code from the checkpoint ran'), 0)[-1]"
+    )
+    ops = pickle.PROTO + b"\x02" + pickle.GLOBAL + b"builtins\ngetattr\n" + pickle.BINPUT + b"\x00"
+    ops += pickle.BINGET + b"\x00" + _pickle_str("__self__") + b"\x86R" + pickle.BINPUT + b"\x01"
+    ops += _getattr_of(1, "__dict__")
+    ops += _pickle_str("_len") + _getattr_of(1, "len") + pickle.SETITEM
+    ops += _pickle_str("len") + _getattr_of(1, "eval") + pickle.SETITEM
+    ops += pickle.GLOBAL + b"mmengine.logging.history_buffer\nHistoryBuffer\n"
+    return ops + _pickle_str(code) + pickle.EMPTY_LIST + b"\x86R"
+
+
+def with_getattr_gadget(source: Path, path: Path, marker: Path) -> Path:
+    """`source`, a torch zip checkpoint, copied to `path` with `getattr_gadget` prepended to its
+    data.pkl: the rest of the file is the real checkpoint, so a loader that runs it succeeds."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                data = getattr_gadget(marker) + data
+            new.writestr(info, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def assert_one_refusal(err: str, path: Path, refused: str = "builtins.getattr(") -> None:
+    assert f"{path} asks to load `{refused}" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err[-3000:]
+
+
+@pytest.fixture
+def gadget(trained, tmp_path) -> tuple[Path, Path]:
+    """(the trained iter_1.pth with `getattr_gadget` in it, the marker it would write)."""
+    marker = tmp_path / "pwned"
+    return with_getattr_gadget(trained[1], tmp_path / "evil" / "iter_1.pth", marker), marker
+
+
+def test_the_gadget_is_refused_by_the_checkpoint_loader_that_allows_history_buffers(gadget):
+    evil, marker = gadget
+    with pytest.raises(UnsafeCheckpointError, match=r"asks to load `builtins\.getattr\(<function"):
+        load_checkpoint_file(evil)
+    assert not marker.exists()
+    # The gadget's own check: the same file, every global it names allowed, runs it.
+    assert torch.load(evil, weights_only=False)["meta"]["seed"] == 7 and marker.exists()
+
+
+def test_the_allow_list_holds_classes_and_a_getattr_for_history_buffer_statistics_only():
+    import builtins
+
+    from mmengine.logging import HistoryBuffer
+
+    from llava_moslora.train.checkpoints import checkpoint_globals, history_buffer_statistic
+
+    listed = [item[0] if isinstance(item, tuple) else item for item in checkpoint_globals()]
+    assert builtins.getattr not in listed and history_buffer_statistic in listed
+    assert history_buffer_statistic(HistoryBuffer, "mean") is HistoryBuffer.mean
+    for owner, name in [
+        (HistoryBuffer, "__init__"),
+        (builtins.getattr, "__self__"),
+        (os, "system"),
+    ]:
+        with pytest.raises(pickle.UnpicklingError, match=r"GLOBAL builtins\.getattr\(<"):
+            history_buffer_statistic(owner, name)
+
+
+class Opaque:
+    pass
+
+
+def test_a_process_wide_allow_list_does_not_widen_the_safe_loader(tmp_path):
+    """What another library (or an old config) registers with torch is not honoured here."""
+    path = tmp_path / "x.pth"
+    torch.save({"x": Opaque()}, path)
+    with torch.serialization.safe_globals([Opaque]):
+        assert isinstance(torch.load(path)["x"], Opaque)
+        with pytest.raises(UnsafeCheckpointError, match=r"asks to load `tests\..*Opaque`"):
+            safe_torch_load(path)
+
+
+def test_the_gadget_is_refused_when_torch_is_forced_to_load_weights_only(gadget, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse a private unpickler module: the loader
+    then uses torch's own, and still reads mmengine checkpoints and refuses the gadget."""
+    from mmengine.logging import HistoryBuffer
+
+    evil, marker = gadget
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpointError, match=r"asks to load `builtins\.getattr\(<function"):
+        load_checkpoint_file(evil)
+    assert not marker.exists()
+    buffer = HistoryBuffer()
+    buffer.update(2.5)
+    torch.save({"message_hub": {"loss": buffer}}, evil)
+    assert load_checkpoint_file(evil)["message_hub"]["loss"].mean() == 2.5
+
+
+def test_export_refuses_a_getattr_gadget_checkpoint(gadget, tmp_path, capsys):
+    evil, marker = gadget
+    out = tmp_path / "out"
+    code = main(["export", str(evil), str(out), "--config", TINY_MOSLORA, "--to", "xtuner"])
+    assert code == 1 and not marker.exists() and not out.exists()
+    assert_one_refusal(capsys.readouterr().err, evil)
+
+
+def test_eval_compositional_refuses_a_getattr_gadget_checkpoint(gadget, capsys):
+    evil, marker = gadget
+    code = main(["eval-compositional", TINY_MOSLORA, "--checkpoint", str(evil)])
+    assert code == 1 and not marker.exists()
+    assert_one_refusal(capsys.readouterr().err, evil)
+
+
+def deepspeed_folder(folder: Path, model_states: dict) -> Path:
+    """A ZeRO-2 iter_N.pth/ folder of one rank, as zero_to_fp32 reads it: the optimizer states
+    (read first) are valid, the model states are `model_states`."""
+    folder.mkdir(parents=True)
+    optim = {
+        "zero_stage": 2,
+        "partition_count": 1,
+        "single_partition_of_fp32_groups": [torch.ones(4)],
+    }
+    torch.save(
+        {"optimizer_state_dict": optim}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    )
+    torch.save(model_states, folder / "mp_rank_00_model_states.pt")
+    return folder
+
+
+def test_export_refuses_a_deepspeed_folder_with_a_getattr_gadget(tiny_env, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    folder = deepspeed_folder(tmp_path / "work" / "iter_2.pth", {"meta": {"seed": 0}})
+    states = folder / "mp_rank_00_model_states.pt"
+    with_getattr_gadget(states, states, marker)
+    out = tmp_path / "out"
+    code = main(["export", str(folder), str(out), "--config", TINY_MOSLORA, "--to", "xtuner"])
+    assert code == 1 and not marker.exists() and not out.exists()
+    assert_one_refusal(capsys.readouterr().err, states)
+
+
+def test_two_threads_loading_deepspeed_folders_never_run_a_payload(tmp_path, monkeypatch):
+    """Thread A is mid-way through a folder when B starts one, and A finishes first. A loader that
+    swaps zero_to_fp32's `torch` and restores it when done hands B the real torch.load (weights_only
+    False) for its next file, and leaves A's swap behind when B restores. Forced, not by chance:
+    each thread's first file waits for the other's (up to a few seconds, then goes on alone)."""
+    from deepspeed.utils import zero_to_fp32
+
+    from llava_moslora.train import checkpoints
+
+    marker = tmp_path / "pwned"
+    folders = {
+        name: deepspeed_folder(tmp_path / name / "iter_2.pth", {"payload": Payload(marker)})
+        for name in "AB"
+    }
+    a_loading, b_loading, a_done = (threading.Event() for _ in range(3))
+    loaded = set()
+    real_load = checkpoints.safe_torch_load
+
+    def interleaved_load(*args, **kwargs):
+        name = threading.current_thread().name
+        if name not in loaded:
+            loaded.add(name)
+            mine, other = (a_loading, b_loading) if name == "A" else (b_loading, a_done)
+            mine.set()
+            other.wait(timeout=5)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "safe_torch_load", interleaved_load)
+    errors = {}
+
+    def load(name: str) -> None:
+        try:
+            load_trained_state(folders[name])
+        except Exception as error:  # noqa: BLE001 - collected, asserted below
+            errors[name] = error
+        finally:
+            if name == "A":
+                a_done.set()
+
+    threads = {name: threading.Thread(target=load, args=(name,), name=name) for name in "AB"}
+    threads["A"].start()
+    assert a_loading.wait(timeout=60)
+    threads["B"].start()
+    for thread in threads.values():
+        thread.join(timeout=120)
+    assert not marker.exists()
+    assert zero_to_fp32.torch is torch  # DeepSpeed's module is as DeepSpeed made it
+    for name in "AB":
+        assert isinstance(errors.get(name), UnsafeCheckpointError), errors
+        assert f"{folders[name]}/mp_rank_00_model_states.pt asks to load" in str(errors[name])
+
+
+def test_resume_under_deepspeed_reads_its_files_as_data(tmp_path):
+    """`--resume` with `--deepspeed`: mmengine has DeepSpeed's engine read the folder, through
+    its checkpoint engine (`torch.load(weights_only=False)` as DeepSpeed ships it)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from llava_moslora.train import compat
+
+    compat.apply()
+    marker = tmp_path / "pwned"
+    clean = tmp_path / "clean.pt"
+    torch.save({"module": {"w": torch.ones(2)}}, clean)
+    evil = with_getattr_gadget(clean, tmp_path / "mp_rank_00_model_states.pt", marker)
+    assert torch.equal(TorchCheckpointEngine().load(str(clean))["module"]["w"], torch.ones(2))
+    with pytest.raises(UnsafeCheckpointError, match=rf"{evil} asks to load `builtins\.getattr\("):
+        TorchCheckpointEngine().load(str(evil), map_location="cpu")
+    assert not marker.exists()
+
+
+def test_load_adapter_refuses_a_getattr_gadget_after_a_config_was_parsed(tiny_env, tmp_path):
+    from tests.factories import read_config
+
+    read_config("tiny_moslora")  # what once registered getattr with torch for the whole process
+    marker = tmp_path / "pwned"
+    _, peft_model = trained_moslora()
+    save_adapter(peft_model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    clean = tmp_path / "adapter_model.bin"
+    torch.save(load_file(weights), clean)
+    weights.unlink()
+    evil = with_getattr_gadget(clean, tmp_path / "adapter" / "adapter_model.bin", marker)
+    base, _ = trained_moslora()
+    # Adapters allow no global at all: torch names the builtin without its module.
+    with pytest.raises(UnsafeCheckpointError, match=rf"{evil} asks to load `getattr`"):
+        load_adapter(base, tmp_path / "adapter")
+    assert not marker.exists()
+
+
+@pytest.fixture(params=["getattr-gadget", "reduce-payload"])
+def evil_projector(request, tiny_dir, tmp_path) -> tuple[Path, Path, str]:
+    """(a pretrained_pth: the tiny projector with a payload, its marker, the global refused)."""
+    marker = tmp_path / "pwned"
+    projector = tiny_dir / "projector" / "iter_0.pth"
+    evil = tmp_path / "evil" / "iter_0.pth"
+    if request.param == "getattr-gadget":
+        return with_getattr_gadget(projector, evil, marker), marker, "builtins.getattr("
+    evil.parent.mkdir()
+    saved = torch.load(projector, weights_only=True)
+    torch.save({**saved, "meta": {"note": Payload(marker)}}, evil)
+    return evil, marker, SYSTEM_GLOBAL
+
+
+def test_eval_compositional_refuses_a_pretrained_pth_with_a_payload(
+    tiny_env, evil_projector, capsys
+):
+    """Without --checkpoint the run before training is scored: XTuner reads `pretrained_pth`."""
+    evil, marker, refused = evil_projector
+    code = main(
+        ["eval-compositional", TINY_MOSLORA, "--cfg-options", f"model.pretrained_pth={evil}"]
+    )
+    assert code == 1 and not marker.exists()
+    assert_one_refusal(capsys.readouterr().err, evil, refused)
+
+
+def train_refusing(tiny_dir: Path, work: Path, *args: str) -> str:
+    """`llava-moslora train configs/tiny_moslora.py ARGS` into `work`; its stderr, once it has
+    exited with the refusal's code (2) and written no checkpoint."""
+    from tests.launchers import run_train
+
+    before = set(work.glob("iter_*.pth"))
+    run = run_train("tiny_moslora", tiny_dir, work, *args, launcher="llava-moslora", check=False)
+    assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
+    assert "error: training refused: " in run.stderr
+    assert set(work.glob("iter_*.pth")) == before
+    return run.stderr
+
+
+@pytest.mark.slow
+def test_train_refuses_to_resume_from_a_getattr_gadget(gadget, tiny_dir, tmp_path):
+    """XTuner reads the `--resume` checkpoint for its seed, then mmengine to restore the run."""
+    _, marker = gadget
+    evil = with_getattr_gadget(gadget[0], tmp_path / "work" / "iter_1.pth", marker)
+    err = train_refusing(tiny_dir, tmp_path / "work", "--resume", str(evil))
+    assert not marker.exists()
+    assert_one_refusal(err, evil)
+
+
+@pytest.mark.slow
+def test_train_refuses_a_pretrained_pth_with_a_payload(evil_projector, tiny_dir, tmp_path):
+    """XTuner's LLaVAModel reads `pretrained_pth` while the model is built."""
+    evil, marker, refused = evil_projector
+    err = train_refusing(
+        tiny_dir, tmp_path / "work", "--cfg-options", f"model.pretrained_pth={evil}"
+    )
+    assert not marker.exists()
+    assert_one_refusal(err, evil, refused)
+
+
+# --- 5. what is written is checked (issue 23) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def huge_mixer(trained, tmp_path_factory):
+    """The trained checkpoint with one LLM mixer at 1e6 everywhere: finite in float32, and in
+    every format beyond float16's 65504 (the mixer itself, B·M folded, W0 + s·B·M·A merged)."""
+    model, _, _ = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if "lora_mixer" in k and k.startswith("llm."))
+    state[key] = torch.full_like(state[key], 1e6)
+    path = tmp_path_factory.mktemp("huge") / "iter_9.pth"
+    torch.save({"state_dict": state, "meta": {"seed": 0}}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["xtuner", "peft-folded", "hf-llava", "merged-xtuner"])
+def test_every_export_format_refuses_to_write_inf_after_the_float16_cast(huge_mixer, tmp_path, fmt):
+    out = tmp_path / "out"
+    with pytest.raises(
+        NonFiniteTensorError,
+        match=rf"^{out}/\S+\.safetensors: \d+ tensor\(s\) hold non-finite .* e\.g\. `\S+`.*"
+        r"overflowed when cast to or merged in float16 .*`--dtype bfloat16`.*Nothing was written",
+    ):
+        export(huge_mixer, TINY_MOSLORA, fmt, out, dtype="float16")
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # nor a staging folder left
+
+
+def test_the_huge_mixer_exports_in_bfloat16(huge_mixer, tmp_path):
+    export(huge_mixer, TINY_MOSLORA, "xtuner", tmp_path / "out", dtype="bfloat16")
+    written = load_file(tmp_path / "out" / "llm_adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in written.values())

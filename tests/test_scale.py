@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llava_moslora.train.checkpoints import last_checkpoint, load_trained_state
-from tests.conftest import assert_both_towers_have_mixers, run_train
+from tests.launchers import assert_both_towers_have_mixers, run_train
 
 
 def logged_losses(work_dir: Path) -> list[float]:

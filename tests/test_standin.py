@@ -10,14 +10,15 @@ import torch
 
 from llava_moslora.builders import standin
 from llava_moslora.builders.internlm2 import InternLM2Config, write_remote_code
+from tests.factories import assert_one_step_trains
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_cli_shape_names_match_the_module():
-    from llava_moslora.cli import SHAPES
+    from llava_moslora.cli import STANDIN_NAMES
 
-    assert tuple(standin.SHAPES) == SHAPES
+    assert tuple(standin.STANDINS) == STANDIN_NAMES
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,8 @@ def test_cli_shape_names_match_the_module():
         # The published parameter counts of the full-depth models (hub safetensors metadata).
         (standin.LLAMA3_8B, 8_030_261_248),
         (standin.INTERNLM2_7B, 7_737_708_544),
+        (standin.STANDINS["vicuna-7b"].llm, 6_738_415_616),  # lmsys/vicuna-7b-v1.5
+        (standin.STANDINS["qwen2.5-7b"].llm, 7_615_616_512),  # Qwen/Qwen2.5-7B-Instruct
     ],
 )
 def test_full_depth_configs_have_the_real_models_parameter_counts(shape, params):
@@ -47,7 +50,9 @@ def test_clip_shape_is_vit_l_14_336():
 
 
 def test_unknown_shape_and_bad_depth_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"`shape` should be one of llama3-8b, .* 'gpt5'"):
+    with pytest.raises(
+        ValueError, match=r"`shape` should be one of llama3-8b, vicuna-7b, .* 'gpt5'"
+    ):
         standin.make_standin(tmp_path, "gpt5")
     with pytest.raises(ValueError, match="`llm_layers` should be a positive integer .* 0"):
         standin.make_standin(tmp_path, "mid", llm_layers=0)
@@ -129,7 +134,6 @@ def test_llama3_8b_stand_in_has_the_real_widths_and_trains_through_the_paper_con
     """
     from mmengine.config import Config
     from safetensors import safe_open
-    from xtuner.dataset.collate_fns import default_collate_fn
     from xtuner.registry import BUILDER
 
     from llava_moslora.train import cpu_shims
@@ -166,13 +170,5 @@ def test_llama3_8b_stand_in_has_the_real_widths_and_trains_through_the_paper_con
 
     cfg.train_dataloader.dataset.max_length = 64
     short = BUILDER.build(cfg.train_dataloader.dataset)
-    params = [p for p in llava.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    mixer = adapted[0].lora_mixer["default"].weight
-    before = mixer.detach().clone()
-    loss = llava(default_collate_fn([short[0]])["data"], mode="loss")["loss"]
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert not torch.equal(mixer.detach(), before)
+    assert_one_step_trains(llava, short[0], adapted[0].lora_mixer["default"].weight)
     assert json.loads((paths["llm"].parent / "standin.json").read_text())["llm_layers"] == 1

@@ -14,7 +14,7 @@ from llava_moslora.train.summary import (
     unreachable_line,
     unreachable_parameters,
 )
-from tests.conftest import CLIP_LAYER_LINEARS, build_from_config, build_llava, load_4bit
+from tests.factories import CLIP_LAYER_LINEARS, build_from_config, build_llava, load_4bit
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_mixer")
 # The documented switch back to the paper's exact target list (every ViT layer adapted).

@@ -14,12 +14,8 @@ from llava_moslora.data import prompts
 from llava_moslora.data.items import OPTION_LETTERS, read_eval_items
 from llava_moslora.train import cpu_shims
 from llava_moslora.train.checkpoints import load_checkpoint_file
-from tests.conftest import (
-    REPO,
-    assert_both_towers_have_mixers,
-    run_train,
-    vlmevalkit_mcq_prompts,
-)
+from tests.factories import REPO, vlmevalkit_mcq_prompts
+from tests.launchers import assert_both_towers_have_mixers, run_train
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
 

@@ -11,7 +11,7 @@ import pytest
 
 from llava_moslora.builders.tiny import tiny_clip_vision
 from llava_moslora.builders.vision_layers import layers_above, layers_feeding
-from tests.conftest import CLIP_LAYER_LINEARS
+from tests.factories import CLIP_LAYER_LINEARS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 from llava_moslora.moslora import moslora_config
-from tests.conftest import build_llava, make_mlp, moslora_layers
+from tests.factories import build_llava, make_mlp, moslora_layers
 
 
 def assert_kaiming(mixer: torch.Tensor) -> None:

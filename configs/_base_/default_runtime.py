@@ -10,8 +10,9 @@ from mmengine.hooks import (
 
 from llava_moslora.train.summary import AdapterSummaryHook
 
-# `xtuner train --resume` on torch >= 2.6: allow the non-tensor objects mmengine checkpoints hold
-# (see llava_moslora/train/compat.py). Lazy configs defer `import`s; __import__ runs now.
+# Every checkpoint XTuner and mmengine read (`--resume`, its seed, `pretrained_pth`) goes through
+# the safe loader, which reads mmengine checkpoints on torch >= 2.6 as well (see
+# llava_moslora/train/compat.py). Lazy configs defer `import`s; __import__ runs now.
 __import__("llava_moslora.train.compat", fromlist=["apply"]).apply()
 
 #######################################################################

@@ -4,9 +4,13 @@ One epoch of AdamW at lr 2e-5, per-device batch 8 x 2 accumulation steps, linear
 first 3 % then cosine to zero, gradients clipped at norm 1, fp16 mixed precision as in XTuner.
 """
 
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.optim import AmpOptimWrapper
 from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
+
+# mmengine's LinearLR and CosineAnnealingLR, with a warm-up of at least one iteration on a small
+# dataset (mmengine would round it to none and refuse): llava_moslora/train/schedule.py.
+from llava_moslora.train.schedule import CosineAfterWarmupLR, LinearWarmupLR
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -37,7 +41,7 @@ optim_wrapper = dict(
 # the dataset's length.
 param_scheduler = [
     dict(
-        type=LinearLR,
+        type=LinearWarmupLR,
         start_factor=1e-5,
         by_epoch=True,
         begin=0,
@@ -45,7 +49,7 @@ param_scheduler = [
         convert_to_iter_based=True,
     ),
     dict(
-        type=CosineAnnealingLR,
+        type=CosineAfterWarmupLR,
         eta_min=0.0,
         by_epoch=True,
         begin=warmup_ratio * max_epochs,

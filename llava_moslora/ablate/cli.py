@@ -9,7 +9,7 @@ import sys
 def _ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .lr_grid import config_lr, parse_rates, run_lr_grid
+    from .lr_grid import config_lr, parse_grid_seeds, parse_rates, run_lr_grid
     from .report import write_lr_grid_report, write_report
     from .runner import RESULT, VAL_RESULT, parse_evaluator, plan, run_all
     from .variants import parse_variants
@@ -21,16 +21,17 @@ def _ablate(args: argparse.Namespace) -> int:
             raise ValueError(f"`--seeds` should be a positive integer, got {args.seeds}")
         if not Path(args.config).is_file():
             raise ValueError(f"`--config` {args.config!r} is not a file")
-        rates = None if args.lr_grid is None else parse_rates(args.lr_grid)
-        if rates is not None and not 1 <= args.grid_seeds <= args.seeds:
-            raise ValueError(
-                f"`--grid-seeds` should be between 1 and `--seeds` ({args.seeds}), "
-                f"got {args.grid_seeds}"
-            )
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        if args.lr_grid is not None:
+            rates = parse_rates(args.lr_grid)
+            grid_seeds = parse_grid_seeds(args.grid_seeds, seeds)
+            if args.grid_widen < 0:
+                raise ValueError(
+                    f"`--grid-widen` should be a non-negative integer, got {args.grid_widen}"
+                )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
     title = f"Ablation of {Path(args.config).name}"
     if args.cfg_options:
         title += f" with {' '.join(args.cfg_options)}"
@@ -50,7 +51,8 @@ def _ablate(args: argparse.Namespace) -> int:
                 rates,
                 args.work_dir,
                 shared_lr=config_lr(args.config),
-                grid_seeds=args.grid_seeds,
+                grid_seeds=grid_seeds,
+                widen=args.grid_widen,
                 **common,
             )
             paths = write_lr_grid_report(outcome, args.work_dir, title=title)
@@ -71,11 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rerun the same command to resume an interrupted ablation.",
     )
     ablate.add_argument("--config", required=True, help="base XTuner config (any MoSLoRA/LoRA one)")
+    from llava_moslora.moslora.inits import MIXER_INITS
+
+    from .variants import DEFAULT_VARIANTS, VARIANTS
+
     ablate.add_argument(
         "--variants",
-        default="lora,ts_mixing,moslora_kaiming,moslora_orthogonal,init_only",
-        help="comma-separated: lora, ts_mixing, moslora_kaiming, moslora_orthogonal, init_only, "
-        "dora",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated: {', '.join(VARIANTS)}, or moslora_<init> for any mixer init "
+        f"({', '.join(MIXER_INITS)}); default: all but dora",
     )
     ablate.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
     ablate.add_argument("--first-seed", type=int, default=0)
@@ -98,10 +104,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lr-grid",
         metavar="RATES",
         help="comma-separated learning rates (at least 3, e.g. 5e-4,1e-3,2e-3): pick each "
-        "variant's rate on the config's validation items over --grid-seeds seeds, then run every "
-        "seed at that rate and at the config's own shared rate; the report shows both",
+        "variant's rate on the config's validation items over the --grid-seeds, widening its "
+        "grid while its best rate is at an edge, then run every test seed at that rate and at "
+        "the config's own shared rate; the report shows both",
     )
     ablate.add_argument(
-        "--grid-seeds", type=int, default=2, help="seeds per variant and rate of --lr-grid (2)"
+        "--grid-seeds",
+        default="100,101",
+        help="comma-separated seeds of --lr-grid's runs, none of them a test seed (100,101)",
+    )
+    ablate.add_argument(
+        "--grid-widen",
+        type=int,
+        default=2,
+        help="at most this many rates, each a factor 2 further, added beyond each edge of "
+        "--lr-grid for a variant whose best rate is at that edge (2; 0: none)",
     )
     ablate.set_defaults(func=_ablate)
+    register_report(sub)
+
+
+def _ablate_report(args: argparse.Namespace) -> int:
+    from .summary import write_summary
+
+    try:
+        path = write_summary(args.dir)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"  md: {path}")
+    return 0
+
+
+def register_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "ablate-report",
+        help="pool every `ablate --lr-grid` report under DIR: Holm over all their comparisons, "
+        "paired TOST (equivalence) per comparison; writes DIR/summary.md",
+    )
+    report.add_argument(
+        "dir", help="the folder holding one `--lr-grid` work dir per rank (r8/, ...)"
+    )
+    report.set_defaults(func=_ablate_report)

@@ -7,13 +7,17 @@ seed's score as a dot, the mean with its 95% interval as a bar), from the runs' 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import stats
+from .lr_grid import INTERIOR, TIE_RULE
 from .variants import BASELINE, DIRECT_PAIRS
+
+RUNS = "runs.json"  # an `--lr-grid` report's test runs, per seed (`_write_runs`)
 
 CSV_COLUMNS = (
     "variant",
@@ -177,19 +181,23 @@ def write_lr_grid_report(
     if not outcome.shared or not outcome.best:
         raise ValueError("no finished runs to report: train and evaluate at least one run first")
     out_dir = Path(out_dir)
-    paths = {"md": out_dir / "ablation.md"}
-    rates = list(dict.fromkeys(rate for by_rate in outcome.grid.values() for rate in by_rate))
+    paths = {"md": out_dir / "ablation.md", "runs": out_dir / RUNS}
+    rates = sorted({rate for by_rate in outcome.grid.values() for rate in by_rate})
+    seeds = ", ".join(map(str, outcome.grid_seeds))
+    tests = ", ".join(map(str, outcome.seeds))
     lines = [
         f"# {title}",
         "",
         "## Learning rates: the validation grid",
         "",
-        "Mean validation score per variant and rate (the config's `heldout_val_path` items, "
-        "never the test items; the grid's seeds); **bold**: the rate each variant is run at "
-        "below.",
+        f"Mean validation score per variant and rate on the grid's seeds ({seeds}; the test "
+        f"tables below use seeds {tests}: no training is in both), scored on the config's "
+        "`heldout_val_path` items, never the test items. A variant whose best rate was at its "
+        f"grid's edge got a rate a factor 2 beyond it, at most {outcome.widen} per side (– : not "
+        f"run). **Bold**: the rate each variant is run at below; a tie goes to {TIE_RULE}.",
         "",
-        "| variant | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | chosen |",
-        "|---|" + "---|" * (len(rates) + 1),
+        "| variant | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | chosen | placed |",
+        "|---|" + "---|" * (len(rates) + 2),
     ]
     for variant, by_rate in outcome.grid.items():
         cells = []
@@ -197,7 +205,18 @@ def write_lr_grid_report(
             values = by_rate.get(rate) or []
             cell = _fmt(_mean(values)) + (f" (n={len(values)})" if values else "")
             cells.append(f"**{cell}**" if rate == outcome.chosen[variant] else cell)
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {outcome.chosen[variant]:g} |")
+        lines.append(
+            f"| {variant} | " + " | ".join(cells) + f" | {outcome.chosen[variant]:g} "
+            f"| {outcome.placement.get(variant, '–')} |"
+        )
+    edge = [v for v, where in outcome.placement.items() if where != INTERIOR]
+    lines += [
+        "",
+        "Every chosen rate is interior (a worse neighbour on both sides)."
+        if not edge
+        else "Not interior: " + ", ".join(f"{v} ({outcome.placement[v]})" for v in edge) + ".",
+    ]
+    _write_runs(outcome, paths["runs"])
     for key, results, heading, rate_of in (
         (
             "shared_lr",
@@ -217,6 +236,19 @@ def write_lr_grid_report(
         lines += ["", heading, "", *_comparison(rows, unit, rate_of)]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def _write_runs(outcome, path: Path) -> None:
+    """Every test run's score and parts, with its rate and setting (`shared` / `best`): what
+    `summary.py` pools over ranks, without re-reading the run folders."""
+    keep = ("variant", "seed", "score", "unit", "details")
+    runs = [
+        {"setting": setting, "lr": result.get("lr", outcome.shared_lr)}
+        | {key: result[key] for key in keep if key in result}
+        for setting, results in (("shared", outcome.shared), ("best", outcome.best))
+        for result in results
+    ]
+    path.write_text(json.dumps({"seeds": outcome.seeds, "runs": runs}, indent=1) + "\n")
 
 
 def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -100,11 +100,68 @@ def _stable_name(value: Any) -> str:
     return repr(value)
 
 
-def config_sha256(config: str | Path) -> str:
-    """The SHA-256 of the resolved config (bases merged, flattened, keys sorted): the setting.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
 
-    Two files with the same content are one setting wherever they lie and whatever their name; a
-    file edited between two runs of one work dir (or another file of the same name) is not.
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _existing_path(value: Any) -> Path | None:
+    if not isinstance(value, str) or not value or "\n" in value:
+        return None
+    path = Path(value).expanduser()
+    try:
+        return path.resolve() if path.exists() else None
+    except OSError:  # a name too long for a path
+        return None
+
+
+def content_of(value: Any, parents: frozenset[Path] = frozenset()) -> Any:
+    """A config value that names a file or folder, as the SHA-256 of what is there; else itself.
+
+    A path says where the data is, not what it is: `./tiny/llm` and its absolute spelling are one
+    setting, and data regenerated under the same path is another. A folder's content is each
+    file's relative path and content, sorted. Files are read once per process (by size and mtime).
+    A folder in `parents` (one that holds the config's other folders, such as the tiny configs'
+    `tiny_dir`) counts by those paths alone: whatever else lies in it (an ablation's own work
+    dir, say) is not the setting.
+    """
+    path = _existing_path(value)
+    if path is None:
+        return value
+    if path in parents:
+        return "folder of the config's other paths"
+    try:
+        if path.is_file():
+            return f"file sha256 {_file_sha256(path)}"
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(
+                    f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode()
+                )
+            return f"folder sha256 {digest.hexdigest()}"
+    except OSError:  # a name too long for a path, an unreadable file: compared as written
+        return value
+    return value
+
+
+def config_sha256(config: str | Path) -> str:
+    """The SHA-256 of the resolved config (bases merged, flattened, keys sorted, every path
+    replaced by the content there, `content_of`): the setting.
+
+    Two files with the same content are one setting wherever they lie and whatever their name,
+    and however the paths inside them are spelled; a file edited between two runs of one work dir
+    (or another file of the same name), or data regenerated under the same path, is not.
     """
     from mmengine.config import Config
 
@@ -116,6 +173,10 @@ def config_sha256(config: str | Path) -> str:
             f"({type(error).__name__}: {error}); fix it (`xtuner train` would fail the same way)."
         ) from None
     flat = _flatten(resolved)
+    paths = {path for path in map(_existing_path, flat.values()) if path is not None}
+    folders = {path for path in paths if path.is_dir()}
+    parents = frozenset(p for p in folders if any(p in other.parents for other in folders))
+    flat = {key: content_of(value, parents) for key, value in flat.items()}
     text = json.dumps(flat, sort_keys=True, default=_stable_name)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -309,6 +370,7 @@ def evaluate(
         return {"score": 100 * details["overall"], "unit": unit, "details": details}
 
     from ..eval.benchmarks import resolve_datasets
+    from ..eval.manifest import export_identity, read_export_manifest
     from ..eval.model import LLaVAMoSLoRA
     from ..eval.runner import run_benchmarks
     from ..export import export
@@ -317,11 +379,16 @@ def evaluate(
     export_dir = run.dir / "export"
     log(f"[{run.variant} seed {run.seed}] export + VLMEvalKit suite {suite!r}")
     export(checkpoint, config, "xtuner", export_dir, cfg_options=options, overwrite=True)
+    # A redone run re-exports into the same folder: its predictions are made afresh, never reused
+    # from the run it replaces (the export's identity is recorded with the scores).
+    identity = export_identity(export_dir, read_export_manifest(export_dir))
     summary = run_benchmarks(
         resolve_datasets(suite),
         work_dir=run.dir / "eval",
         run_name=f"{run.variant}_seed{run.seed}",
         model_factory=lambda: LLaVAMoSLoRA(str(export_dir)),
+        export={"dir": str(export_dir), "identity": identity},
+        overwrite=True,
         offline=suite == "tiny",
         log=log,
     )

@@ -24,10 +24,17 @@ writes the same layout with every weight trained on one family of questions (pre
 `make-tiny DIR --verdict-steps N` then aligns the projector on captions and trains the LLM on the
 yes/no verdict, the stand-in for the pretrained projector and LLM a real LLaVA-1.5 starts from
 (verdict.py; the main job's base).
+
+    DIR/make_tiny_files.json     every file make-tiny wrote under DIR (written last)
+
+make-tiny never overwrites a file it did not write: before writing, `check_out_dir` refuses a DIR
+whose llm/, clip/, projector/ or data/ (or standin.json) hold a file its manifest does not list,
+naming it, unless `--overwrite` says to replace them. A DIR make-tiny wrote before is rewritten.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +81,67 @@ PATCH_SIZE = 14  # (56 // 14) ** 2 = 16 image tokens
 # layers feed it and the last runs unread, as CLIP ViT-L's 24th does. The tiny configs read this.
 TINY_CLIP_LAYERS = 3
 MAX_POSITIONS = 512
-SHAPES_VOCAB_SIZE = 768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
+SHAPES_TASK_VOCAB_SIZE = (
+    768  # > the 705 tokens BPE ends with on synthetic.corpus(): every word whole
+)
 
 
 TASKS = ("shapes", "compositional")
+
+MANIFEST_NAME = "make_tiny_files.json"
+# What make-tiny (and `--shape`, `--verdict-steps`) write under DIR: nothing outside these.
+OUTPUTS = ("llm", "clip", "projector", "data", "standin.json")
+SHOWN_FILES = 3  # files named per refusal
+
+
+def _written_files(out_dir: Path) -> list[str]:
+    """Every file under `out_dir`'s OUTPUTS, as sorted POSIX paths relative to `out_dir`."""
+    found = []
+    for name in OUTPUTS:
+        top = out_dir / name
+        files = [top] if top.is_file() else (p for p in top.rglob("*") if not p.is_dir())
+        found += [p.relative_to(out_dir).as_posix() for p in files]
+    return sorted(found)
+
+
+def _listed(out_dir: Path) -> set[str]:
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return set()
+    try:
+        files = json.loads(path.read_text()).get("files")
+    except (ValueError, AttributeError):
+        files = None
+    if not isinstance(files, list):
+        raise FileExistsError(
+            f"{path} is not a make-tiny file list, so make-tiny cannot tell its files from "
+            "yours. Choose another DIR, or pass `--overwrite` to replace what is there."
+        )
+    return set(files)
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write into `out_dir` over files make-tiny did not write (module docstring)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"`DIR` {out_dir} is a file; give a folder path.")
+    if overwrite or not out_dir.is_dir():
+        return
+    theirs = [name for name in _written_files(out_dir) if name not in _listed(out_dir)]
+    if theirs:
+        more = f" and {len(theirs) - SHOWN_FILES} more" if len(theirs) > SHOWN_FILES else ""
+        raise FileExistsError(
+            f"`DIR` {out_dir} holds {', '.join(theirs[:SHOWN_FILES])}{more}, which make-tiny "
+            "did not write and would overwrite. Choose another DIR, or pass `--overwrite` to "
+            "replace them."
+        )
+
+
+def record_written(out_dir: str | Path) -> Path:
+    """Write DIR/make_tiny_files.json: the files now under `out_dir`'s OUTPUTS are make-tiny's."""
+    path = Path(out_dir) / MANIFEST_NAME
+    path.write_text(json.dumps({"files": _written_files(Path(out_dir))}, indent=1) + "\n")
+    return path
 
 
 def chat_texts(task: str = "shapes", template_name: str = "llama3_chat") -> list[str]:
@@ -91,7 +155,8 @@ def chat_texts(task: str = "shapes", template_name: str = "llama3_chat") -> list
     else:
         texts = list(synthetic.corpus())
         questions = list(synthetic.prompts())  # benchmark formats included
-    texts += [template.INSTRUCTION.format(input=q, round=1) + template.SUFFIX for q in questions]
+    suffix = template.get("SUFFIX", "")  # Vicuna's template has none: its turns end with eos
+    texts += [template.INSTRUCTION.format(input=q, round=1) + suffix for q in questions]
     texts += [template.SYSTEM.format(system="You are a helpful assistant.")]
     return texts
 
@@ -250,7 +315,7 @@ def make_tiny(
     # The shapes corpus (its benchmark formats' Chinese included) merges down to 705 tokens, one
     # per word: at 512 the rarer words, every Chinese character among them, would stay split into
     # UTF-8 bytes that decode to nothing on their own.
-    vocab_size = SHAPES_VOCAB_SIZE if task == "shapes" else 512
+    vocab_size = SHAPES_TASK_VOCAB_SIZE if task == "shapes" else 512
     tokenizer = build_tokenizer(chat_texts(task), vocab_size=vocab_size)
     llm = tiny_llama3(tokenizer, seed)
     tokenizer.save_pretrained(paths["llm"])

@@ -1,9 +1,10 @@
 """Shape-true stand-ins: the paper's towers at their real widths, few layers, random weights.
 
-`llava-moslora make-tiny DIR --shape llama3-8b|internlm2-7b|mid [--llm-layers N --vit-layers M]`
+`llava-moslora make-tiny DIR --shape NAME [--llm-layers N --vit-layers M]`, NAME one of STANDINS:
 
-    DIR/llm/         LLaMA-3-8B (hidden 4096, MLP 14336, 32 heads over 8 KV heads, vocab 128256) or
-                     InternLM2-7B (same widths, vocab 92544, fused wqkv; llava_moslora.builders.internlm2
+    DIR/llm/         the backbone at its real widths (backbones.BACKBONES): LLaMA-3-8B (hidden 4096,
+                     MLP 14336, 32 heads over 8 KV heads, vocab 128256), Vicuna-7B (LLaMA-2-7B),
+                     Qwen2.5-7B-Instruct or InternLM2-7B (fused wqkv; llava_moslora.builders.internlm2
                      as remote code) with N layers, bf16 safetensors, + a byte-level BPE tokenizer
                      with the family's real chat tokens
     DIR/clip/        CLIP ViT-L/14-336 (1024 wide, 16 heads, MLP 4096, (336 // 14) ** 2 = 576 image
@@ -31,20 +32,9 @@ from llava_moslora.data import synthetic
 from llava_moslora.data.prompts import IMAGE_TOKEN
 
 from . import make_tiny
+from .backbones import BACKBONES, LLMShape, build_llm, llm_config
 
-
-@dataclass(frozen=True)
-class LLMShape:
-    family: str  # "llama" (transformers' LlamaForCausalLM) or "internlm2" (our remote code)
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    layers: int  # the real model's depth
-    max_positions: int
-    rope_theta: float
-    template: str  # XTuner PROMPT_TEMPLATE name
+__all__ = ["build_llm", "llm_config"]  # re-exported: `plan` and the tests build LLMs from here
 
 
 @dataclass(frozen=True)
@@ -63,7 +53,9 @@ class VisionShape:
 
 
 @dataclass(frozen=True)
-class StandInShape:
+class StandIn:
+    """What `make-tiny --shape NAME` builds: an LLM and a ViT at given widths, a sequence length."""
+
     llm: LLMShape
     vision: VisionShape
     seq_length: int  # LLM positions per sample, image tokens included
@@ -72,69 +64,55 @@ class StandInShape:
 
 
 CLIP_L_336 = VisionShape()  # openai/clip-vit-large-patch14-336
-LLAMA3_8B = LLMShape("llama", 4096, 14336, 32, 8, 128256, 32, 8192, 500000.0, "llama3_chat")
-INTERNLM2_7B = LLMShape("internlm2", 4096, 14336, 32, 8, 92544, 32, 32768, 1e6, "internlm2_chat")
-SHAPES = {
-    "llama3-8b": StandInShape(LLAMA3_8B, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2),
-    "internlm2-7b": StandInShape(
-        INTERNLM2_7B, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2
+# make_tiny's CLIP: 64 wide, 56 px images in 14 px patches, 16 image tokens
+TINY_CLIP = VisionShape(
+    64, 256, 4, make_tiny.TINY_CLIP_LAYERS, make_tiny.IMAGE_SIZE, make_tiny.PATCH_SIZE, 64
+)
+LLAMA3_8B = BACKBONES["llama3"].real
+INTERNLM2_7B = BACKBONES["internlm2"].real
+# Stand-in name -> its widths: one per backbone at the hub model's real widths (the name says the
+# model), and `mid`. `--tiny` swaps in the backbone's test widths and the tiny CLIP.
+STANDINS = {
+    "llama3-8b": StandIn(LLAMA3_8B, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2),
+    "vicuna-7b": StandIn(
+        BACKBONES["vicuna"].real, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2
     ),
+    "qwen2.5-7b": StandIn(
+        BACKBONES["qwen2"].real, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2
+    ),
+    "internlm2-7b": StandIn(INTERNLM2_7B, CLIP_L_336, seq_length=2048, llm_layers=2, vit_layers=2),
     # The CPU benchmark size: LLaMA-3 proportions (head dim 128, 4 query heads per KV head).
-    "mid": StandInShape(
-        LLMShape("llama", 1024, 3584, 8, 2, 8192, 4, 8192, 500000.0, "llama3_chat"),
+    "mid": StandIn(
+        LLMShape("llama3", 1024, 3584, 8, 2, 8192, 4, 8192, 500000.0),
         CLIP_L_336,
         seq_length=1024,
         llm_layers=4,
         vit_layers=2,
     ),
 }
-# The hub ids the paper configs name, and the shapes they have (what `plan` reads offline).
-HUB_SHAPES = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B,
-    "internlm/internlm2-chat-7b": INTERNLM2_7B,
-    "openai/clip-vit-large-patch14-336": CLIP_L_336,
+# The hub ids the paper configs name, and the widths they have (what `plan` reads offline).
+HUB_MODELS = {entry.hub_id: entry.real for entry in BACKBONES.values()} | {
+    "openai/clip-vit-large-patch14-336": CLIP_L_336
 }
-CHAT_TOKENS = {"llama3_chat": make_tiny.LLAMA3_CHAT, "internlm2_chat": make_tiny.INTERNLM2_CHAT}
 
 
-def _check_shape(shape: str) -> StandInShape:
-    if shape not in SHAPES:
+def _check_standin(name: str) -> StandIn:
+    if name not in STANDINS:
         raise ValueError(
-            f"`shape` should be one of {', '.join(SHAPES)} but the value passed is {shape!r}."
+            f"`shape` should be one of {', '.join(STANDINS)} but the value passed is {name!r}."
         )
-    return SHAPES[shape]
+    return STANDINS[name]
 
 
-def llm_config(llm: LLMShape, layers: int, tokenizer=None):
-    """The transformers config of `llm` at `layers` layers (tokenizer ids when given)."""
-    ids = {}
-    if tokenizer is not None:
-        ids = dict(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    common = dict(
-        vocab_size=llm.vocab,
-        hidden_size=llm.hidden,
-        intermediate_size=llm.intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=llm.heads,
-        num_key_value_heads=llm.kv_heads,
-        max_position_embeddings=llm.max_positions,
-        rope_theta=llm.rope_theta,
-        tie_word_embeddings=False,
-        **ids,
+def tiny_widths(spec: StandIn) -> StandIn:
+    """`spec` at its backbone's test widths, with the tiny CLIP: seconds to build and train."""
+    return StandIn(
+        BACKBONES[spec.llm.family].tiny,
+        TINY_CLIP,
+        seq_length=TINY_CLIP.image_tokens + 128,
+        llm_layers=BACKBONES[spec.llm.family].tiny.layers,
+        vit_layers=TINY_CLIP.layers,
     )
-    if llm.family == "internlm2":
-        from .internlm2 import AUTO_MAP, InternLM2Config
-
-        config = InternLM2Config(**common)
-        config.auto_map = dict(AUTO_MAP)
-        return config
-    from transformers import LlamaConfig
-
-    return LlamaConfig(rms_norm_eps=1e-5, **common)
 
 
 def clip_config(vision: VisionShape, layers: int):
@@ -150,16 +128,6 @@ def clip_config(vision: VisionShape, layers: int):
         projection_dim=vision.projection_dim,
         hidden_act="quick_gelu",
     )
-
-
-def build_llm(config, dtype: torch.dtype = torch.bfloat16):
-    """Random-init causal LM from `config` (LLaMA or the InternLM2 stand-in), built in `dtype`."""
-    from transformers import LlamaForCausalLM
-
-    from .internlm2 import InternLM2Config, InternLM2ForCausalLM
-
-    cls = InternLM2ForCausalLM if isinstance(config, InternLM2Config) else LlamaForCausalLM
-    return cls._from_config(config, dtype=dtype)
 
 
 def lengthen_conversations(json_path: Path, tokenizer, template_name: str, text_tokens: int):
@@ -199,9 +167,16 @@ def make_standin(
     vit_layers: int | None = None,
     samples: int = 32,
     seed: int = 0,
+    tiny: bool = False,
 ) -> dict[str, Path]:
-    """Write the stand-in of `shape` (see the module docstring) under `out_dir`; return its paths."""
-    spec = _check_shape(shape)
+    """Write the stand-in `shape` (see the module docstring) under `out_dir`; return its paths.
+
+    `tiny=True` builds it at its backbone's test widths (BACKBONES[...].tiny) with the tiny CLIP:
+    the family's layout, names and chat tokens in seconds, for tests.
+    """
+    spec = _check_standin(shape)
+    if tiny:
+        spec = tiny_widths(spec)
     llm_layers = spec.llm_layers if llm_layers is None else llm_layers
     vit_layers = spec.vit_layers if vit_layers is None else vit_layers
     for name, value in (("llm_layers", llm_layers), ("vit_layers", vit_layers)):
@@ -211,10 +186,11 @@ def make_standin(
             )
     out_dir = Path(out_dir)
     paths = standin_paths(out_dir)
+    family = BACKBONES[spec.llm.family]
     tokenizer = make_tiny.build_tokenizer(
-        make_tiny.chat_texts("shapes", spec.llm.template),
-        vocab_size=make_tiny.SHAPES_VOCAB_SIZE,
-        chat=CHAT_TOKENS[spec.llm.template],
+        make_tiny.chat_texts("shapes", family.template),
+        vocab_size=make_tiny.SHAPES_TASK_VOCAB_SIZE,
+        chat=family.chat,
         model_max_length=spec.seq_length,
     )
     torch.manual_seed(seed)
@@ -222,7 +198,7 @@ def make_standin(
     llm = build_llm(config)
     tokenizer.save_pretrained(paths["llm"])
     llm.save_pretrained(paths["llm"], safe_serialization=True)
-    if spec.llm.family == "internlm2":
+    if family.remote_code:
         from .internlm2 import write_remote_code
 
         write_remote_code(paths["llm"])
@@ -247,11 +223,10 @@ def make_standin(
         paths["data"].parent, samples=samples, seed=seed, image_size=vision.image_size
     )
     lengthen_conversations(
-        paths["data"], tokenizer, spec.llm.template, spec.seq_length - vision.image_tokens
+        paths["data"], tokenizer, family.template, spec.seq_length - vision.image_tokens
     )
-    (out_dir / "standin.json").write_text(
-        json.dumps({"shape": shape, "llm_layers": llm_layers, "vit_layers": vit_layers}) + "\n"
-    )
+    record = {"shape": shape, "llm_layers": llm_layers, "vit_layers": vit_layers, "tiny": tiny}
+    (out_dir / "standin.json").write_text(json.dumps(record) + "\n")
     return paths
 
 

@@ -9,7 +9,8 @@ from, in two phases after make-tiny has written its random models.
 
    the loss on the whole caption, the projector and the LLM trained (the random LLM learns the
    captions' language too), the vision tower frozen. Without it the adapters had to learn to read
-   shapes at 56 x 56 through the random ViT and projector in their own 1,200 steps, and one of
+   shapes at 56 x 56 through the random ViT and projector within their own run (the main job's
+   schedule, configs/tiny_quickstart_moslora.py), and one of
    them, which one depending on the base, did not (docs/evaluation.md).
 2. **The verdict** (what a real LLM brings from language pretraining): N steps on yes/no rounds
    answered "<the picture's words> <verdict>",
@@ -44,7 +45,7 @@ import torch
 from ..data import synthetic
 
 ROUNDS = 3  # yes/no rounds per picture
-SAMPLES = 1000  # pictures of each phase; 700 verdict steps of 16 show each picture 11 times
+SAMPLES = 1000  # pictures of each phase; the main job's 1,000 verdict steps of 16 show each picture 16 times
 BATCH_SIZE = 16
 LR = 1e-3  # both phases; the projector's too (LLaVA's stage 1 trains it at 1e-3)
 CAPTION_PROMPT = "Describe the picture."
@@ -82,7 +83,7 @@ def check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(
             f"`--verdict-steps` should be a positive integer but the value passed is {steps!r}. "
-            "Use e.g. --verdict-steps 700, or leave it out for a random LLM."
+            "Use e.g. --verdict-steps 1000, or leave it out for a random LLM."
         )
 
 

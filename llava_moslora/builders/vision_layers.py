@@ -58,3 +58,35 @@ def layers_feeding(num_layers: int, select_layer: int) -> list[int]:
 def layers_above(num_layers: int, select_layer: int) -> list[int]:
     """The encoder layers computed after `hidden_states[select_layer]`: never given a gradient."""
     return list(range(selected_index(num_layers, select_layer), num_layers))
+
+
+def rederived_layers(cfg, options: dict) -> dict:
+    """The `--cfg-options` to add to `options` so the ViT's adapted layers follow a changed
+    `visual_select_layer` (an empty dict when nothing is stale).
+
+    The configs derive `model.visual_encoder_lora.layers_to_transform` from
+    `visual_select_layer` once, when they are parsed; an override of the select layer alone
+    (`model.visual_select_layer=-1`, or the top-level `visual_select_layer=-1`, which the model
+    dict never sees) would keep the old layers, so a layer that is read would go unadapted. When
+    the config's layers are exactly `layers_feeding` its select layer, and `options` do not name
+    the layers themselves, they are derived again from the new one; layers a config chose
+    otherwise are left as they are. `cfg` is the config before `options` are merged.
+    """
+    new = options.get("model.visual_select_layer", options.get("visual_select_layer"))
+    lora = cfg.get("model", {}).get("visual_encoder_lora")
+    num_layers = cfg.get("visual_encoder_num_layers")
+    if (
+        new is None
+        or "model.visual_encoder_lora.layers_to_transform" in options
+        or not lora
+        or lora.get("layers_to_transform") is None  # every layer adapted: none left out
+        or num_layers is None
+    ):
+        return {}
+    old = cfg["model"].get("visual_select_layer", -2)
+    if list(lora["layers_to_transform"]) != layers_feeding(num_layers, old):
+        return {}
+    derived = {"model.visual_encoder_lora.layers_to_transform": layers_feeding(num_layers, new)}
+    if "model.visual_select_layer" not in options:
+        derived["model.visual_select_layer"] = new
+    return derived

@@ -3,7 +3,8 @@ offline tiny suite, the Table 5 report and the Figure 5 MMBench radar; and `held
 held-out accuracy with each option scored by its log-likelihood (no VLMEvalKit, no generation).
 
 Modules import VLMEvalKit lazily (importing it takes tens of seconds): `benchmarks`, `heldout`,
-`manifest`, `report` and `tiny_bench` never import it, `model`, `runner` and `offline` do when used.
+`manifest`, `protocol`, `report` and `tiny_bench` never import it at module level, `model`, `runner`
+and `offline` do when used.
 """
 
 from __future__ import annotations

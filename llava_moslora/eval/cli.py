@@ -4,7 +4,8 @@ subcommands.
 llava-moslora eval OUT/ --suite paper9 [--datasets MMBench_DEV_EN,MME] [--work-dir eval_runs]
     [--judge-model gpt-4o-mini --judge-base-url URL --judge-api-key-env VAR] [--limit N]
 llava-moslora eval OUT/ --score-only            # score saved predictions (e.g. once a judge is set)
-llava-moslora eval OUT/ --suite tiny --data-root tiny_bench/   # offline, writes the TSVs if absent
+llava-moslora eval OUT/ --suite tiny --data-root tiny_bench/   # offline (make-tiny-bench first)
+llava-moslora eval OUT/ ... --overwrite | --reuse     # into a run folder with earlier predictions
 llava-moslora report eval_runs/*/ --out table   # table.md + table.csv (Table 5)
 llava-moslora radar eval_runs/*/ --out mmbench_radar.png      # Figure 5
 llava-moslora make-tiny-bench tiny_bench/       # the offline TSVs only
@@ -27,7 +28,7 @@ def _error(message: str) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .benchmarks import resolve_datasets
-    from .manifest import read_export_manifest
+    from .manifest import export_identity, read_export_manifest
     from .offline import LMU_ENV
     from .runner import check_run_name
 
@@ -36,9 +37,14 @@ def _eval(args: argparse.Namespace) -> int:
         run_name = check_run_name(args.run_name or Path(args.model_dir).resolve().name)
         if args.data_root is not None:
             root = Path(args.data_root)
-            if args.suite != "tiny" and not root.is_dir():
-                return _error(f"`--data-root` {str(root)!r} is not a folder.")
-            root.mkdir(parents=True, exist_ok=True)
+            if not root.is_dir():
+                if not args.create_data_root or root.exists():
+                    return _error(
+                        f"`--data-root` {str(root)!r} is not a folder; check the path, or pass "
+                        "`--create-data-root` to create it (with `--suite tiny`, the tiny "
+                        "benchmarks are then written there)."
+                    )
+                root.mkdir(parents=True)
             os.environ[LMU_ENV] = str(root.resolve())
         manifest = read_export_manifest(args.model_dir)
     except (ValueError, FileNotFoundError) as error:
@@ -49,9 +55,18 @@ def _eval(args: argparse.Namespace) -> int:
         from .offline import data_root
         from .tiny_bench import has_tiny_bench, write_tiny_bench
 
-        if not has_tiny_bench(data_root()):
-            write_tiny_bench(data_root())
-            print(f"wrote the tiny offline benchmarks to {data_root()}")
+        try:
+            root = data_root()
+        except FileNotFoundError as error:
+            return _error(str(error))
+        if not has_tiny_bench(root):
+            if not args.create_data_root:
+                return _error(
+                    f"the data root {str(root)!r} lacks the tiny benchmarks; write them with "
+                    f"`llava-moslora make-tiny-bench {root}`, or pass `--create-data-root`."
+                )
+            write_tiny_bench(root)
+            print(f"wrote the tiny offline benchmarks to {root}")
 
     from .model import GenerationSettings, LLaVAMoSLoRA
     from .offline import OfflineError
@@ -70,6 +85,10 @@ def _eval(args: argparse.Namespace) -> int:
             if not datasets:
                 print("nothing pending: every benchmark of this run is scored already")
                 return 0
+        export = {
+            "dir": str(Path(args.model_dir).resolve()),
+            "identity": export_identity(args.model_dir, manifest),
+        }
         summary = run_benchmarks(
             datasets,
             work_dir=args.work_dir,
@@ -78,11 +97,15 @@ def _eval(args: argparse.Namespace) -> int:
                 args.model_dir, generation=generation, trust_remote_code=args.trust_remote_code
             ),
             manifest=manifest,
+            export=export,
             generation=generation.as_dict() if not args.score_only else None,
             judge=judge,
             limit=args.limit,
             score_only=args.score_only,
             offline=offline,
+            overwrite=args.overwrite,
+            reuse=args.reuse,
+            textvqa_ocr=args.textvqa_ocr,
         )
     except (ValueError, FileNotFoundError, OfflineError) as error:
         return _error(str(error))
@@ -117,7 +140,11 @@ def _report(args: argparse.Namespace) -> int:
     if chance is not None:
         print("\n".join(versus_chance(args.run_dirs, chance)))
     if args.radar:
-        return _radar(argparse.Namespace(run_dirs=args.run_dirs, out=args.radar))
+        return _radar(
+            argparse.Namespace(
+                run_dirs=args.run_dirs, out=args.radar, mmbench_split=args.mmbench_split
+            )
+        )
     return 0
 
 
@@ -125,7 +152,7 @@ def _radar(args: argparse.Namespace) -> int:
     from .report import draw_radar
 
     try:
-        path = draw_radar(args.run_dirs, args.out)
+        path = draw_radar(args.run_dirs, args.out, split=args.mmbench_split)
     except (ValueError, FileNotFoundError) as error:
         return _error(str(error))
     print(f"wrote {path}")
@@ -152,7 +179,13 @@ def _eval_compositional(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    try:
+        result = evaluate_run(args.config, args.checkpoint, args.items, options)
+    # ValueError: a checkpoint (or `pretrained_pth`) refused as unsafe, corrupt, non-finite or
+    # not fitting the config; OSError: a missing file.
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.items:
         result["chance"] = chance_accuracy(read_eval_items(args.items))
     print(json.dumps(result, indent=1))
@@ -161,19 +194,43 @@ def _eval_compositional(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to `llava-moslora`'s sub-parsers."""
-    from .benchmarks import PAPER9, SUITES, TINY
+    from .benchmarks import MMBENCH_SPLITS, SUITES_DIR, suite_names
 
     ev = sub.add_parser(
         "eval",
         help="run VLMEvalKit benchmarks on an exported model (paper9 or the offline tiny suite)",
-        description=f"paper9: {', '.join(PAPER9)}. tiny (offline): {', '.join(TINY)}.",
+        description=f"Suites: the files of {SUITES_DIR} (one benchmark name per line).",
     )
     ev.add_argument("model_dir", help="a folder written by `llava-moslora export`")
-    ev.add_argument("--suite", choices=sorted(SUITES), default="paper9")
+    ev.add_argument("--suite", choices=suite_names(), default="paper9")
     ev.add_argument("--datasets", help="comma-separated subset of the suite (default: all of it)")
     ev.add_argument("--work-dir", default="eval_runs", help="results go to WORK_DIR/RUN_NAME/")
     ev.add_argument("--run-name", help="default: the model folder's name")
-    ev.add_argument("--data-root", help="benchmark TSV folder (sets $LMUData)")
+    ev.add_argument("--data-root", help="benchmark TSV folder (sets $LMUData); must exist")
+    ev.add_argument(
+        "--create-data-root",
+        action="store_true",
+        help="create `--data-root` if it does not exist and, with --suite tiny, write the tiny "
+        "benchmarks there if they are absent",
+    )
+    ev.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the run folder holds predictions (of this or another export): remove the files "
+        "eval wrote there and predict afresh",
+    )
+    ev.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the run folder's predictions even if another export made them (as "
+        "VLMEvalKit's run.py --reuse); recorded in the results",
+    )
+    ev.add_argument(
+        "--textvqa-ocr",
+        metavar="JSONL",
+        help="ask TextVQA with LLaVA-1.5's own prompt (reference OCR tokens), verbatim from its "
+        "question file llava_textvqa_val_v051_ocr.jsonl; recorded as the prompt variant",
+    )
     ev.add_argument("--judge-model", help="OpenAI-compatible judge model (MathVista, MM-Vet)")
     ev.add_argument("--judge-base-url", help="judge API root, e.g. http://host:8000/v1")
     ev.add_argument(
@@ -202,8 +259,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rep = sub.add_parser("report", help="Table 5 (Markdown + CSV) from eval runs")
     rep.add_argument("run_dirs", nargs="+", help="WORK_DIR/RUN_NAME folders")
-    rep.add_argument("--out", default="table", help="writes OUT.md and OUT.csv")
+    rep.add_argument(
+        "--out", default="table", help="writes OUT.md and OUT.csv (OUT may end in .md or .csv)"
+    )
     rep.add_argument("--radar", help="also draw the MMBench radar to this PNG")
+    rep.add_argument("--mmbench-split", default="dev", choices=MMBENCH_SPLITS, help="radar's split")
     rep.add_argument(
         "--chance-from",
         metavar="DATA_ROOT",
@@ -214,6 +274,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     rad = sub.add_parser("radar", help="MMBench ability radar (Figure 5) from eval runs")
     rad.add_argument("run_dirs", nargs="+", help="WORK_DIR/RUN_NAME folders")
     rad.add_argument("--out", default="mmbench_radar.png")
+    rad.add_argument(
+        "--mmbench-split",
+        default="dev",
+        choices=MMBENCH_SPLITS,
+        help="which MMBench split to plot: dev (v1.0, the paper's) or V1.1 test",
+    )
     rad.set_defaults(func=_radar)
 
     tiny = sub.add_parser(

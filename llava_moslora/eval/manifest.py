@@ -77,3 +77,30 @@ def recorded_fields(manifest: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest fields copied into a results summary (missing ones as None)."""
     manifest = manifest or {}
     return {field: manifest.get(field) for field in RECORDED_FIELDS}
+
+
+def export_identity(model_dir: str | Path, manifest: dict[str, Any]) -> str:
+    """The export's identity: sha256 over its manifest and the bytes of every file it lists.
+
+    What a run folder records so that predictions are never scored as another model's: the
+    manifest alone does not change when a retrained checkpoint is re-exported under the same
+    path, the weights do. Manifests older than the `files` list hash every file of the folder.
+    """
+    import hashlib
+
+    model_dir = Path(model_dir)
+    names = manifest.get("files")
+    if names is None:
+        names = [
+            str(p.relative_to(model_dir))
+            for p in model_dir.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        ]
+    digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes())
+    for name in sorted(names):
+        file_digest = hashlib.sha256()
+        with Path(model_dir, name).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(block)
+        digest.update(f"\0{name}\0{file_digest.hexdigest()}".encode())
+    return f"sha256:{digest.hexdigest()}"

@@ -37,13 +37,12 @@ from ..data.prompts import language_of, mcq_prompt, short_answer_prompt
 from ..moslora.safety import require_finite, unreadable_safetensors
 from ..runs import image_features, square_pixels
 from . import import_vlmeval
-from .benchmarks import benchmark_type
+from .benchmarks import BENCHMARKS, benchmark_type
 from .manifest import read_export_manifest, require_export_files
+from .protocol import LLAVA_PROMPT_COLUMN
 
 BaseModel = import_vlmeval("vlmeval.vlm.base").BaseModel
 
-SHORT_ANSWER_TYPES = ("MCQ", "Y/N")
-SHORT_ANSWER_FAMILIES = ("TextVQA",)
 ADAPTER_FORMATS = ("xtuner", "peft-folded")
 
 
@@ -70,11 +69,10 @@ class GenerationSettings:
 
 
 def _is_short_answer(dataset: str | None) -> bool:
-    if dataset is None:
-        return False
-    if any(family in dataset for family in SHORT_ANSWER_FAMILIES):
-        return True
-    return benchmark_type(dataset) in SHORT_ANSWER_TYPES
+    """Whether the benchmark's family is asked with LLaVA-1.5's own prompt and a short answer
+    (a letter, yes/no, a word); judged free answers get VLMEvalKit's prompt and a long budget."""
+    entry = BENCHMARKS.get(dataset) if dataset else None
+    return entry is not None and entry.family.short_answer
 
 
 class LLaVAMoSLoRA(BaseModel):
@@ -82,6 +80,7 @@ class LLaVAMoSLoRA(BaseModel):
 
     INSTALL_REQ = False
     INTERLEAVE = False
+    READS_LLAVA_PROMPT = True  # asks a row's `llava_prompt` verbatim when the runner gives one
 
     def __init__(
         self,
@@ -235,8 +234,21 @@ class LLaVAMoSLoRA(BaseModel):
         """LLaVA-1.5's own prompts for multiple choice and short answers; VLMEvalKit's otherwise."""
         return _is_short_answer(dataset)
 
+    def prompt_variant(self, dataset: str) -> str:
+        """The prompt this model asks `dataset` with, as recorded in the results' protocol."""
+        if not _is_short_answer(dataset):
+            return "VLMEvalKit's"
+        if benchmark_type(dataset) == "MCQ":
+            return "LLaVA-1.5 multiple choice (options, then answer with the letter)"
+        return "LLaVA-1.5 short answer (a single word or phrase)"
+
     def build_prompt(self, line: pd.Series, dataset: str | None = None) -> list[dict[str, str]]:
         images = self.dump_image(line, dataset)
+        llava_prompt = line.get(LLAVA_PROMPT_COLUMN)
+        if isinstance(llava_prompt, str):  # LLaVA-1.5's own prompt for this row (TextVQA + OCR)
+            return [dict(type="image", value=p) for p in images] + [
+                dict(type="text", value=llava_prompt)
+            ]
         question = str(line["question"])
         hint = line["hint"] if "hint" in line and not pd.isna(line["hint"]) else None
         if benchmark_type(dataset) == "MCQ":

@@ -9,14 +9,14 @@ retry loops instead of failing. `no_network()` turns them into an immediate `Off
 - VLMEvalKit's `download_file`, in every module that imported it, raises;
 - any TCP connect to a host not explicitly allowed (e.g. a local judge) raises.
 
-`check_local_tsv` runs first for a known benchmark, so the usual case (data not copied yet) reads
-as "put MMVet.tsv with md5 X in $LMUData" rather than as a failed download.
+`local_tsv` runs first for a known benchmark, so the usual case (data not copied yet) reads as
+"put MMVet.tsv with md5 X in $LMUData" rather than as a failed download, and a local TSV whose md5
+is not VLMEvalKit's is used as it is, with a warning naming both md5s, never re-downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import sys
@@ -48,35 +48,40 @@ def data_root() -> Path:
     return Path(value)
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_local_tsv(name: str) -> None:
-    """Raise OfflineError unless VLMEvalKit would find benchmark `name` locally without a download."""
+def listed_tsv(name: str) -> tuple[type | None, str | None, str | None]:
+    """(VLMEvalKit's class, download URL, listed md5) of benchmark `name`; Nones for a name
+    VLMEvalKit does not download (a custom TSV, read as it is)."""
     from vlmeval.dataset import DATASET_CLASSES
 
     owner = next((cls for cls in DATASET_CLASSES if name in cls.supported_datasets()), None)
-    if owner is None or not getattr(owner, "DATASET_URL", {}).get(name):
-        return  # a custom TSV: VLMEvalKit reads it as it is, never downloads it
+    url = getattr(owner, "DATASET_URL", {}).get(name) if owner is not None else None
+    if not url:
+        return owner, None, None
+    return owner, url, getattr(owner, "DATASET_MD5", {}).get(name)
+
+
+def local_tsv(name: str, *, offline: bool) -> dict[str, str | None]:
+    """What VLMEvalKit will read for benchmark `name`: {"file", "md5", "listed_md5"}.
+
+    A TSV in $LMUData whose md5 differs from VLMEvalKit's list (an older or newer release, e.g.
+    MMBench V1.1 before VLMEvalKit's 2026-06-18 md5 change) is the user's file: it is used as
+    it is, never replaced by a download (`build_benchmark` skips VLMEvalKit's md5 check for it),
+    and the caller warns with both md5s. A missing file is an OfflineError offline; online,
+    VLMEvalKit downloads it (md5 then None here: the caller records it after the build).
+    """
+    from vlmeval.smp import md5
+
+    owner, url, listed = listed_tsv(name)
     path = data_root() / f"{name}.tsv"
-    expected = getattr(owner, "DATASET_MD5", {}).get(name)
     if not path.is_file():
-        raise OfflineError(
-            f"`--datasets` {name}: {path} does not exist and evaluation is offline, so VLMEvalKit "
-            f"cannot download it from {owner.DATASET_URL[name]}. Copy {name}.tsv"
-            f"{f' (md5 {expected})' if expected else ''} into $LMUData, or run without --offline."
-        )
-    if expected and _md5(path) != expected:
-        raise OfflineError(
-            f"`--datasets` {name}: {path} has md5 {_md5(path)}, VLMEvalKit expects {expected} and "
-            "would re-download it; evaluation is offline. Replace the file with the released TSV "
-            "(or give your own data a name VLMEvalKit does not know)."
-        )
+        if offline and url:
+            raise OfflineError(
+                f"`--datasets` {name}: {path} does not exist and evaluation is offline, so "
+                f"VLMEvalKit cannot download it from {url}. Copy {name}.tsv"
+                f"{f' (md5 {listed})' if listed else ''} into $LMUData, or run without --offline."
+            )
+        return {"file": path.name, "md5": None, "listed_md5": listed}
+    return {"file": path.name, "md5": md5(str(path)), "listed_md5": listed}
 
 
 @contextlib.contextmanager

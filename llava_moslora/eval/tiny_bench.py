@@ -211,7 +211,7 @@ def chance_scores(data_root: str | Path) -> dict[str, float]:
     * TextVQA: one over the number of answers the question's kind has (4 colours, 3 shapes, 4
       counts).
     """
-    from .benchmarks import COLUMN_OF, MME_SCALE
+    from .benchmarks import BENCHMARKS
 
     root = Path(data_root)
     chance: dict[str, float] = {}
@@ -221,9 +221,11 @@ def chance_scores(data_root: str | Path) -> dict[str, float]:
         for _, group in rows.groupby(rows["index"] % CIRCULAR_OFFSET):
             options = group.iloc[0][list(OPTION_LETTERS)].notna().sum()
             per_question.append((1 / options) ** len(group))
-        chance[COLUMN_OF[name]] = float(100 * sum(per_question) / len(per_question))
+        chance[BENCHMARKS[name].column] = float(100 * sum(per_question) / len(per_question))
     mme = pd.read_csv(root / f"{TINY_MME}.tsv", sep="\t")
-    chance[COLUMN_OF[TINY_MME]] = (50 + 25) * mme["category"].nunique() / MME_SCALE
+    chance[BENCHMARKS[TINY_MME].column] = BENCHMARKS[TINY_MME].table_score(
+        (50 + 25) * mme["category"].nunique()
+    )
     answers = {
         "colour": COLOURS,
         "shape": SHAPES,
@@ -231,7 +233,7 @@ def chance_scores(data_root: str | Path) -> dict[str, float]:
     }
     answers_of = {question: len(answers[kind]) for kind, question in _VQA_KINDS}
     vqa = pd.read_csv(root / f"{TINY_TEXTVQA}.tsv", sep="\t")
-    chance[COLUMN_OF[TINY_TEXTVQA]] = (
+    chance[BENCHMARKS[TINY_TEXTVQA].column] = (
         100 * sum(1 / answers_of[q] for q in vqa["question"]) / len(vqa)
     )
     return chance

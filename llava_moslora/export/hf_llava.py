@@ -4,7 +4,7 @@ XTuner's `pth_to_hf --save-format huggingface` writes the pre-4.52 key layout
 (`language_model.model.*`), so the model is assembled here from the merged towers:
 
     XTuner LLaVAModel                         LlavaForConditionalGeneration
-    llm.model (LlamaModel)              ->    model.language_model
+    llm.model (LlamaModel, Qwen2Model, ...) -> model.language_model
     llm.lm_head                         ->    lm_head
     visual_encoder (CLIPVisionModel)    ->    model.vision_tower
     projector.model.0 / act / .2        ->    model.multi_modal_projector.linear_1 / act / linear_2
@@ -24,8 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-
-from llava_moslora.moslora.safety import non_finite_keys
 
 IMAGE_TOKEN = "<image>"  # xtuner.utils.DEFAULT_IMAGE_TOKEN, LlavaProcessor's default
 
@@ -145,6 +143,22 @@ def _generate_ready(tokenizer) -> None:
     tokenizer.init_kwargs["model_input_names"] = list(TOKENIZER_INPUTS)  # saved with it
 
 
+def _transformers_ships(llm: nn.Module) -> bool:
+    """Whether `llm` is a transformers causal LM (not remote code) that LLaVA can hold: a
+    `.model` body and an `.lm_head`, and a config type transformers' Auto classes know."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = getattr(llm, "config", None)
+    return (
+        isinstance(llm, PreTrainedModel)
+        and type(llm).__module__.startswith("transformers.")
+        and getattr(config, "model_type", None) in CONFIG_MAPPING
+        and hasattr(llm, "model")
+        and hasattr(llm, "lm_head")
+    )
+
+
 def build_hf_llava(
     llm: nn.Module,
     visual_encoder: nn.Module,
@@ -158,7 +172,8 @@ def build_hf_llava(
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor) from merged towers and XTuner's projector.
 
-    `llm` must be a LlamaForCausalLM-like model with `.model` and `.lm_head` (plain, merged), and
+    `llm` must be a causal LM of an architecture transformers ships (LLaMA, Qwen2, ...), with
+    `.model` and `.lm_head` (plain, merged), and
     `visual_encoder` a CLIPVisionModel; `tokenizer` gets `<image>` added if it lacks it.
     `image_processor` (XTuner's CLIPImageProcessor) becomes a LlavaImageProcessor that pads to
     square when training did (`pad_image_to_square`).
@@ -166,17 +181,17 @@ def build_hf_llava(
     from accelerate import init_empty_weights
     from transformers import (
         CLIPVisionModel,
-        LlamaForCausalLM,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    if not isinstance(llm, LlamaForCausalLM):
+    if not _transformers_ships(llm):
         raise ValueError(
-            f"`--to hf-llava` needs a LLaMA-family LLM (LlamaForCausalLM), but the config builds a "
-            f"{type(llm).__name__}, which LlavaForConditionalGeneration cannot hold. Use "
-            "`--to merged-xtuner` for this backbone."
+            f"`--to hf-llava` needs an LLM whose architecture transformers itself ships (LLaMA, "
+            f"Vicuna, Qwen2, ...: LlavaForConditionalGeneration builds its text model from the "
+            f"config), but the config builds a {type(llm).__name__}, which stock transformers "
+            "cannot rebuild. Use `--to merged-xtuner` for this backbone."
         )
     if not isinstance(visual_encoder, CLIPVisionModel):
         raise ValueError(
@@ -243,13 +258,3 @@ def build_hf_llava(
         chat_template=template,
     )
     return model, processor
-
-
-def assert_finite(model: nn.Module) -> None:
-    """Refuse to write a model with NaN/inf weights (a diverged run, a bad merge)."""
-    bad = non_finite_keys(dict(model.named_parameters()))
-    if bad:
-        raise ValueError(
-            f"{len(bad)} merged weight(s) are not finite, e.g. {bad[:3]}: the checkpoint diverged "
-            "or the merge overflowed; try `--dtype float32`."
-        )

@@ -39,8 +39,9 @@ ADAPTED_TOWERS = ("llm", "visual_encoder")  # LLaVAModel attributes that can car
 class ExportManifest:
     """The contents of `llava_moslora_export.json` (see the module docstring).
 
-    `adapter_kind` is the adapter that was trained ("moslora", "lora", "dora", or None for a tower
-    without adapter), one string when both towers agree, else a {"llm": ..., "visual_encoder": ...}
+    `adapter_kind` is the adapter that was trained (a name of `moslora.kinds.ADAPTER_KINDS`:
+    "lora", "dora", "moslora", "ts_mixing", "init_only"; None for a tower without adapter; exports
+    written before TS-Mixing and init-only had names of their own say "moslora"), one string when both towers agree, else a {"llm": ..., "visual_encoder": ...}
     dict; `format` says how it is stored (a peft-folded export of a "moslora" run holds plain LoRA
     tensors). `mixer` holds each tower's MixerOptions as a dict, None for non-MoSLoRA towers.
     """

@@ -9,7 +9,8 @@ one is removed. `--overwrite` replaces OUT only if it is an earlier export holdi
 files its manifest lists (and not the checkpoint or config being exported). A killed export leaves
 its hidden folders behind; the next export into OUT removes those whose process is gone and whose
 marker file says they are an export's (restoring the old export if the new one never moved in),
-and names any other.
+and names any other. Those folders are found by their literal name, never a glob pattern built
+from OUT's (an OUT named `exp[1]` would otherwise reach `exp1`'s).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..owner import pid_alive, read_mark, write_mark
 from .manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger("llava_moslora.export")
@@ -88,37 +89,28 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path] = ())
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _marked_pid(folder: Path) -> int | None:
     """The PID in `folder`'s marker when it was written on this machine, else None."""
-    try:
-        pid, host = (folder / MARKER_NAME).read_text().split()
-        return int(pid) if host == socket.gethostname() else None
-    except (OSError, ValueError):
-        return None
+    mark = read_mark(folder / MARKER_NAME)
+    return mark.pid if mark is not None and mark.here else None
 
 
 def _mark(folder: Path) -> None:
-    # The host too: on a shared file system another machine's PIDs mean nothing here.
-    (folder / MARKER_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    write_mark(folder / MARKER_NAME)
+
+
+def _left_by(out: Path, kind: str) -> list[Path]:
+    """The `.OUT.<kind>-*` folders next to `out`, matched literally: an OUT named `exp[1]` or
+    `a*` must not reach another export's folders, as a glob pattern built from its name would."""
+    prefix = f".{out.name}.{kind}-"
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
 
 
 def clean_stale(out: Path) -> None:
     """Remove the hidden folders a killed export into `out` left; name those that are not ours."""
-    for folder in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(
-        out.parent.glob(f".{out.name}.old-*")
-    ):
+    for folder in _left_by(out, "partial") + _left_by(out, "old"):
         suffix = folder.name.rsplit("-", 1)[-1]
         pid = _marked_pid(folder) if folder.is_dir() else None
         if pid is None or str(pid) != suffix:
@@ -128,7 +120,7 @@ def clean_stale(out: Path) -> None:
                 folder,
                 MARKER_NAME,
             )
-        elif _pid_alive(pid):
+        elif pid_alive(pid):
             logger.warning("%s: export process %d is still running; left alone.", folder, pid)
         elif folder.name.startswith(f".{out.name}.old-") and not out.exists():
             # Killed between moving the old export aside and moving the new one in: put it back.

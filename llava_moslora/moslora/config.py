@@ -36,6 +36,20 @@ def check_rank_and_alpha(r: Any, lora_alpha: Any) -> None:
         )
 
 
+def check_lora_options(config: LoraConfig) -> None:
+    """Refuse what stock `LoraConfig` accepts and fails on later or never: `r` and `lora_alpha`
+    (check_rank_and_alpha), and a `lora_dropout` outside [0, 1) (torch refuses it only when the
+    layers are built; 1 would drop the whole adapter input). For plain LoRA configs too: `train`
+    checks every adapter of a config with it before XTuner starts."""
+    check_rank_and_alpha(config.r, config.lora_alpha)
+    dropout = config.lora_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(
+            f"`lora_dropout` should be a probability in [0, 1) but the value passed is "
+            f"{dropout!r}. Use e.g. lora_dropout=0.05, or 0 for none."
+        )
+
+
 def moslora_config(
     *,
     mixer_init: str = "kaiming",
@@ -49,8 +63,9 @@ def moslora_config(
     passes through to `LoraConfig`, so this works as `type=moslora_config` in an XTuner config.
 
     Args:
-        mixer_init: `kaiming` (default, the paper's), `orthogonal`, `identity`, `normal`,
-            `butterfly` (TS-Mixing). `zero` is refused (paper App. C).
+        mixer_init: a name of `inits.MIXER_INITS`: `kaiming` (default, the paper's),
+            `orthogonal`, `identity`, `normal`, `butterfly` (TS-Mixing), or one registered with
+            `inits.mixer_init`. `zero` is refused (paper App. C).
         mixer_trainable: learn the mixer (default) or freeze it; frozen `identity` is vanilla LoRA,
             frozen `butterfly` is TS-Mixing.
         init_only: fold the random mixer into A at init and keep a frozen identity (the control
@@ -61,7 +76,7 @@ def moslora_config(
     """
     options = MixerOptions(init=mixer_init, trainable=mixer_trainable, init_only=init_only)
     config = LoraConfig(**lora_kwargs)
-    check_rank_and_alpha(config.r, config.lora_alpha)
+    check_lora_options(config)
     options.check_rank(config.r)
     setattr(config, OPTIONS_ATTR, options)
     return register(config)

@@ -1,18 +1,15 @@
-"""The r x r mixer of MoSLoRA and its initialisations (paper Sec. 3.2, Table 3).
+"""The r x r mixer of MoSLoRA and its initial value (paper Sec. 3.2, Table 3).
 
-Every init is written with tensor methods (`uniform_`, `normal_`, `torch.linalg.qr`) rather than
-`torch.nn.init.*`: XTuner builds models inside `LoadWoInit`, which replaces the `torch.nn.init`
-functions with no-ops, and a mixer created there would silently stay uninitialised memory.
+The inits themselves are the table in `inits.py`; `initial_mixer` draws the one the options name.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inits import MIXER_INITS
 from .options import MixerOptions
 
 
@@ -30,28 +27,13 @@ def initial_mixer(
     """
     options.check_rank(r)
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    weight = torch.empty(r, r, device=device, dtype=dtype)
-    if options.init == "kaiming":
-        # kaiming_uniform_(a=sqrt(5)) with fan_in = r: gain sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / r)
-        bound = 1.0 / math.sqrt(r)
-        weight.uniform_(-bound, bound)
-    elif options.init == "orthogonal":
-        # Saxe et al. 2014: Q of a Gaussian matrix, signs fixed so the draw is uniform (Haar).
-        q, upper = torch.linalg.qr(weight.normal_())
-        weight = q * torch.sign(torch.diagonal(upper)).unsqueeze(0)
-    elif options.init == "normal":
-        weight.normal_(0.0, 1.0 / r)
-    elif options.init == "identity":
-        weight = torch.eye(r, device=device, dtype=dtype)
-    elif options.init == "butterfly":
-        weight = butterfly(r, device=device).to(dtype)
+    weight = MIXER_INITS[options.init].draw(torch.empty(r, r, device=device, dtype=dtype))
+    if weight.shape != (r, r) or weight.dtype != dtype:
+        raise ValueError(
+            f"mixer init {options.init!r} returned a {tuple(weight.shape)} {weight.dtype} tensor; "
+            f"its draw function should return the ({r}, {r}) {dtype} tensor it was given, filled."
+        )
     return weight
-
-
-def butterfly(r: int, *, device: torch.device | None = None) -> torch.Tensor:
-    """TS-Mixing's fixed mixer [[I, I], [I, I]] (paper Eq. 3): x (A1 + A2)(B1 + B2)."""
-    half = torch.eye(r // 2, device=device)
-    return torch.cat([torch.cat([half, half], 1), torch.cat([half, half], 1)], 0)
 
 
 class Mixer(nn.Module):

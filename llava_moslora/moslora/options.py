@@ -11,12 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..jsonfile import read_json_object
-
-MIXER_INITS = ("kaiming", "orthogonal", "identity", "normal", "butterfly")
-# Inits that draw a random mixer: the only ones for which `init_only` (fold it into A) means anything.
-RANDOM_MIXER_INITS = ("kaiming", "orthogonal", "normal")
-# Inits whose mixer is a fixed, known matrix: frozen by default they give vanilla LoRA / TS-Mixing.
-FIXED_PATTERN_INITS = ("identity", "butterfly")
+from .inits import MIXER_INITS, random_inits
 
 OPTIONS_FILE = "moslora_config.json"
 
@@ -26,9 +21,9 @@ class MixerOptions:
     """How the r x r mixer of one MoSLoRA adapter is initialised and trained.
 
     Args:
-        init: `kaiming` (paper default: uniform with a=sqrt(5), like LoRA's A), `orthogonal`,
-            `identity`, `normal` (std 1/r), or `butterfly` (TS-Mixing's fixed [[I, I], [I, I]],
-            needs an even r).
+        init: a name in `inits.MIXER_INITS`: `kaiming` (paper default: uniform with a=sqrt(5),
+            like LoRA's A), `orthogonal`, `identity`, `normal` (std 1/r), or `butterfly`
+            (TS-Mixing's fixed [[I, I], [I, I]], needs an even r).
         trainable: whether the mixer is learned. `None` means "learned", except with `init_only`,
             where there is no mixer left to learn. A frozen mixer is stored as a buffer, so no
             optimizer, PEFT `set_adapter` or XTuner freeze logic can make it trainable by accident.
@@ -48,7 +43,7 @@ class MixerOptions:
                 "mixer gives A, B and the mixer all zero gradients, so training never starts "
                 "(MoSLoRA paper, App. C). Use 'kaiming' (the paper's default) or 'orthogonal'."
             )
-        if self.init not in MIXER_INITS:
+        if not isinstance(self.init, str) or self.init not in MIXER_INITS:
             raise ValueError(
                 f"`mixer_init` should be one of {', '.join(MIXER_INITS)} but the value passed is "
                 f"{self.init!r}."
@@ -62,10 +57,10 @@ class MixerOptions:
             raise ValueError(
                 f"`init_only` should be True or False but the value passed is {self.init_only!r}."
             )
-        if self.init_only and self.init not in RANDOM_MIXER_INITS:
+        if self.init_only and not MIXER_INITS[self.init].random:
             raise ValueError(
                 f"`init_only=True` folds a random mixer into A, but `mixer_init` is {self.init!r}, "
-                f"which is not random. Use one of {', '.join(RANDOM_MIXER_INITS)}."
+                f"which is not random. Use one of {', '.join(random_inits())}."
             )
         if self.init_only and self.trainable:
             raise ValueError(
@@ -78,11 +73,17 @@ class MixerOptions:
         """Whether the mixer is a trainable parameter (else a frozen buffer)."""
         return not self.init_only if self.trainable is None else self.trainable
 
+    @property
+    def fixed_matrix(self) -> bool:
+        """Whether the mixer is frozen at a known, non-random matrix (vanilla LoRA's identity,
+        TS-Mixing's butterfly, init-only's identity): a checkpoint must hold exactly that matrix."""
+        return not self.learnable and (self.init_only or not MIXER_INITS[self.init].random)
+
     def check_rank(self, r: int) -> None:
         """Raise if this init cannot build an r x r mixer."""
-        if self.init == "butterfly" and r % 2:
+        if MIXER_INITS[self.init].even_rank and r % 2:
             raise ValueError(
-                f"`mixer_init='butterfly'` splits the rank into two halves, so `r` should be even "
+                f"`mixer_init={self.init!r}` splits the rank into two halves, so `r` should be even "
                 f"but the value passed is {r}. Use an even `r`."
             )
 

@@ -1,31 +1,50 @@
 """Reading tensor files as data: the one place this project calls `torch.load`, and finite checks.
 
 A `.pth` / `.pt` / `.bin` file is a pickle, and a pickle can run any code while it is read
-(`torch.load(..., weights_only=False)` does exactly that). Every checkpoint this project reads goes
-through `safe_torch_load`, which uses torch's weights-only unpickler: tensors, containers and
-numbers load; a class or function (a "global") loads only if the caller allows it by name, for the
-duration of this one call (`torch.serialization.safe_globals`, not the process-wide list). The
-callers pass exactly what their files need: nothing for adapters, mmengine's and DeepSpeed's
-bookkeeping for training checkpoints (`llava_moslora.train.checkpoints.checkpoint_globals`).
+(`torch.load(..., weights_only=False)` with the stock pickle module does exactly that). Every
+checkpoint this project reads goes through `safe_torch_load`, which unpickles with torch's own
+weights-only unpickler: tensors, containers and numbers load; a class or function (a "global")
+loads only if the caller allows it by name. The callers pass exactly what their files need:
+nothing for adapters, mmengine's and DeepSpeed's bookkeeping for training checkpoints
+(`llava_moslora.train.checkpoints.checkpoint_globals`).
 
-A diverged run saves NaN/inf tensors without complaint; `require_finite` refuses them at every
-boundary (export, `load_adapter`, eval), naming the tensor and the file.
+The allowed globals are private to the call. torch keeps one allow-list per process
+(`torch.serialization.add_safe_globals`, and `safe_globals`, which adds to that same list for the
+duration of a `with` block): anything registered there widens every other `torch.load` in the
+process, and two threads entering and leaving `safe_globals` can leave it widened for good. So
+`safe_torch_load` leaves that list alone (unless TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, see there):
+it hands `torch.load` a private instance of torch's weights-only unpickler module
+(`_restricted_unpickler`), whose allow-list is the caller's and nothing else, as `pickle_module`
+-- what `torch.load(weights_only=True)` does with the shared one. A list registered process-wide
+by someone else is therefore not honoured here either.
+
+A diverged run saves NaN/inf tensors without complaint, and a cast to float16 turns finite values
+above 65504 into inf; `require_finite` (tensors in memory) and `non_finite_keys_in_file` (a
+written `.safetensors` file) find them at every boundary (export, `load_adapter`, eval), and the
+errors name the tensor and the file.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import pickle
 import re
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._weights_only_unpickler
 
 # torch's weights-only unpickler names the refused global in one of these forms:
 #   "Unsupported global: GLOBAL os.system was not an allowed global by default ..."
 #   "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
-_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# and an allowed stand-in that refuses its arguments (`llava_moslora.train.checkpoints`) as
+#   "GLOBAL builtins.getattr(<builtin_function_or_method>, '__self__') is not allowed ..."
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+(?:\([^)]*\))?)")
 SHOWN_KEYS = 3  # non-finite keys named per error
 
 
@@ -71,6 +90,34 @@ def _corrupt(path: Path, error: BaseException) -> CorruptCheckpointError:
     )
 
 
+def private_module_copy(module: types.ModuleType, name: str) -> types.ModuleType:
+    """A fresh instance of `module`, run from its own source file, that only the caller holds.
+
+    Its globals are its own: rebinding one (an allow-list, the `torch` a loader calls) changes
+    nothing for `module` or anyone else in the process, so there is nothing to restore and no
+    other thread can see it half-done. The copy is not put in `sys.modules`.
+    """
+    spec = importlib.util.spec_from_file_location(name, module.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy
+
+
+def _weights_only_forced() -> bool:
+    """Whether TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, read as torch.load reads it."""
+    return os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
+
+
+@functools.cache
+def _restricted_unpickler(allowed: frozenset) -> types.ModuleType:
+    """torch's weights-only unpickler module with `allowed` as its (private) user allow-list."""
+    unpickler = private_module_copy(
+        torch._weights_only_unpickler, "llava_moslora._weights_only_unpickler"
+    )
+    unpickler._add_safe_globals(list(allowed))  # the copy's own list: torch's stays as it is
+    return unpickler
+
+
 def safe_torch_load(
     path: str | Path,
     *,
@@ -78,7 +125,7 @@ def safe_torch_load(
     map_location: Any = "cpu",
     mmap: bool | None = None,
 ) -> Any:
-    """`torch.load(path, weights_only=True)` with `allowed_globals` allowed for this call only.
+    """`torch.load(path, weights_only=True)` with exactly `allowed_globals` allowed, for this call.
 
     Raises UnsafeCheckpointError naming the refused global and the file, CorruptCheckpointError for
     a file torch cannot read, FileNotFoundError for a missing one. Never runs the file's code.
@@ -88,8 +135,21 @@ def safe_torch_load(
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     allowed = list(allowed_globals)
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if _weights_only_forced():
+            # TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch refuse any `pickle_module`: its own
+            # unpickler then, with `allowed` in the shared list for this call (classes, and a
+            # getattr that answers HistoryBuffer's statistics only: nothing that runs code).
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # weights_only=False only because torch refuses a `pickle_module` with True: the module
+        # passed is torch's weights-only unpickler itself (a private copy, `allowed` its list).
+        return torch.load(
+            path,
+            map_location=map_location,
+            weights_only=False,
+            pickle_module=_restricted_unpickler(frozenset(allowed)),
+            mmap=mmap,
+        )
     except pickle.UnpicklingError as error:
         refused = _refused_global(path, error, allowed)
         if refused is None:
@@ -142,13 +202,39 @@ def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def require_finite(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+DIVERGED = (
+    "the run diverged. Use an earlier checkpoint (or a lower learning rate); a non-finite adapter "
+    "cannot be exported or evaluated."
+)
+
+
+def non_finite_error(
+    bad: list[str], source: str | Path, why: str = DIVERGED
+) -> NonFiniteTensorError:
+    """The error naming the non-finite keys `bad` of `source` (the first SHOWN_KEYS of them)."""
+    more = f" and {len(bad) - SHOWN_KEYS} more" if len(bad) > SHOWN_KEYS else ""
+    return NonFiniteTensorError(
+        f"{source}: {len(bad)} tensor(s) hold non-finite (NaN/inf) values, e.g. "
+        f"`{'`, `'.join(bad[:SHOWN_KEYS])}`{more}: {why}"
+    )
+
+
+def require_finite(
+    tensors: Mapping[str, torch.Tensor], source: str | Path, why: str = DIVERGED
+) -> None:
     """Raise NonFiniteTensorError naming the keys of `tensors` (read from `source`) with NaN/inf."""
     bad = non_finite_keys(tensors)
     if bad:
-        more = f" and {len(bad) - SHOWN_KEYS} more" if len(bad) > SHOWN_KEYS else ""
-        raise NonFiniteTensorError(
-            f"{source}: {len(bad)} tensor(s) hold non-finite (NaN/inf) values, e.g. "
-            f"`{'`, `'.join(bad[:SHOWN_KEYS])}`{more}: the run diverged. Use an earlier checkpoint "
-            "(or a lower learning rate); a non-finite adapter cannot be exported or evaluated."
-        )
+        raise non_finite_error(bad, source, why)
+
+
+def non_finite_keys_in_file(path: str | Path) -> list[str]:
+    """The keys of a `.safetensors` file's floating-point tensors that hold a NaN or an inf.
+
+    One tensor in memory at a time (a merged model's shards are gigabytes), as written on disk.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        keys = file.keys()  # safe_open is not iterable
+        return [key for key in keys if non_finite_keys({key: file.get_tensor(key)})]

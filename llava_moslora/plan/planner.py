@@ -5,7 +5,7 @@
 How each figure is obtained:
 
 * Parameters: XTuner's own `LLaVAModel.__init__` runs on the meta device, with the LLM and ViT
-  built from their configs (a local folder's config.json, or the hub ids of standin.HUB_SHAPES
+  built from their configs (a local folder's config.json, or the hub ids of standin.HUB_MODELS
   offline). So PEFT's target matching, `prepare_model_for_kbit_training`'s casts, the projector
   and every adapter and mixer are exactly what a real build makes; bytes = numel x dtype size.
   4-bit NF4 weights (the Linear layers bitsandbytes would replace, same skip rule as transformers)
@@ -82,11 +82,11 @@ def _pretrained_config(path: str, kind: str, trust_remote_code: bool):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    shape = standin.HUB_SHAPES.get(path)
+    shape = standin.HUB_MODELS.get(path)
     if shape is None:
         raise FileNotFoundError(
             f"`pretrained_model_name_or_path` {path!r} is neither a local folder with a "
-            f"config.json nor a hub id `plan` knows offline ({', '.join(standin.HUB_SHAPES)}); "
+            f"config.json nor a hub id `plan` knows offline ({', '.join(standin.HUB_MODELS)}); "
             "point it at a local copy with --cfg-options."
         )
     if kind == "vit":

@@ -73,8 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Takes the arguments of `xtuner train` (--work-dir, --deepspeed, --resume, "
         "--seed, --cfg-options, --launcher) and its environment variables (NPROC_PER_NODE, "
         "NNODES, NODE_RANK, ADDR, PORT). Exit code: 0 when training finished, 2 for an input to "
-        "fix (bad samples, a missing data file, config or model path; one `error:` line), "
-        "anything else for a crash.",
+        "fix (a bad adapter option, config, --cfg-options item or environment variable, bad "
+        "samples, a missing data file or model path, a work dir in use by another training or "
+        "holding another run's checkpoints without --resume; one `error:` line), anything else "
+        "for a crash.",
     )
     train.add_argument(
         "--engine",

@@ -1,65 +1,98 @@
-"""Let `xtuner train --resume` read mmengine checkpoints on torch >= 2.6 (CPU and GPU alike).
+"""Route XTuner's and mmengine's own checkpoint reads through the safe loader (torch >= 2.6 too).
 
-torch 2.6 made `torch.load(..., weights_only=True)` the default. XTuner 0.2.0's
-`get_seed_from_checkpoint` and mmengine 0.10's `load_from_local` (the runner's resume) call a bare
-`torch.load`, and an mmengine checkpoint holds more than tensors: the message hub's
-`HistoryBuffer`s with their numpy arrays and the bound statistics methods they pickle by name.
-So a resume fails with "Weights only load failed ... Unsupported global: HistoryBuffer".
+Four reads during training are not ours, and each calls `torch.load` on a file from outside:
 
-Rather than switching the safety check off for the whole process
-(`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`, which also lets any pickle run code), we allow exactly
-the globals an mmengine checkpoint contains, found with
-`torch.serialization.get_unsafe_globals_in_checkpoint` on a tiny run's checkpoint:
+    mmengine   `load_from_local` (the runner's `--resume` and `load_from`)  bare torch.load
+    DeepSpeed  `TorchCheckpointEngine.load` (`--resume` under --deepspeed)   weights_only=False
+    XTuner     `get_seed_from_checkpoint` (the seed `--resume` restores)    bare torch.load
+    XTuner     `guess_load_checkpoint` (LLaVAModel's `pretrained_pth`)      weights_only=False
 
-    mmengine.logging.history_buffer.HistoryBuffer, builtins.getattr (its `statistics_methods`
-    are pickled as getattr(HistoryBuffer, "mean")), numpy.ndarray, numpy.dtype (+ the dtype
-    classes), numpy._core.multiarray._reconstruct and .scalar
+On torch >= 2.6 a bare `torch.load` is weights-only and refuses an mmengine checkpoint's message
+hub ("Unsupported global: HistoryBuffer"), so `--resume` fails; `weights_only=False` runs whatever
+the pickle says. Allowing mmengine's globals in torch's process-wide list
+(`torch.serialization.add_safe_globals`) would fix the bare ones and widen every other load in the
+process, adapters included -- and the list mmengine needs held `builtins.getattr`, with which a
+pickle rebinds `len` to `exec`. So nothing is registered with torch. Instead `apply()` hands each
+of the four its safe counterpart in `llava_moslora.train.checkpoints`:
 
-`getattr` is the least tight of these; torch's own error message suggests allowing it, and the
-files loaded this way are the run's own checkpoints. `configs/_base_/default_runtime.py` calls
-`apply()` while the config is parsed, before XTuner reads the checkpoint's seed.
+    mmengine's CheckpointLoader scheme for local paths  ->  load_checkpoint_file
+    DeepSpeed's TorchCheckpointEngine.load              ->  load_checkpoint_file
+    get_seed_from_checkpoint (where XTuner bound it)     ->  resumed_seed
+    guess_load_checkpoint (where XTuner bound it)        ->  pretrained_state
+
+through mmengine's documented hook (`CheckpointLoader.register_scheme(..., force=True)`), the
+method of DeepSpeed's default checkpoint engine, and, for XTuner, by rebinding the names in the modules that imported them (`xtuner train` runs
+xtuner/tools/train.py as `__main__`, so that is one of them). Every replacement refuses more than
+the original, never less; the rebinding is done once and never undone, so no thread sees it
+half-done. `configs/_base_/default_runtime.py` calls `apply()` while the config is parsed (before
+XTuner reads the seed or builds the model), and `llava_moslora.runs.build_model` calls it too.
 """
 
 from __future__ import annotations
 
-import builtins
+import importlib
+import os
+import sys
+from typing import Any
 
-import numpy as np
-import torch
-
-# The numpy dtypes mmengine's logs hold (float losses, int counters, bool flags).
-_NUMPY_SCALARS = (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)
-
-
-def _numpy_core():
-    # numpy 2 renamed numpy.core to numpy._core; checkpoints name whichever wrote them.
-    return getattr(np, "_core", None) or np.core
-
-
-def mmengine_checkpoint_globals() -> list:
-    """The non-tensor globals an mmengine / XTuner training checkpoint pickles."""
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    core = _numpy_core()
-    return [
-        HistoryBuffer,
-        builtins.getattr,
-        np.ndarray,
-        np.dtype,
-        core.multiarray._reconstruct,
-        core.multiarray.scalar,
-        *(type(np.dtype(scalar)) for scalar in _NUMPY_SCALARS),
-    ]
+# name: the modules where XTuner 0.2.0 defines (first) and imports the two functions it reads checkpoints with.
+XTUNER_READERS = {
+    "get_seed_from_checkpoint": ("xtuner.tools.utils", "xtuner.tools.train", "__main__"),
+    "guess_load_checkpoint": (
+        "xtuner.model.utils",
+        "xtuner.model.llava",
+        "xtuner.model.internvl",
+        "xtuner.tools.test",
+        "xtuner.tools.model_converters.pth_to_hf",
+    ),
+}
 
 
-def allow_mmengine_checkpoint_globals() -> None:
-    """Add `mmengine_checkpoint_globals()` to torch's weights-only allowlist (idempotent)."""
-    add = getattr(torch.serialization, "add_safe_globals", None)
-    if add is None:  # torch < 2.4: weights_only is not the default, nothing to allow
-        return
-    add(mmengine_checkpoint_globals())
+def _load_from_local(filename: str, map_location: Any = None) -> Any:
+    """mmengine's `load_from_local`, read as data."""
+    from llava_moslora.train.checkpoints import load_checkpoint_file
+
+    return load_checkpoint_file(os.path.expanduser(filename), map_location=map_location)
+
+
+def _route_mmengine() -> None:
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local, force=True)
+
+
+def _deepspeed_engine_load(self: Any, path: str, map_location: Any = None) -> Any:  # noqa: ARG001
+    """DeepSpeed's `TorchCheckpointEngine.load`, read as data."""
+    from llava_moslora.train.checkpoints import load_checkpoint_file
+
+    return load_checkpoint_file(path, map_location=map_location)
+
+
+def _route_deepspeed() -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    TorchCheckpointEngine.load = _deepspeed_engine_load
+
+
+def _route_xtuner() -> None:
+    from llava_moslora.train.checkpoints import pretrained_state, resumed_seed
+
+    safe = {"get_seed_from_checkpoint": resumed_seed, "guess_load_checkpoint": pretrained_state}
+    for name, modules in XTUNER_READERS.items():
+        defining = importlib.import_module(modules[0])
+        original = getattr(defining, name)
+        if original is safe[name]:  # applied before
+            continue
+        # The defining module first: modules imported from now on bind the safe function. Those
+        # imported before hold XTuner's (`__main__` may be anything: only if it holds that).
+        for module_name in modules:
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, name, None) is original:
+                setattr(module, name, safe[name])
 
 
 def apply() -> None:
-    """Install the compatibility fixes; safe to call more than once."""
-    allow_mmengine_checkpoint_globals()
+    """Install the routes; safe to call more than once."""
+    _route_mmengine()
+    _route_deepspeed()
+    _route_xtuner()

@@ -331,6 +331,8 @@ def lr_factor(iteration: int, recipe: Recipe, iters_per_epoch: int) -> float:
     LinearLR reaches the full rate on the warm-up's last iteration (`total_iters = end - begin - 1`)
     and the cosine spans `end - begin` iterations."""
     warmup = int(recipe.warmup_epochs * iters_per_epoch)
+    if recipe.warmup_epochs > 0:  # schedule.warmup_iterations (mmengine-free here): at least one
+        warmup = max(1, warmup)
     end = recipe.epochs * iters_per_epoch
     if iteration < warmup:
         start = recipe.warmup_start_factor

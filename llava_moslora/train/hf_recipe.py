@@ -126,10 +126,12 @@ def _adapter(lora: Any, where: str) -> Adapter | None:
 def _scheduler(cfg: Any) -> tuple[float, float, float]:
     """(warm-up end in epochs, LinearLR start_factor, cosine eta_min) of `param_scheduler`."""
     names = [getattr(s["type"], "__name__", str(s["type"])) for s in cfg.param_scheduler]
-    if names != ["LinearLR", "CosineAnnealingLR"]:
+    # The base's pair (llava_moslora/train/schedule.py), or mmengine's own, which differ only in
+    # rounding a short warm-up up to one iteration.
+    if names not in (["LinearWarmupLR", "CosineAfterWarmupLR"], ["LinearLR", "CosineAnnealingLR"]):
         raise RecipeError(
-            f"`param_scheduler` should be [LinearLR, CosineAnnealingLR] (the paper's warm-up and "
-            f"cosine) for the hf engine but the config has {names}"
+            f"`param_scheduler` should be [LinearWarmupLR, CosineAfterWarmupLR] (the paper's "
+            f"warm-up and cosine) for the hf engine but the config has {names}"
         )
     warmup, cosine = cfg.param_scheduler
     return float(warmup["end"]), float(warmup["start_factor"]), float(cosine["eta_min"])

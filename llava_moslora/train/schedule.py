@@ -25,12 +25,22 @@ which sets, in the dicts the child inherited,
 
 A loaded `mmengine.config.Config` is such a mapping too. `tests/test_configs.py` checks every
 config's derived values against their sources.
+
+The ends are in epochs; mmengine turns them into iterations when the run starts, once the data's
+length is known, as `int(epochs * iterations_per_epoch)`. On a small dataset the warm-up's end
+rounds down to iteration 0 (3 % of 2 epochs of 16 iterations is 0.96) and mmengine refuses the
+schedule ("end should be larger than begin"), though the data is valid. The base config's two
+schedulers are therefore `LinearWarmupLR` and `CosineAfterWarmupLR`: mmengine's LinearLR and
+CosineAnnealingLR, whose warm-up boundary is taken from the real step count, at least one
+iteration (`warmup_iterations`); a run long enough to round to one or more is unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping
 from typing import Any
+
+from mmengine.optim import CosineAnnealingLR, LinearLR
 
 KNOBS = ("max_epochs", "warmup_ratio", "batch_size", "accumulative_counts")
 DERIVED = ("param_scheduler", "train_cfg", "train_dataloader", "optim_wrapper")
@@ -87,3 +97,46 @@ def derive_schedule(cfg: MutableMapping[str, Any]) -> None:
         # XTuner's recipes give LengthGroupedSampler one optimizer step's samples per device.
         loader["sampler"]["per_device_batch_size"] = batch_size * accumulative_counts
     cfg["optim_wrapper"]["accumulative_counts"] = accumulative_counts
+
+
+def warmup_iterations(end_epochs: float, epoch_length: int) -> int:
+    """The warm-up's last iteration (exclusive) for a warm-up ending at `end_epochs`: mmengine's
+    `int(end_epochs * epoch_length)`, but at least 1 when there is a warm-up at all."""
+    if end_epochs <= 0:
+        return 0
+    return max(1, int(end_epochs * epoch_length))
+
+
+class LinearWarmupLR(LinearLR):
+    """mmengine's LinearLR whose end, given in epochs, never rounds down to iteration 0."""
+
+    @classmethod
+    def build_iter_from_epoch(
+        cls, *args, begin=0, end=float("inf"), by_epoch=True, epoch_length=None, **kwargs
+    ):
+        return cls(
+            *args,
+            begin=int(begin * epoch_length),
+            end=warmup_iterations(end, epoch_length),
+            by_epoch=False,
+            **kwargs,
+        )
+
+
+class CosineAfterWarmupLR(CosineAnnealingLR):
+    """mmengine's CosineAnnealingLR starting where `LinearWarmupLR` ends (its `begin` is the
+    warm-up's end, in epochs, rounded the same way)."""
+
+    @classmethod
+    def build_iter_from_epoch(
+        cls, *args, T_max=None, begin=0, end=float("inf"), by_epoch=True, epoch_length=None,
+        **kwargs,
+    ):  # fmt: skip
+        return cls(
+            *args,
+            T_max=None if T_max is None else T_max * epoch_length,
+            begin=warmup_iterations(begin, epoch_length),
+            end=end if end == float("inf") else int(end * epoch_length),
+            by_epoch=False,
+            **kwargs,
+        )

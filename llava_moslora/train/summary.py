@@ -18,6 +18,7 @@ from torch import nn
 
 from ..builders.vision_layers import layers_above, selected_index
 from ..moslora import mixer_options_of
+from ..moslora.kinds import kind_of
 from ..probes import full_numel, is_4bit
 
 GROUPS = ("llm adapter", "llm mixers", "vit adapter", "vit mixers", "projector", "other")
@@ -45,18 +46,20 @@ def trainable_by_group(model: nn.Module) -> dict[str, int]:
 
 
 def adapter_kind(tower: nn.Module) -> str:
-    """'MoSLoRA (mixer kaiming, learned)', 'LoRA', ... for a PEFT-wrapped tower, else 'none'."""
+    """'MoSLoRA (mixer kaiming, learned), r=64, alpha=128', 'LoRA, r=64, alpha=128', ... for a
+    PEFT-wrapped tower, else 'none'."""
     configs = getattr(tower, "peft_config", None)
     if not configs:
         return "none"
     config = configs[getattr(tower, "active_adapter", "default")]
-    options = mixer_options_of(config)
+    options, label = mixer_options_of(config), kind_of(config).label
+    size = f"r={config.r}, alpha={config.lora_alpha}"
     if options is None:
-        return "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+        return f"{label}, {size}"
     if options.init_only:
-        return f"init-only control (mixer {options.init} folded into A, then frozen identity)"
+        return f"{label} (mixer {options.init} folded into A, then frozen identity), {size}"
     state = "learned" if options.learnable else "frozen"
-    return f"MoSLoRA (mixer {options.init}, {state}), r={config.r}, alpha={config.lora_alpha}"
+    return f"{label} (mixer {options.init}, {state}), {size}"
 
 
 def _dtype_name(dtype: object) -> str:

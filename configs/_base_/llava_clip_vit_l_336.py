@@ -1,7 +1,11 @@
-"""LLaVA-1.5 visual instruction tuning on LLaMA-3-8B-Instruct + CLIP ViT-L/14-336 (XTuner recipe).
+"""LLaVA-1.5 visual instruction tuning: any causal LM + CLIP ViT-L/14-336 (XTuner recipe).
 
 PARTs 1-3 and the custom hooks of PART 5: towers frozen, XTuner's pretrained projector, the 665K
 LLaVA-1.5 mix. No adapters here: `llama3_moslora.py` and its relatives add them to `model`.
+The LLM is LLaMA-3-8B-Instruct, the paper's; a config for another family (a name of
+llava_moslora/builders/backbones.py's BACKBONES) sets `llm_name_or_path` and `pretrained_pth`
+and calls `use_backbone(globals(), FAMILY)`, which sets the template and the targets and
+re-points every dict below that names the LLM (`vicuna_moslora.py`, `qwen2_moslora.py`).
 """
 
 from mmengine.config import read_base
@@ -22,6 +26,7 @@ with read_base():
 #                          PART 1  Settings                           #
 #######################################################################
 # Model
+llm_family = "llama3"  # backbones.BACKBONES: its template, chat tokens and linear targets
 llm_name_or_path = "meta-llama/Meta-Llama-3-8B-Instruct"
 visual_encoder_name_or_path = "openai/clip-vit-large-patch14-336"
 # Its 24 encoder layers (llava_moslora.builders.standin.CLIP_L_336, the shape `plan` also reads), of
