@@ -26,15 +26,16 @@ deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print(next(d for d in deps if re.split(r"[<>=!~ ;\[]", d)[0] == sys.argv[1]))' "$1"
 }
 
-# uv pip would apply pyproject's [tool.uv] override-dependencies (transformers>=4.55,<4.58) over the
-# pins and keep the locked transformers: --no-config.
+# PyPI's versions at the ends of [project]'s bounds, not filtered through pyproject's [tool.uv]
+# settings: --no-config.
 resolve() {  # resolve REQUIREMENT lowest|highest -> the version PyPI has at that end of the bounds
     echo "$1" | uv pip compile --no-config - --no-deps --resolution "$2" --no-header --no-annotate -q |
         sed -n 's/^[^=]*==//p'
 }
 
 mkdir -p "$COMPAT_DIR"
-uv export --frozen --no-hashes --no-emit-project --all-groups -q -o "$COMPAT_DIR/locked.txt"
+# The default groups (dev, xtuner): the hf5 group conflicts with xtuner, so not --all-groups.
+uv export --frozen --no-hashes --no-emit-project -q -o "$COMPAT_DIR/locked.txt"
 peft_req=$(bound peft)
 transformers_req=$(bound transformers)
 peft_versions=("$(resolve "$peft_req" lowest)" "$(resolve "$peft_req" highest)")

@@ -28,6 +28,7 @@ from tests.factories import (
     save_mmengine_checkpoint,
 )
 from tests.launchers import run_train
+from tests.stock_interpreter import STOCK_READER
 
 
 def xtuner_style_logits(llm, visual_encoder, projector, inputs, select_layer=-2):
@@ -87,50 +88,6 @@ def test_default_dtype_writes_bfloat16_adapters_and_projector(trained, tmp_path)
 
 
 # --- peft-folded and merged-xtuner, read by stock libraries only -----------------------------
-
-# Runs in `stock_python`, which never imports llava_moslora: stock transformers + PEFT, the folder
-# layout probed the way VLMEvalKit's LLaVA_XTuner and `xtuner chat --llava` probe it (llm/ and
-# visual_encoder/ if present, else the manifest's base models plus llm_adapter/ and
-# visual_encoder_adapter/), the projector through AutoModel with trust_remote_code (its code is
-# saved next to it), and the image features spliced where the image index sits.
-STOCK_READER = r"""
-import json, os, sys
-import torch
-from peft import PeftModel
-from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel
-
-inputs = torch.load(sys.argv[1])
-results = {}
-for export_dir in sys.argv[3:]:
-    manifest = json.load(open(os.path.join(export_dir, "llava_moslora_export.json")))
-    entries = os.listdir(export_dir)
-    llm_path = os.path.join(export_dir, "llm") if "llm" in entries else manifest["llm"]
-    vit_path = (
-        os.path.join(export_dir, "visual_encoder")
-        if "visual_encoder" in entries else manifest["visual_encoder"]
-    )
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, torch_dtype=torch.float32)
-    vit = CLIPVisionModel.from_pretrained(vit_path, torch_dtype=torch.float32)
-    if "llm_adapter" in entries:
-        llm = PeftModel.from_pretrained(llm, os.path.join(export_dir, "llm_adapter"))
-    if "visual_encoder_adapter" in entries:
-        vit = PeftModel.from_pretrained(vit, os.path.join(export_dir, "visual_encoder_adapter"))
-    projector = AutoModel.from_pretrained(
-        os.path.join(export_dir, "projector"), trust_remote_code=True, torch_dtype=torch.float32
-    )
-    for m in (llm, vit, projector):
-        m.eval()
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        hidden = vit(inputs["pixel_values"], output_hidden_states=True).hidden_states
-        features = projector(hidden[manifest["visual_select_layer"]][:, 1:])  # (1, 16, hidden)
-        at = int((ids[0] == -200).nonzero()[0])
-        embed = llm.get_input_embeddings()
-        embeds = torch.cat([embed(ids[:, :at]), features, embed(ids[:, at + 1:])], dim=1)
-        results[export_dir] = llm(inputs_embeds=embeds).logits
-assert not any(name.startswith("llava_moslora") for name in sys.modules), "imported our package"
-torch.save(results, sys.argv[2])
-"""
 
 
 @pytest.fixture(scope="module")

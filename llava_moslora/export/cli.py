@@ -36,8 +36,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the `export` sub-command to the `llava-moslora` parser."""
-    from mmengine.config import DictAction
+    """Add the `export` sub-command to the `llava-moslora` parser.
+
+    Export reads runs through mmengine and XTuner; where they are absent (the hf5 environment)
+    the command is still listed, so that `llava-moslora train --engine hf` can parse.
+    """
+    try:
+        from mmengine.config import DictAction
+    except ImportError:
+        DictAction = "extend"  # noqa: N806 - the export itself then names what is missing
 
     parser = sub.add_parser(
         "export",

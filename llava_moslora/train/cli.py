@@ -11,9 +11,46 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.engine == "hf":
+        return _train_hf(args.config, args.xtuner_args)
     from .launch import train
 
     return train([args.config, *args.xtuner_args])
+
+
+def _train_hf(config: str, argv: list[str]) -> int:
+    """`train --engine hf CONFIG ARGS`: the arguments of `xtuner train` the hf engine takes."""
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="llava-moslora train --engine hf CONFIG")
+    parser.add_argument("--work-dir", help="default ./work_dirs/CONFIG_NAME, as XTuner's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="from WORK_DIR/last_checkpoint")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-iters", type=int, help="stop after this many iterations")
+    parser.add_argument(
+        "--write-recipe", metavar="FILE", help="only write the config's recipe (JSON) to FILE"
+    )
+    args = parser.parse_args(argv)
+    from .hf_recipe import RecipeError, recipe_from_file, write_recipe
+
+    try:
+        options = None
+        if args.cfg_options:
+            from .launch import parse_cfg_options
+
+            options = parse_cfg_options(args.cfg_options)
+        recipe = recipe_from_file(config, options)
+    except (RecipeError, ValueError) as error:
+        print(f"error: training refused: {error}", file=sys.stderr)
+        return 2
+    if args.write_recipe:
+        print(write_recipe(recipe, args.write_recipe))
+        return 0
+    from .hf_engine import train
+
+    work_dir = args.work_dir or str(Path("work_dirs") / Path(config).stem)
+    return train(recipe, work_dir, seed=args.seed, resume=args.resume, max_iters=args.max_iters)
 
 
 def _plot_diagnostics(args: argparse.Namespace) -> int:
@@ -40,6 +77,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "samples, a missing data file or model path, a work dir in use by another training or "
         "holding another run's checkpoints without --resume; one `error:` line), anything else "
         "for a crash.",
+    )
+    train.add_argument(
+        "--engine",
+        choices=("xtuner", "hf"),
+        default="xtuner",
+        help="xtuner (default; transformers 4.57) or hf: the same recipe on transformers' "
+        "LlavaForConditionalGeneration with a plain loop, no XTuner (transformers 4.57 or 5.x; "
+        "takes --work-dir, --seed, --resume, --cfg-options, --max-iters, --write-recipe FILE; "
+        "CONFIG may then be a recipe .json). docs/training.md#two-engines",
     )
     train.add_argument("config", help="an XTuner config, e.g. configs/llama3_moslora.py")
     train.add_argument(

@@ -1,0 +1,548 @@
+"""The hf engine: a config's LLaVA run on transformers' `LlavaForConditionalGeneration`, no XTuner.
+
+XTuner 0.2.0 does not import on transformers 5, so this engine trains the same model from the same
+recipe (hf_recipe.py) with only torch, transformers and PEFT, on 4.57 and on 5.x alike:
+
+    LLM (AutoModelForCausalLM)      ->  model.language_model, lm_head          MoSLoRA/LoRA (PEFT)
+    CLIP (CLIPVisionModel)          ->  model.vision_tower                    MoSLoRA/LoRA (PEFT)
+    pretrained projector (.pth)     ->  model.multi_modal_projector           trained in full
+    hidden_states[visual_select_layer][:, 1:]  ->  vision_feature_layer, strategy "default"
+
+The loop is a plain torch loop, not HF's Trainer: mmengine's semantics (the loss divided by the
+accumulation count, clipping, a warm-up and cosine stepped per micro-batch, checkpoints every
+`save_steps` iterations) are a few lines each here, while the Trainer would need a custom
+scheduler, loss scaling and checkpoint layout to give the same numbers (docs/training.md).
+
+Checkpoints are XTuner's: `iter_N.pth` holds `state_dict` keyed as LLaVAModel.state_dict() keys
+its trained tensors (`xtuner_keys`), so `llava-moslora export` and every evaluator read a run of
+either engine the same way; the optimizer, schedule and RNG states ride along for `--resume`.
+
+Images: XTuner splices the patch features in place of one IMAGE_PLACEHOLDER id; here each
+placeholder becomes `patches` copies of `image_token_id`, whose embeddings LlavaModel overwrites
+with the same features, so the embedding sequence and the loss are the same position for position.
+The image token is an id the tokenizer already has (its pad token), so the LLM's vocabulary and
+logits stay as the XTuner engine's; padding is written with the eos id (masked, no loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_moslora.data.check import DataFileError, check_records, load_records
+from llava_moslora.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    encode_conversation,
+    pad_to_square,
+)
+from llava_moslora.moslora.safety import (
+    CorruptCheckpointError,
+    NonFiniteTensorError,
+    UnsafeCheckpointError,
+    require_finite,
+    safe_torch_load,
+)
+
+from .hf_recipe import Adapter, Recipe, RecipeError
+
+logger = logging.getLogger("llava_moslora.train.hf_engine")
+
+USAGE_ERROR = 2  # as `llava-moslora train`'s XTuner path: an input the user can fix
+
+# HF LLaVA's module prefixes -> XTuner LLaVAModel's, for the trained tensors (adapters, projector).
+# PEFT wraps XTuner's towers (llm.base_model.model.*); here the adapters are injected in place.
+_PROJECTOR_KEYS = {
+    "model.multi_modal_projector.linear_1.": "projector.model.0.",
+    "model.multi_modal_projector.linear_2.": "projector.model.2.",
+}
+
+
+def _tower_prefixes(model: nn.Module, llm_adapter: bool, vision_adapter: bool) -> dict[str, str]:
+    llm = "llm.base_model.model." if llm_adapter else "llm."
+    vision = "visual_encoder.base_model.model." if vision_adapter else "visual_encoder."
+    if not hasattr(model.model.vision_tower, "vision_model"):
+        # transformers 5's CLIPVisionModel holds the embeddings and encoder itself; XTuner's
+        # (4.57) keys, and so the checkpoints, name them under `vision_model.`.
+        vision += "vision_model."
+    return {
+        "model.language_model.": llm + "model.",
+        "lm_head.": llm + "lm_head.",
+        "model.vision_tower.": vision,
+        **_PROJECTOR_KEYS,
+    }
+
+
+def xtuner_key(key: str, prefixes: dict[str, str]) -> str:
+    """The LLaVAModel.state_dict() key of a LlavaForConditionalGeneration state key."""
+    for ours, theirs in prefixes.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(f"no XTuner counterpart for {key!r}")
+
+
+def is_trained_key(key: str) -> bool:
+    """What XTuner's LLaVAModel.state_dict() keeps: every adapter tensor and the projector."""
+    return "lora_" in key or key.startswith("model.multi_modal_projector.")
+
+
+def xtuner_keys(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    """{our key: XTuner's key} for every trained tensor of `model`."""
+    prefixes = _tower_prefixes(
+        model, recipe.llm_adapter is not None, recipe.vision_adapter is not None
+    )
+    return {k: xtuner_key(k, prefixes) for k in model.state_dict() if is_trained_key(k)}
+
+
+def trained_state(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """The trained tensors keyed as an `xtuner train` checkpoint keys them."""
+    state = model.state_dict()
+    return {
+        theirs: state[ours].detach().cpu() for ours, theirs in xtuner_keys(model, recipe).items()
+    }
+
+
+def load_trained(model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor], source) -> None:
+    """Fill `model`'s trained tensors from an XTuner-keyed `state`, all of them, strictly."""
+    keys = xtuner_keys(model, recipe)
+    missing = sorted(set(keys.values()) - state.keys())
+    unexpected = sorted(state.keys() - set(keys.values()))
+    if missing or unexpected:
+        raise RecipeError(
+            f"{source} does not fit the recipe's model: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}; resume with the config the run was started with"
+        )
+    require_finite(state, source)
+    result = model.load_state_dict({ours: state[t] for ours, t in keys.items()}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # keys came from the model itself
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+# The towers load in float32 (the adapters train in it; autocast runs the fp16 maths on CUDA).
+# transformers renamed `torch_dtype` to `dtype` in 4.56, and 5.x loads "auto" when given neither.
+def _float32() -> dict[str, torch.dtype]:
+    from transformers import __version__
+
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
+def _all_linear_names(module: nn.Module) -> list[str]:
+    """XTuner's targets when `target_modules` is None: every Linear's name, lm_head excepted."""
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)
+    }
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def lora_config(adapter: Adapter, tower: nn.Module):
+    """The PEFT config of `adapter` (stock LoraConfig, or the MoSLoRA plugin's)."""
+    from peft import LoraConfig
+
+    from llava_moslora.moslora import moslora_config
+
+    options = dict(adapter.options)
+    options.pop("task_type", None)  # the adapters are injected into a bare tower
+    if options.get("target_modules") is None:
+        options["target_modules"] = _all_linear_names(tower)
+    if adapter.kind == "moslora":
+        return moslora_config(**options)
+    if adapter.kind == "lora":
+        return LoraConfig(**options)
+    raise RecipeError(f"adapter `kind` should be one of lora, moslora, got {adapter.kind!r}")
+
+
+def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `projector.*` tensors of a pretrained-projector checkpoint (XTuner's `pretrained_pth`),
+    read as data."""
+    try:
+        from llava_moslora.train.compat import mmengine_checkpoint_globals
+
+        allowed = mmengine_checkpoint_globals()
+    except ImportError:  # no mmengine here: a file that needs its classes is refused by name
+        allowed = []
+    saved = safe_torch_load(path, allowed_globals=allowed)
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    projector = {k: v for k, v in (state or {}).items() if k.startswith("projector.")}
+    if not projector:
+        raise RecipeError(f"`projector` {path}: holds no `projector.*` tensors (XTuner's layout)")
+    return projector
+
+
+def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
+    """LlavaForConditionalGeneration from the recipe's LLM, CLIP and projector, adapters on."""
+    from peft import inject_adapter_in_model
+    from transformers import (
+        AutoModelForCausalLM,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    llm = AutoModelForCausalLM.from_pretrained(recipe.llm, **_float32())
+    vision = CLIPVisionModel.from_pretrained(recipe.vision, **_float32())
+    projector = load_projector(recipe.projector) if recipe.projector else None
+    vconfig = vision.config
+    bias = projector is None or "projector.model.0.bias" in projector
+    config = LlavaConfig(
+        vision_config=vconfig.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",  # XTuner's ProjectorConfig default
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVAModel's [:, 1:]
+        vision_feature_layer=recipe.visual_select_layer,
+        image_seq_length=(vconfig.image_size // vconfig.patch_size) ** 2,
+        multimodal_projector_bias=bias,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    if projector is not None:
+        ours = {}
+        for key, tensor in projector.items():
+            for prefix, theirs in _PROJECTOR_KEYS.items():
+                if key.startswith(theirs):
+                    ours[prefix + key[len(theirs) :]] = tensor
+        if ours.keys() != {k for k in model.state_dict() if k.startswith("model.multi_")}:
+            raise RecipeError(
+                f"`projector` {recipe.projector}: expected XTuner's 2-layer projector "
+                f"(projector.model.0 / .2), found {sorted(projector)}"
+            )
+        model.load_state_dict(ours, strict=False)
+    model.requires_grad_(False)
+    for adapter, tower in (
+        (recipe.llm_adapter, model.model.language_model),
+        (recipe.vision_adapter, model.model.vision_tower),
+    ):
+        if adapter is not None:
+            inject_adapter_in_model(lora_config(adapter, tower), tower)
+    model.model.multi_modal_projector.requires_grad_(True)
+    return model
+
+
+# --- the data ----------------------------------------------------------------------------------
+
+
+class Samples(torch.utils.data.Dataset):
+    """The recipe's LLaVA samples as (input_ids with IMAGE_PLACEHOLDER, labels, pixel values)."""
+
+    def __init__(
+        self, records: list[dict], recipe: Recipe, tokenizer, image_processor, image_token_id: int
+    ) -> None:
+        self.records = records
+        self.recipe = recipe
+        self.image_processor = image_processor
+        self.encoded = [
+            encode_conversation(r["conversations"], tokenizer, recipe.template, recipe.max_length)
+            for r in records
+        ]
+        for record, (input_ids, _) in zip(records, self.encoded, strict=True):
+            if image_token_id in input_ids:  # it would be taken for an image patch
+                token = tokenizer.convert_ids_to_tokens(image_token_id)
+                raise RecipeError(
+                    f"`data_path` {recipe.data_path}: sample {record.get('id')!r} contains "
+                    f"{token!r}, the token the hf engine stands image patches with (the "
+                    "tokenizer's pad token): remove it from the text"
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def pixels(self, image_file: str) -> torch.Tensor:
+        from PIL import Image
+
+        processor = self.image_processor
+        image = Image.open(Path(self.recipe.image_folder) / image_file).convert("RGB")
+        if self.recipe.pad_image_to_square:
+            image = pad_to_square(image, tuple(int(x * 255) for x in processor.image_mean))
+        return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        input_ids, labels = self.encoded[index]
+        image = self.records[index].get("image")
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": self.pixels(image) if image else None,
+        }
+
+
+def collate(
+    samples: Sequence[dict], image_token_id: int, patches: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """A batch for LlavaForConditionalGeneration: each placeholder expanded to `patches` image
+    tokens (no loss), right-padded with `pad_id` (masked, no loss)."""
+    rows, row_labels = [], []
+    for sample in samples:
+        ids, labels = [], []
+        for token, label in zip(sample["input_ids"], sample["labels"], strict=True):
+            if token == IMAGE_PLACEHOLDER:
+                ids += [image_token_id] * patches
+                labels += [IGNORE_INDEX] * patches
+            else:
+                ids.append(token)
+                labels.append(label)
+        rows.append(ids)
+        row_labels.append(labels)
+    width = max(map(len, rows))
+    batch = {
+        "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in row_labels]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+    }
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch
+
+
+def check_samples(records: list[dict], samples: Samples, recipe: Recipe):
+    """The data check (llava_moslora.data.check) plus its length check on this engine's tokens."""
+    report = check_records(records, recipe.image_folder, decode_images=recipe.decode_images)
+    for index, (_, labels) in enumerate(samples.encoded):
+        if index not in report.bad_indices and not any(label >= 0 for label in labels):
+            sample_id = str(records[index].get("id", index))
+            report.add("too_long", index, sample_id, f"0 answer tokens within {recipe.max_length}")
+    report.lengths_checked = True
+    return report
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def lr_factor(iteration: int, recipe: Recipe, iters_per_epoch: int) -> float:
+    """mmengine's LinearLR warm-up then CosineAnnealingLR, converted to iterations as mmengine
+    converts them (`int(epochs * iters_per_epoch)`), as a factor of the base lr. mmengine's
+    LinearLR reaches the full rate on the warm-up's last iteration (`total_iters = end - begin - 1`)
+    and the cosine spans `end - begin` iterations."""
+    warmup = int(recipe.warmup_epochs * iters_per_epoch)
+    if recipe.warmup_epochs > 0:  # schedule.warmup_iterations (mmengine-free here): at least one
+        warmup = max(1, warmup)
+    end = recipe.epochs * iters_per_epoch
+    if iteration < warmup:
+        start = recipe.warmup_start_factor
+        return start + (1 - start) * iteration / max(1, warmup - 1)
+    floor = recipe.eta_min / recipe.lr
+    progress = (iteration - warmup) / max(1, end - warmup)
+    return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def batch_order(size: int, epoch: int, seed: int) -> list[int]:
+    """The sample order of `epoch`: a seeded permutation, the same after a resume."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """A training run of the hf engine: model, data, optimizer, schedule, checkpoints."""
+
+    def __init__(self, recipe: Recipe, work_dir: str | Path, seed: int = 0) -> None:
+        from transformers import AutoTokenizer, CLIPImageProcessor
+
+        self.recipe = recipe
+        self.work_dir = Path(work_dir)
+        self.seed = seed
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        seed_everything(seed)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+        ):
+            raise RecipeError(
+                f"the tokenizer of {recipe.llm} has pad token {tokenizer.pad_token!r}; the hf "
+                "engine stands image patches with the pad token, so it must exist and differ from "
+                "bos and eos: set `pad_token` in its tokenizer_config.json to a special token the "
+                "data never contains (LLaMA-3: <|finetune_right_pad_id|> or a reserved one)"
+            )
+        self.image_token_id = self.tokenizer.pad_token_id
+        self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
+        self.model = build_llava(recipe, self.image_token_id).to(self.device)
+        vconfig = self.model.config.vision_config
+        self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
+        )
+        # float16 autocast needs a dynamic loss scale, as AmpOptimWrapper's `loss_scale="dynamic"`;
+        # disabled (a pass-through) in float32 and bfloat16.
+        fp16 = recipe.amp_dtype == "float16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.iteration = 0
+
+    def samples(self, records: list[dict] | None = None) -> Samples:
+        recipe = self.recipe
+        records = load_records(recipe.data_path) if records is None else records
+        return Samples(records, recipe, self.tokenizer, self.image_processor, self.image_token_id)
+
+    def batch(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(samples, self.image_token_id, self.patches, self.tokenizer.eos_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.recipe.amp_dtype
+        with torch.autocast(
+            self.device.type,
+            dtype=getattr(torch, dtype or "float32"),
+            enabled=dtype is not None and self.device.type == "cuda",
+        ):
+            return self.model(**batch).loss
+
+    def step(self, batch, iteration: int, max_iters: int, iters_per_epoch: int) -> float:
+        """One micro-batch: backward, and every `accumulative_counts` (and at the end) an
+        optimizer step, as mmengine's OptimWrapper does (the tail divides by what is left)."""
+        recipe = self.recipe
+        counts = recipe.accumulative_counts
+        tail_start = max_iters - max_iters % counts
+        divisor = counts if iteration < tail_start else max_iters - tail_start
+        for group in self.optimizer.param_groups:
+            group["lr"] = recipe.lr * lr_factor(iteration, recipe, iters_per_epoch)
+        loss = self.loss(batch)
+        self.scaler.scale(loss / divisor).backward()
+        if (iteration + 1) % counts == 0 or iteration + 1 == max_iters:
+            self.scaler.unscale_(self.optimizer)
+            if recipe.max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable, recipe.max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+        return loss.item()
+
+    def log(self, loss: float, total: int, seconds: float) -> None:
+        """One progress line on stderr and in WORK_DIR/hf_engine_log.jsonl (as mmengine's
+        scalars.json: one JSON object per logged iteration)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        print(
+            f"hf engine: iter {self.iteration}/{total} loss {loss:.4f} lr {lr:.3g} "
+            f"{seconds:.3f} s/iter",
+            file=sys.stderr,
+        )
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        line = {"iter": self.iteration, "loss": loss, "lr": lr, "seconds_per_iter": seconds}
+        with open(self.work_dir / "hf_engine_log.jsonl", "a") as file:
+            file.write(json.dumps(line) + "\n")
+
+    def save(self, iteration: int) -> Path:
+        """`iter_N.pth` (XTuner's layout plus the resume state) and mmengine's `last_checkpoint`."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / f"iter_{iteration}.pth"
+        partial = path.with_name(path.name + ".partial")
+        torch.save(
+            {
+                "state_dict": trained_state(self.model, self.recipe),
+                "meta": {"seed": self.seed, "iter": iteration, "engine": "hf"},
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            partial,
+        )
+        partial.replace(path)
+        (self.work_dir / "last_checkpoint").write_text(str(path))
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        saved = safe_torch_load(path)
+        if not isinstance(saved, dict) or saved.get("meta", {}).get("engine") != "hf":
+            raise RecipeError(f"`--resume` {path}: not a checkpoint of the hf engine")
+        load_trained(self.model, self.recipe, saved["state_dict"], path)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        self.iteration = int(saved["meta"]["iter"])
+
+    def train(self, samples: Samples, max_iters: int | None = None) -> list[float]:
+        """Train from `self.iteration`; return each iteration's loss."""
+        recipe = self.recipe
+        iters_per_epoch = math.ceil(len(samples) / recipe.batch_size)
+        total = recipe.epochs * iters_per_epoch
+        stop = total if max_iters is None else min(total, max_iters)
+        self.model.train()
+        losses = []
+        window_start, window_iteration = time.perf_counter(), self.iteration
+        for iteration in range(self.iteration, stop):
+            epoch, position = divmod(iteration, iters_per_epoch)
+            order = batch_order(len(samples), epoch, self.seed)
+            chosen = order[position * recipe.batch_size : (position + 1) * recipe.batch_size]
+            batch = self.batch([samples[i] for i in chosen])
+            losses.append(self.step(batch, iteration, total, iters_per_epoch))
+            self.iteration = iteration + 1
+            if self.iteration % recipe.log_interval == 0 or self.iteration == stop:
+                now = time.perf_counter()  # mean over the window since the last line, as mmengine
+                self.log(
+                    losses[-1], total, (now - window_start) / (self.iteration - window_iteration)
+                )
+                window_start, window_iteration = now, self.iteration
+            if self.iteration % recipe.save_steps == 0 or self.iteration == stop:
+                self.save(self.iteration)
+        return losses
+
+
+def train(
+    recipe: Recipe,
+    work_dir: str | Path,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    max_iters: int | None = None,
+) -> int:
+    """Run `recipe` into `work_dir`; the exit code (0, or USAGE_ERROR with one `error:` line)."""
+    try:
+        run = Run(recipe, work_dir, seed)
+        records = load_records(recipe.data_path)
+        samples = run.samples(records)
+        report = check_samples(records, samples, recipe)
+        if not report.ok:
+            if recipe.on_bad_samples == "error":
+                raise RecipeError(
+                    f"`data_path` {recipe.data_path!r} with `image_folder` "
+                    f"{recipe.image_folder!r}: {report.summary()}\nFix the data (`llava-moslora "
+                    'check-data` re-checks it), or set `on_bad_samples="drop"` in llava_dataset.'
+                )
+            bad = report.bad_indices
+            print(
+                f"hf engine: dropping {len(bad)} bad samples: {report.summary()}", file=sys.stderr
+            )
+            samples = run.samples([r for i, r in enumerate(records) if i not in bad])
+        if resume:
+            pointer = Path(work_dir) / "last_checkpoint"
+            if pointer.is_file():
+                run.resume(pointer.read_text().strip())
+            else:  # as mmengine's resume: nothing saved yet, so start from the beginning
+                print(
+                    f"hf engine: --resume: no {pointer} yet, starting at iteration 0",
+                    file=sys.stderr,
+                )
+        run.train(samples, max_iters)
+    except (
+        RecipeError,
+        DataFileError,
+        CorruptCheckpointError,
+        UnsafeCheckpointError,
+        NonFiniteTensorError,
+        OSError,
+    ) as error:
+        print(f"error: training refused: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
