@@ -33,6 +33,7 @@ VARIANTS=lora,ts_mixing,moslora_kaiming,moslora_orthogonal,init_only
 source "$(dirname "$0")/claim_folder.sh"
 claim_folder "$OUT" ablation_pretrained
 export LLAVA_MOSLORA_TINY_DIR="$OUT/base" HF_HUB_OFFLINE=1
+source "$(dirname "$0")/pin_numerics.sh"  # the same numbers on every x86-64 CPU with AVX2
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; each rank gets a core
 
 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --pretrain

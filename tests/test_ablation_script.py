@@ -36,6 +36,9 @@ def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid_then_
     assert made[-1] == ["ablate-report", str(out)]  # both ranks pooled, after both finished
     ablations = {_flag(call, "--work-dir"): call for call in made[1:-1]}
     assert set(ablations) == {f"{out}/r8", f"{out}/r64"} and len(made) == 4
+    # Pinned like the main job, so a rerun's numbers do not depend on the CPU (pin_numerics.sh).
+    isa = (tmp_path / "calls.isa").read_text().splitlines()
+    assert isa == ["avx2 AVX2 AVX2,STRICT"] * len(made)
     config = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py"))
     for call in ablations.values():
         assert call[0] == "ablate" and _flag(call, "--config").endswith(
