@@ -25,18 +25,15 @@ STACK = ("torch", "transformers", "peft", "xtuner", "mmengine", "ms-vlmeval")
 
 def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
     """The first CPU's model name and flags (`platform.processor()` and no flags off Linux)."""
-    name, flags = platform.processor() or "unknown CPU", set()
+    fields: dict[str, str] = {}
     try:
-        text = cpuinfo.read_text()
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
     except OSError:
-        return name, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == (platform.processor() or "unknown CPU"):
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    return name, set(fields.get("flags", "").split())
 
 
 def _version(package: str) -> str:

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import peft  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
+from llava_moslora.machine import cpu_model_and_flags  # noqa: E402
 from llava_moslora.moslora import MoSLoRAVariant, moslora_config  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*")  # PEFT's notes about custom models etc.
@@ -91,15 +92,7 @@ def moslora_order(out_features: int, tokens: int) -> str:
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name, _ = cpu_model_and_flags()
     return f"{name} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
 
 
