@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=400,
         metavar="STEPS",
         help="train every weight of the tiny LLaVA for STEPS (400) optimizer steps on question "
-        "family A (colour, shape) and save it as the base, with family B (count, position) to "
+        "family A (colour, shape) and save it as the base, with family B (count questions) to "
         "adapt on (llava_moslora/builders/pretrain.py); DIR is a cache: the same arguments reuse it",
     )
     tiny.set_defaults(func=_make_tiny)

@@ -417,7 +417,7 @@ def test_tost_power_is_the_simulated_rejection_rate_and_seeds_needed_the_first_t
     assert stats.tost_seeds_needed(0.0, 3.0) is None
 
 
-RESULTS = REPO / "benchmarks" / "results" / "ablation_pretrained"
+OLD_RESULTS = REPO / "benchmarks" / "results" / "ablation_pretrained_2026-12-03_old_design"
 
 
 def test_the_committed_old_design_report_gives_the_independently_recomputed_numbers(tmp_path):
@@ -428,7 +428,7 @@ def test_the_committed_old_design_report_gives_the_independently_recomputed_numb
 
     from llava_moslora.ablate import summary
 
-    tables, grids = summary.read_tables(RESULTS)
+    tables, grids = summary.read_tables(OLD_RESULTS)
     assert [(t.rank, t.setting) for t in tables] == [
         ("r8", "shared"),
         ("r8", "best"),
@@ -445,11 +445,11 @@ def test_the_committed_old_design_report_gives_the_independently_recomputed_numb
     assert summary.verdict(by["r64", "best", "moslora_kaiming", "lora"]) == "equivalent within ±3"
     assert summary.verdict(by["r8", "best", "ts_mixing", "lora"]).startswith("no difference")
     # The committed summary.md is what the command writes from these files, byte for byte.
-    copy = tmp_path / RESULTS.name
-    shutil.copytree(RESULTS, copy)
+    copy = tmp_path / OLD_RESULTS.name
+    shutil.copytree(OLD_RESULTS, copy)
     (copy / summary.SUMMARY).unlink()
     text = summary.write_summary(copy).read_text()
-    assert text == (RESULTS / summary.SUMMARY).read_text()
+    assert text == (OLD_RESULTS / summary.SUMMARY).read_text()
     assert "old design: the grid's seeds 0, 1 are test seeds" in text
     assert "Family A (the old questions) after adaptation: 28.3–35.6 %" in text
     assert "`position` accuracy, variant means: 0.500–0.554" in text
@@ -467,7 +467,7 @@ def test_a_report_whose_numbers_do_not_add_up_is_refused_naming_the_file(tmp_pat
     from llava_moslora.cli import main
 
     copy = tmp_path / "r"
-    shutil.copytree(RESULTS, copy)
+    shutil.copytree(OLD_RESULTS, copy)
     md = copy / "r8" / "ablation.md"
     md.write_text(md.read_text().replace("| lora | 46.88 | 41.67 |", "| lora | 46.80 | 41.67 |", 1))
     assert main(["ablate-report", str(copy)]) == 1
@@ -476,7 +476,7 @@ def test_a_report_whose_numbers_do_not_add_up_is_refused_naming_the_file(tmp_pat
     assert main(["ablate-report", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "ablation_shared_lr.csv: lora's mean 42.5000 is not the mean of its per-seed" in err
-    assert (copy / "summary.md").read_text() == (RESULTS / "summary.md").read_text()  # kept
+    assert (copy / "summary.md").read_text() == (OLD_RESULTS / "summary.md").read_text()  # kept
     assert main(["ablate-report", str(tmp_path / "none")]) == 1
     assert "holds no `ablate --lr-grid` report" in capsys.readouterr().err
 

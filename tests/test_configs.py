@@ -183,7 +183,7 @@ VARIANTS = {
         | {"max_epochs", "train_cfg.max_epochs", "param_scheduler[0].end"}
         | {"param_scheduler[1].begin", "param_scheduler[1].end"},
     ),
-    # the pretrained base's family B data, its val / test / old-family items and 2 epochs
+    # the pretrained base's family B data, its val / test / old-family items and 1 epoch
     "tiny_ablation_pretrained": (
         "tiny_ablation",
         {"heldout_eval_path", "heldout_val_path", "forgetting_eval_path", "evaluation_images"}

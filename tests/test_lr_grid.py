@@ -307,7 +307,7 @@ def test_ablate_lr_grid_end_to_end_on_a_pretrained_base(tmp_path, monkeypatch):
     from llava_moslora.builders.pretrain import PretrainSpec, pretrain_tiny
     from llava_moslora.cli import main
 
-    # 160 images / batch 8 = 20 iterations per epoch, 3 epochs: a warm-up of >= 1 iteration.
+    # 160 images / batch 8 = 20 iterations, the config's 1 epoch: a warm-up of >= 1 iteration.
     spec = PretrainSpec(hidden_size=16, samples=160, steps=2, val_items=4, test_items=4)
     pretrain_tiny(tmp_path / "base", spec, log=lambda _: None)
     monkeypatch.setenv("LLAVA_MOSLORA_TINY_DIR", str(tmp_path / "base"))

@@ -32,13 +32,13 @@ def _words(texts) -> set[str]:
 
 def test_families_share_no_question_kind_and_no_question(tmp_path):
     a, b = families.FAMILY_A, families.FAMILY_B
-    assert set(a.kinds) == {"colour", "shape"} and set(b.kinds) == {"count", "position"}
+    assert set(a.kinds) == {"colour", "shape"} and set(b.kinds) == {"count"}
     paths = families.write_task(tmp_path, samples=40, val_items=8, test_items=8)
     asked_a, asked_b = _human_questions(paths["family_a"]), _human_questions(paths["family_b"])
     assert asked_a and asked_b and not asked_a & asked_b
-    # Family B's training data asks only its own kinds: count and position questions, in words
-    # family A never uses ("objects", "picture", "occupied").
-    assert {"objects", "picture", "occupied"} <= _words(asked_b) - _words(asked_a)
+    # Family B's training data asks only its own kind: count questions, in words family A never
+    # uses ("objects", "picture").
+    assert {"objects", "picture"} <= _words(asked_b) - _words(asked_a)
     for name, asked in (("a", asked_a), ("b", asked_b)):
         items = [
             item
@@ -72,17 +72,16 @@ def test_validation_and_test_items_are_other_pictures_with_balanced_answers(tmp_
                 assert item.options[ord(item.answer_letter) - ord("A")] == item.answer
 
 
-def test_position_answers_follow_the_scene():
+def test_answers_follow_the_scene_and_position_questions_are_gone():
+    """Family B asks counts only: its yes/no position questions were never learned (issue 29)."""
     scene = families.Scene(shape="circle", colour="red", cells=(0, 3))
-    assert [families.short_answer(scene, "position", c) for c in range(4)] == [
-        "Yes",
-        "No",
-        "No",
-        "Yes",
-    ]
     assert families.short_answer(scene, "count") == "two"
-    with pytest.raises(ValueError, match="`position` question needs the `cell`"):
+    assert families.short_answer(scene, "colour") == "red"
+    with pytest.raises(ValueError, match="one of colour, shape, count, got 'position'"):
         families.short_answer(scene, "position")
+    assert not any(
+        "occupied" in text or "cell" in text for text in families.corpus() if "?" in text
+    )
 
 
 TINY = dict(hidden_size=16, samples=8, steps=2, batch_size=4, val_items=2, test_items=2)

@@ -10,8 +10,8 @@ at the observed spread of the paired differences.
 
 DIR holds one folder per setting (`r8/`, `r64/`, each an `ablate --lr-grid` work dir or its
 copied report). Per-seed scores come from its `runs.json`; a report written before `runs.json`
-existed (benchmarks/results/ablation_pretrained/ of 2026-12-03) has them only in `ablation.md`'s
-per-seed tables, rounded to 2 decimals: they are read there and snapped back to k / items (DIR's
+existed (benchmarks/results/ablation_pretrained_2026-12-03_old_design/) has them only in
+`ablation.md`'s per-seed tables, rounded to 2 decimals: they are read there and snapped back to k / items (DIR's
 `pretrained.json` gives the test items per run), then checked against the csv's 4-decimal means.
 
 Written to DIR/summary.md; README and docs/ablation.md cite it instead of retyping its numbers.
@@ -363,11 +363,12 @@ def _parts(tables: Sequence[Table]) -> list[str]:
             f"* Family A (the old questions) after adaptation: {low:.1f}–{high:.1f} % over every "
             f"rank, rate and variant ({own_low:.1f}–{own_high:.1f} % at the own rates)."
         )
-    for part in ("count", "position"):
-        if any(part in p for t in tables for p in t.parts.values()):
-            low, high = _part_range(tables, part, every)
-            lines.append(
-                f"* `{part}` accuracy, variant means: {low / 100:.3f}–{high / 100:.3f} over every "
-                "rank, rate and variant."
-            )
+    # The new family's question kinds, as the runs recorded them (old_* is the old family).
+    every_part = {k for t in tables for p in t.parts.values() for k in p}
+    for part in sorted(k for k in every_part - {"overall", "chance"} if not k.startswith("old_")):
+        low, high = _part_range(tables, part, every)
+        lines.append(
+            f"* `{part}` accuracy, variant means: {low / 100:.3f}–{high / 100:.3f} over every "
+            "rank, rate and variant."
+        )
     return [*lines, ""]

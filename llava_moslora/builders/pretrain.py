@@ -46,7 +46,7 @@ from .make_tiny import (
 
 RECORD = "pretrained.json"
 # Raise when what a spec builds changes (data, loop), so that an old cache is not taken for a new.
-FORMAT = 1
+FORMAT = 2  # 2: family B count only, 96 validation and 192 test items per family
 TEMPLATE = "llama3_chat"  # the tiny configs' prompt_template (llama3_moslora.py)
 
 
@@ -61,8 +61,8 @@ class PretrainSpec:
     batch_size: int = 8
     lr: float = 1e-3  # the LLM's; peak of a linear warm-up (first 3 %) and cosine to 0
     vision_lr_mult: float = 0.2  # projector and vision tower at lr x this
-    val_items: int = 48  # held-out items per family and split
-    test_items: int = 96
+    val_items: int = 96  # held-out items per family and split
+    test_items: int = 192
 
     def check(self) -> None:
         for name in ("hidden_size", "samples", "steps", "batch_size", "val_items", "test_items"):

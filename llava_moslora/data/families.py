@@ -7,8 +7,7 @@ A: what was forgotten).
 
     family A   colour, shape        "What colour are the shapes?"      -> "red"
                                     "Which shape do you see?"          -> "circle"
-    family B   count, position      "How many objects does the picture show?" -> "three"
-                                    "Is the top left cell occupied?"   -> "Yes" / "No"
+    family B   count                "How many objects does the picture show?" -> "three"
 
 The images are the shapes task's (synthetic.Scene: one shape in one colour in one to four cells),
 each family drawn from its own random stream. Every question is asked in LLaVA-1.5's short-answer
@@ -36,7 +35,6 @@ from .items import OPTION_LETTERS, EvalItem
 from .prompts import short_answer_prompt
 from .synthetic import (
     QUESTIONS,
-    YES_NO_ANSWERS,
     Scene,
     answer,
     as_turns,
@@ -49,12 +47,11 @@ SPLITS = ("val", "test")
 
 @dataclass(frozen=True)
 class Family:
-    """A set of question kinds: per kind its phrasings (`{cell}` filled with a grid cell), its
-    answer options for the short-answer round, and the free-form question and answer kind of
+    """A set of question kinds: per kind its phrasings, its answer options for the short-answer round, and the free-form question and answer kind of
     `synthetic.answer` it is paired with."""
 
     name: str
-    questions: dict[str, tuple[str, ...]]
+    questions: dict[str, tuple[str, ...]]  # kind -> its phrasings
     options: dict[str, tuple[str, ...]]
     free_form: dict[str, tuple[str, str]]  # kind -> (question, synthetic.answer kind)
 
@@ -72,18 +69,18 @@ FAMILY_A = Family(
         "shape": (QUESTIONS["shape"][0], "shape"),
     },
 )
-# New kinds, and new words for them ("objects", "picture", "occupied"): nothing of family A's text.
+# A new kind, and new words for it ("objects", "picture"): nothing of family A's text. Count only:
+# family B once also asked yes/no position questions ("Is the top left cell occupied?"), which no
+# adapter learned (issue 29: variant means 0.500-0.554 over all 20 tables of the 2026-12-03
+# ablation, 9 of 20 exactly 0.500; the base's own 0.50; chance 0.5), so half of every score was
+# noise around chance (docs/ablation.md).
 FAMILY_B = Family(
     name="b",
     questions={
         "count": ("How many objects does the picture show?", "What is the number of objects?"),
-        "position": ("Is the {cell} cell occupied?", "Does the {cell} square hold an object?"),
     },
-    options={"count": COUNT_WORDS, "position": YES_NO_ANSWERS},
-    free_form={
-        "count": ("Tell me how many objects the picture shows.", "count"),
-        "position": ("Which cells hold objects?", "where"),
-    },
+    options={"count": COUNT_WORDS},
+    free_form={"count": ("Tell me how many objects the picture shows.", "count")},
 )
 FAMILIES = {family.name: family for family in (FAMILY_A, FAMILY_B)}
 
@@ -94,23 +91,15 @@ def family_of(name: str) -> Family:
     return FAMILIES[name]
 
 
-def short_answer(scene: Scene, kind: str, cell: int | None = None) -> str:
-    """The one-word answer of a family's `kind` about `scene` (`cell` for "position")."""
+def short_answer(scene: Scene, kind: str) -> str:
+    """The one-word answer of a family's `kind` about `scene`."""
     if kind == "colour":
         return scene.colour
     if kind == "shape":
         return scene.shape
     if kind == "count":
         return COUNT_WORDS[scene.count - 1]
-    if kind == "position":
-        if cell is None:
-            raise ValueError("a `position` question needs the `cell` it asks about")
-        return YES_NO_ANSWERS[0] if cell in scene.cells else YES_NO_ANSWERS[1]
-    raise ValueError(f"`kind` should be one of colour, shape, count, position, got {kind!r}")
-
-
-def _question(family: Family, kind: str, phrasing: int, cell: int) -> str:
-    return family.questions[kind][phrasing].format(cell=CELLS[cell])
+    raise ValueError(f"`kind` should be one of colour, shape, count, got {kind!r}")
 
 
 def conversation(
@@ -122,13 +111,8 @@ def conversation(
     rounds = [(question, answer(scene, answer_kind))]
     for _ in range(short_rounds):
         kind = rng.choice(family.kinds)
-        phrasing = rng.randrange(len(family.questions[kind]))
-        # A position question asks about a filled or an empty cell, each half the time if it can.
-        empty = [c for c in range(len(CELLS)) if c not in scene.cells]
-        pool = empty if empty and rng.random() < 0.5 else list(scene.cells)
-        cell = rng.choice(pool)
-        question = short_answer_prompt(_question(family, kind, phrasing, cell))
-        rounds.append((question, short_answer(scene, kind, cell)))
+        question = rng.choice(family.questions[kind])
+        rounds.append((short_answer_prompt(question), short_answer(scene, kind)))
     rng.shuffle(rounds)
     return as_turns(rounds)
 
@@ -162,8 +146,8 @@ def write_heldout(
 ) -> Path:
     """`items` held-out short-answer `EvalItem`s of `family` on new images: OUT/family_<name>_<split>.json.
 
-    Kinds alternate; within a kind the right answer cycles through its options (and a position
-    question's cell through the four cells), so every answer is equally frequent. Each split has
+    Kinds alternate; within a kind the right answer cycles through its options, so every answer is
+    equally frequent. Each split has
     its own random stream: `val` and `test` are different pictures.
     """
     spec = family_of(family)
@@ -183,16 +167,15 @@ def write_heldout(
         turn = index // len(spec.kinds)  # the how-many-th item of this kind
         options = spec.options[kind]
         truth = options[turn % len(options)]
-        cell = (turn // len(options)) % len(CELLS)  # asked only by position questions
-        # The phrasing changes slowest, so that no phrasing goes with one answer or one cell.
-        phrasing = (turn // (len(options) * len(CELLS))) % len(spec.questions[kind])
+        # The phrasing changes slowest, so that no phrasing goes with one answer.
+        phrasing = (turn // len(options)) % len(spec.questions[kind])
         image = f"{folder}/{index:06d}.png"
-        answer_of = partial(short_answer, kind=kind, cell=cell)
+        answer_of = partial(short_answer, kind=kind)
         scene = draw_matching(rng, answer_of, truth, out_dir / image, image_size)
         item = EvalItem(
             index=index,
             image=image,
-            question=short_answer_prompt(_question(spec, kind, phrasing, cell)),
+            question=short_answer_prompt(spec.questions[kind][phrasing]),
             answer=truth,
             answer_letter=OPTION_LETTERS[options.index(truth)],
             options=options,
@@ -212,8 +195,8 @@ def write_task(
     *,
     samples: int,
     seed: int = 0,
-    val_items: int = 48,
-    test_items: int = 96,
+    val_items: int,
+    test_items: int,
 ) -> dict[str, Path]:
     """Both families' training data and their val / test items under `out_dir`; their paths,
     keyed `family_a`, `family_a_val`, `family_a_test`, `family_b`, ..."""
@@ -232,8 +215,7 @@ def corpus() -> Iterator[str]:
     for family in FAMILIES.values():
         for kind, phrasings in family.questions.items():
             for phrasing in phrasings:
-                for cell in CELLS:
-                    yield short_answer_prompt(phrasing.format(cell=cell))
+                yield short_answer_prompt(phrasing)
             yield from family.options[kind]
         for question, _ in family.free_form.values():
             yield question
