@@ -51,10 +51,7 @@ class Table:
 
 
 def _items(root: Path) -> int | None:
-    path = root / "pretrained.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("spec", {}).get("test_items")
+    return _record(root).get("spec", {}).get("test_items")
 
 
 def _per_seed_from_markdown(md: str, setting: str, items: int | None, where: Path) -> dict:
@@ -200,14 +197,94 @@ def write_summary(root: str | Path) -> Path:
         "csv files: regenerate, do not edit.",
         "",
     ]
+    lines += _headline(root, tables, grids, found)
     lines += _design(tables, grids)
     lines += _rates(grids)
-    lines += _pooled(found)
+    lines += _pooled(tables, found)
     lines += _equivalence(found)
     lines += _parts(tables)
     out = root / SUMMARY
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+HEADLINE = "## Headline"
+
+
+def headline(summary_md: str) -> str:
+    """The headline paragraph of a summary.md, whitespace folded: what the README quotes."""
+    section = summary_md[summary_md.index(HEADLINE) + len(HEADLINE) :]
+    return " ".join(section.split("\n## ", 1)[0].split())
+
+
+def _headline(
+    root: Path,
+    tables: Sequence[Table],
+    grids: dict[str, dict[str, Any]],
+    found: Sequence[dict[str, Any]],
+) -> list[str]:
+    """One paragraph that says what the tables below support, and nothing they do not: the
+    README quotes it (tests/test_ablate.py keeps the two equal)."""
+    ranks = sorted({t.rank for t in tables}, key=lambda r: (len(r), r))
+    seeds = sorted({s for t in tables for by in t.scores.values() for s in by})
+    grid_seeds = sorted({s for g in grids.values() for s in g.get("grid_seeds", [])})
+    placed = _placements(grids)
+    interior = sum(p[-1] == INTERIOR for p in placed)
+    smallest = min(found, key=lambda c: c["p_holm_pooled"])
+    different = [c for c in found if verdict(c).startswith("different")]
+    shown = [c for c in found if verdict(c).startswith("equivalent")]
+    record = _record(root)
+    base = record.get("family_a_test", {}).get("overall")
+    low, high = _part_range(tables, "overall", list(SETTINGS))
+    old_low, old_high = _part_range(tables, "old_overall", list(SETTINGS))
+    design = (
+        f"rates chosen on grid seeds {', '.join(map(str, grid_seeds))}, disjoint from the test "
+        "seeds"
+        if grid_seeds and not set(grid_seeds) & set(seeds)
+        else "rates chosen on test seeds as in the old design"
+    )
+    text = (
+        f"Rank{'s' if len(ranks) > 1 else ''} {' and '.join(r.lstrip('r') for r in ranks)}, "
+        f"{len(seeds)} test seeds, {design}, "
+        f"{interior} of {len(placed)} chosen rates interior; at the paper's shared rate and at "
+        f"each variant's own rate, {len(found)} comparisons (each variant vs LoRA, Kaiming vs "
+        f"init-only); the new family's score, variant means, {low:.1f}–{high:.1f} %. "
+    )
+    if different:
+        text += (
+            f"{len(different)} differ after Holm over all {len(found)}: "
+            + "; ".join(
+                f"{_label(c).replace(' | ', ' ')} {c['tost'].mean_diff:+.2f} points "
+                f"(p {c['p_holm_pooled']:.4f})"
+                for c in different
+            )
+            + ". "
+        )
+    else:
+        text += (
+            f"None differs after Holm over all {len(found)} (smallest adjusted p "
+            f"{smallest['p_holm_pooled']:.4f}, {_label(smallest).replace(' | ', ' ')}). "
+        )
+    text += (
+        f"Paired TOST against ±{MARGIN:g} points shows equivalence for {len(shown)} of "
+        f"{len(found)}"
+        + (": " + "; ".join(_label(c).replace(" | ", " ") for c in shown) if shown else "")
+        + f'; {len(found) - len(shown) - len(different)} are only "no difference detected"'
+        + (
+            f" (at their spreads TOST would need {_needed_range(rest)} seeds)"
+            if (rest := [c for c in found if c not in shown and c not in different])
+            else ""
+        )
+        + ". Every adapter made the base forget family A: "
+        + (f"{100 * base:.1f} % before, " if base is not None else "")
+        + f"{old_low:.1f}–{old_high:.1f} % after."
+    )
+    return [HEADLINE, "", text, ""]
+
+
+def _record(root: Path) -> dict[str, Any]:
+    path = root / "pretrained.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _design(tables: Sequence[Table], grids: dict[str, dict[str, Any]]) -> list[str]:
@@ -246,31 +323,52 @@ def _rates(grids: dict[str, dict[str, Any]]) -> list[str]:
         "| rank | variant | rates tried | chosen | placed |",
         "|---|---|---|---|---|",
     ]
+    placed = _placements(grids)
+    for rank, variant, rates, chosen, recorded, where in placed:
+        note = f" (recorded {recorded:g}: another tie rule)" if recorded != chosen else ""
+        lines.append(
+            f"| {rank} | {variant} | {', '.join(f'{r:g}' for r in rates)} "
+            f"| {chosen:g}{note} | {where} |"
+        )
+    interior = sum(p[-1] == INTERIOR for p in placed)
+    return [*lines, "", f"Interior: {interior} of {len(placed)} choices.", ""]
+
+
+def _placements(grids: dict[str, dict[str, Any]]) -> list[tuple]:
+    """(rank, variant, rates tried, chosen by the tie rule, recorded choice, where it sits)."""
     placed = []
     for rank, record in grids.items():
         grid = {v: {float(r): s for r, s in by.items()} for v, by in record["grid"].items()}
         chosen = choose_rates(grid)
         for variant, by_rate in grid.items():
             where = placement(by_rate, chosen[variant])
-            placed.append(where)
             if "widen" not in record and where != INTERIOR:  # before issue 29: no widening
                 where = where.replace("widening limit reached", "never widened")
-            note = ""
-            if float(record["chosen"][variant]) != chosen[variant]:
-                note = f" (recorded {float(record['chosen'][variant]):g}: another tie rule)"
-            lines.append(
-                f"| {rank} | {variant} | {', '.join(f'{r:g}' for r in sorted(by_rate))} "
-                f"| {chosen[variant]:g}{note} | {where} |"
-            )
-    interior = sum(where == INTERIOR for where in placed)
-    return [*lines, "", f"Interior: {interior} of {len(placed)} choices.", ""]
+            recorded = float(record["chosen"][variant])
+            placed.append((rank, variant, sorted(by_rate), chosen[variant], recorded, where))
+    return placed
 
 
 def _label(c: dict[str, Any]) -> str:
     return f"{c['rank']} | {SETTINGS[c['setting']]} | {c['variant']} vs {c['control']}"
 
 
-def _pooled(found: Sequence[dict[str, Any]]) -> list[str]:
+def _sign_flip_floor(tables: Sequence[Table], family: int) -> str:
+    """Whether the exact sign-flip test could reject at all after Holm over `family` tests."""
+    seeds = min(len(by) for t in tables for by in t.scores.values())
+    floor = 2 / 2**seeds  # both all-positive and all-negative patterns: the smallest p
+    if family * floor >= stats.ALPHA:
+        return (
+            f"The sign-flip test cannot help: over {seeds} seeds its smallest p is "
+            f"2/{2**seeds}, {family} x 2/{2**seeds} >= {stats.ALPHA:g} after the pooled correction."
+        )
+    return (
+        f"Over {seeds} seeds the sign-flip test's smallest p is 2/{2**seeds} (it could reject "
+        "after the pooled correction; the per-table reports give it, the t-test is pooled here)."
+    )
+
+
+def _pooled(tables: Sequence[Table], found: Sequence[dict[str, Any]]) -> list[str]:
     smallest = min(found, key=lambda c: c["p_holm_pooled"])
     lines = [
         "## One family for the headline",
@@ -279,8 +377,7 @@ def _pooled(found: Sequence[dict[str, Any]]) -> list[str]:
         "rank, both rate settings, each variant vs LoRA and the direct pairs), Holm-adjusted "
         "within its table (as in the rank's report) and over all of them (the headline's "
         f"correction). Smallest pooled Holm p: **{smallest['p_holm_pooled']:.4f}** "
-        f"({_label(smallest)}). The sign-flip test cannot help: over 5 seeds its smallest "
-        f"p is 2/32, {len(found)} x 2/32 > 1 after the pooled correction.",
+        f"({_label(smallest)}). {_sign_flip_floor(tables, len(found))}",
         "",
         "| rank | rate | comparison | Δ | p (t) | p (Holm, table) | p (Holm, pooled) |",
         "|---|---|---|---|---|---|---|",
