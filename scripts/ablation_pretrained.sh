@@ -19,6 +19,7 @@
 #                    ablation_{shared,best}_lr.{csv,png}
 #     r8.log, r64.log
 #     summary.md     both ranks pooled (`llava-moslora ablate-report OUT`)
+#     machine.md     the CPU, its flags, the kernels in use and the pins (`llava-moslora machine`)
 #
 # Interrupted? Run the same command again: finished runs are kept (each run is resumed or redone
 # by `ablate`), and the base is reused.
@@ -36,6 +37,7 @@ export LLAVA_MOSLORA_TINY_DIR="$OUT/base" HF_HUB_OFFLINE=1
 source "$(dirname "$0")/pin_numerics.sh"  # the same numbers on every x86-64 CPU with AVX2
 export OMP_NUM_THREADS=1  # a tiny model: threads only add overhead; each rank gets a core
 
+llava-moslora machine > "$OUT/machine.md"  # every number below names the machine it came from
 llava-moslora make-tiny "$LLAVA_MOSLORA_TINY_DIR" --pretrain
 
 run_rank() {  # run_rank NAME RATES [--cfg-options ...]

@@ -32,13 +32,16 @@ def test_the_base_then_both_ranks_with_the_issue_s_variants_seeds_and_grid_then_
     result = run_script(SCRIPT, tmp_path, out)
     assert result.returncode == 0, result.stderr
     made = recorded_calls(tmp_path)
+    assert made[0] == ["machine"]  # the CPU and the pins, beside the numbers (OUT/machine.md)
+    assert (out / "machine.md").is_file()
+    made = made[1:]
     assert made[0] == ["make-tiny", f"{out}/base", "--pretrain"]
     assert made[-1] == ["ablate-report", str(out)]  # both ranks pooled, after both finished
     ablations = {_flag(call, "--work-dir"): call for call in made[1:-1]}
     assert set(ablations) == {f"{out}/r8", f"{out}/r64"} and len(made) == 4
     # Pinned like the main job, so a rerun's numbers do not depend on the CPU (pin_numerics.sh).
     isa = (tmp_path / "calls.isa").read_text().splitlines()
-    assert isa == ["avx2 AVX2 AVX2,STRICT"] * len(made)
+    assert isa == ["avx2 AVX2 AVX2,STRICT"] * (len(made) + 1)
     config = Config.fromfile(str(CONFIGS / "tiny_ablation_pretrained.py"))
     for call in ablations.values():
         assert call[0] == "ablate" and _flag(call, "--config").endswith(
@@ -75,4 +78,5 @@ def test_a_failed_rank_fails_the_command_and_shows_its_log(tmp_path):
     assert result.returncode == 1
     assert "error: the rank-r64 ablation failed; the end of" in result.stderr
     assert "Traceback: boom in r64" in result.stderr
-    assert len(recorded_calls(tmp_path)) == 3  # rank 8 still ran to its end; nothing pooled
+    made = [call[0] for call in recorded_calls(tmp_path)]
+    assert made == ["machine", "make-tiny", "ablate", "ablate"]  # rank 8 ran on; nothing pooled
