@@ -18,7 +18,7 @@ import torch
 
 from llava_moslora.train import hf_engine
 from llava_moslora.train.hf_recipe import read_recipe, recipe_from_config, write_recipe
-from tests.factories import build_from_config, read_config
+from tests.factories import TINY_MOSLORA, build_from_config, read_config, save_mmengine_checkpoint
 
 # No dropout: its random masks are drawn in another order by each engine's forward.
 NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lora_dropout": 0.0}
@@ -110,10 +110,11 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     assert compared >= 80  # both towers' A, B, mixers and the projector
 
 
-@pytest.mark.slow
-def test_n_steps_give_the_same_adapters_as_xtuner(engines):
-    """8 micro-batches (4 optimizer steps: accumulation 2, clipping, warm-up then cosine) with
-    mmengine's OptimWrapper and schedulers on XTuner's model, the hf engine's loop on ours."""
+@pytest.fixture(scope="module")
+def eight_iterations(engines):
+    """The engines' trained tensors after the same 8 micro-batches (4 optimizer steps: accumulation
+    2, clipping, warm-up then cosine): mmengine's OptimWrapper and schedulers on XTuner's model,
+    the hf engine's loop on ours. Returns (XTuner's state_dict, the hf engine's trained_state)."""
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import PARAM_SCHEDULERS
     from xtuner.dataset.collate_fns import default_collate_fn
@@ -140,8 +141,12 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
         for scheduler in schedulers:
             scheduler.step()
         run.step(run.batch([samples[i] for i in chosen]), iteration, total, iters_per_epoch)
-    theirs = xtuner_model.state_dict()
-    ours = hf_engine.trained_state(run.model, run.recipe)
+    return xtuner_model.state_dict(), hf_engine.trained_state(run.model, run.recipe)
+
+
+@pytest.mark.slow
+def test_n_steps_give_the_same_adapters_as_xtuner(eight_iterations):
+    theirs, ours = eight_iterations
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     moved = max(ours[k].abs().max().item() for k in ours if "lora_B" in k)  # B starts at zero
     print(f"after 8 iterations: largest difference {worst:.3g}, largest change {moved:.3g}")
@@ -149,6 +154,56 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
     # Measured 1e-7 (float32 rounding: the hf engine's closed-form rates vs mmengine's chained
     # ones); a wrong rate, accumulation or clip moves it to ~1e-2 (an Adam step is ~lr = 2e-3).
     assert worst <= 1e-6
+
+
+@pytest.mark.slow
+def test_checkpoints_of_both_engines_score_the_same(engines, eight_iterations, tiny_env, tmp_path):
+    """The 8-iteration checkpoints of both engines, each written as its engine writes it, through
+    the held-out scorer (`score_run`, what `ablate --eval heldout` and `eval-compositional` run):
+    the same answer on every item, the same accuracy, log-likelihoods equal to float32 rounding.
+    A checkpoint whose adapters differ by a little noise scores differently, so the equality is
+    not that of a scorer blind to the adapters."""
+    from llava_moslora.eval.heldout import score_run
+
+    xtuner_model, _, _, run = engines
+    _, ours = eight_iterations
+    xtuner_checkpoint = save_mmengine_checkpoint(xtuner_model, tmp_path / "iter_8.pth")
+    run.work_dir = tmp_path / "hf"
+    hf_checkpoint = run.save(8)  # the hf engine's own checkpoint: its keys, resume state and meta
+    items = tiny_env / "data" / "heldout_eval.json"  # make-tiny's 144 colour/shape/count items
+    xtuner_scores = score_run(TINY_MOSLORA, xtuner_checkpoint, items)
+    hf_scores = score_run(TINY_MOSLORA, hf_checkpoint, items)
+
+    # A third checkpoint: the hf one with noise on B (zero at init, so this is a trained change).
+    generator = torch.Generator().manual_seed(0)
+    noisy = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
+        for k, v in ours.items()
+    }
+    torch.save({"state_dict": noisy, "meta": {"seed": 0}}, tmp_path / "iter_9.pth")
+    noisy_scores = score_run(TINY_MOSLORA, tmp_path / "iter_9.pth", items)
+
+    def largest_difference(a, b) -> float:
+        return max(
+            abs(x - y)
+            for row_a, row_b in zip(a.log_likelihoods, b.log_likelihoods, strict=True)
+            for x, y in zip(row_a, row_b, strict=True)
+        )
+
+    engines_apart = largest_difference(xtuner_scores, hf_scores)
+    noise_apart = largest_difference(hf_scores, noisy_scores)
+    changed = sum(a != b for a, b in zip(hf_scores.answers, noisy_scores.answers, strict=True))
+    print(
+        f"{len(hf_scores.items)} items: accuracy {hf_scores.accuracy()['overall']:.4f} (XTuner "
+        f"{xtuner_scores.accuracy()['overall']:.4f}); log-likelihoods differ by {engines_apart:.3g}"
+        f" between the engines, {noise_apart:.3g} with noise ({changed} answers changed)"
+    )
+    assert len(set(hf_scores.answers)) > 1  # not one answer whatever the item
+    assert noise_apart > 0.1 and changed > 0  # the scorer sees the adapters
+    assert hf_scores.answers == xtuner_scores.answers
+    assert hf_scores.accuracy() == xtuner_scores.accuracy()
+    # Measured 2.9e-6 (the adapters' 1e-7 float32 rounding above), the noise moved them by 1.9.
+    assert engines_apart <= 1e-4
 
 
 def test_resume_is_bit_identical(tiny_env, tmp_path):
