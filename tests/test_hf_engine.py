@@ -9,6 +9,7 @@ one key mapping (`xtuner_keys`), so both start from the same adapters.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,140 @@ def test_cli_run_exports_to_every_format(tiny_env, tmp_path):
             checkpoint, root / "configs/tiny_moslora.py", fmt, tmp_path / fmt, dtype="float32"
         )
         assert manifest.format == fmt
+
+
+# --- starting from a llava-hf checkpoint (`llava_hf_path`) -------------------------------------
+
+
+def _parts_of(llava_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The LLM and CLIP folders a llava-hf checkpoint is made of, its weights unchanged: the
+    three-part build of the same model (vocabulary with `<image>` included)."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlamaForCausalLM,
+        LlavaForConditionalGeneration,
+    )
+
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, use_safetensors=True)
+    llm = LlamaForCausalLM(llava.config.text_config)
+    llm.model.load_state_dict(llava.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    llm.save_pretrained(out / "llm")
+    AutoTokenizer.from_pretrained(llava_dir).save_pretrained(out / "llm")
+    llava.model.vision_tower.save_pretrained(out / "clip")
+    CLIPImageProcessor.from_pretrained(llava_dir).save_pretrained(out / "clip")
+    return out / "llm", out / "clip"
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_a_llava_hf_export_with_the_same_first_loss(tiny_env, tmp_path):
+    """The tiny base (the hf engine's own iteration-0 checkpoint: B = 0, the pretrained projector)
+    exported with `--to hf-llava`, then a run started from that folder: its first loss is the
+    three-part build's of the same weights, and its checkpoint has the same trained tensors."""
+    from llava_moslora.export.exporter import export
+
+    recipe = recipe_from_config(read_config("tiny_moslora", NO_DROPOUT))
+    base = hf_engine.Run(recipe, tmp_path / "base").save(0)
+    export(base, TINY_MOSLORA, "hf-llava", tmp_path / "hf_llava", dtype="float32")
+    options = {**NO_DROPOUT, "llava_hf_path": str(tmp_path / "hf_llava")}  # as --cfg-options
+    from_llava_hf = recipe_from_config(read_config("tiny_moslora", options))
+    assert from_llava_hf.llava_hf_path == str(tmp_path / "hf_llava")
+    llm, clip = _parts_of(tmp_path / "hf_llava", tmp_path / "parts")
+    from_parts = dataclasses.replace(recipe, llm=str(llm), vision=str(clip))
+
+    runs = {
+        name: hf_engine.Run(r, tmp_path / name)
+        for name, r in (("llava_hf", from_llava_hf), ("parts", from_parts), ("tiny", recipe))
+    }
+    # The export's own `<image>` token stands the patches (the parts use the pad token).
+    assert runs["llava_hf"].image_token_id != runs["parts"].image_token_id
+    first = {name: run.train(run.samples(), max_iters=1)[0] for name, run in runs.items()}
+    print(f"first losses: {first}")
+    # Measured equal to the last bit (6.892776012420654): same weights, same embedding sequence.
+    assert first["llava_hf"] == pytest.approx(first["parts"], abs=1e-6)
+    # The export added `<image>` to the vocabulary (one more logit in the softmax): the loss of
+    # the original parts differs (measured 8.5e-4), so the tolerance above resolves a change.
+    assert abs(first["llava_hf"] - first["tiny"]) > 1e-4
+    saved = {
+        name: torch.load(tmp_path / name / "iter_1.pth", weights_only=True)["state_dict"]
+        for name in ("llava_hf", "parts")
+    }
+    assert saved["llava_hf"].keys() == saved["parts"].keys()  # the same trained tensors
+    # Export and evaluation rebuild the config's three parts: a run on another base is refused,
+    # and so is resuming it with a recipe that lost its `llava_hf_path`.
+    from llava_moslora.runs import CheckpointMismatchError
+    from llava_moslora.train.hf_recipe import RecipeError
+
+    started = tmp_path / "llava_hf" / "iter_1.pth"
+    with pytest.raises(CheckpointMismatchError, match="started from the llava-hf checkpoint"):
+        export(started, TINY_MOSLORA, "peft-folded", tmp_path / "refused", dtype="float32")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(RecipeError, match="resume with the run's own setting"):
+        runs["parts"].resume(started)
+
+
+def _llava_folder_without_safetensors(tiny_env, tmp_path) -> Path:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    return folder
+
+
+def _corrupt_weights(tiny_env, tmp_path) -> Path:
+    """A llava-hf config of the tiny towers, and a model.safetensors that is not one."""
+    from transformers import AutoConfig, LlavaConfig
+
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    LlavaConfig(
+        text_config=AutoConfig.from_pretrained(tiny_env / "llm").to_dict(),
+        vision_config=AutoConfig.from_pretrained(tiny_env / "clip").to_dict(),
+        vision_feature_layer=-2,
+    ).to_json_file(folder / "config.json")
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    return folder
+
+
+def _other_layer(tiny_env, tmp_path) -> Path:
+    folder = tmp_path / "layer"
+    folder.mkdir()
+    config = {"model_type": "llava", "vision_feature_layer": -1}
+    (folder / "config.json").write_text(
+        json.dumps(config | {"vision_feature_select_strategy": "default"})
+    )
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make_folder", "problem"),
+    [
+        pytest.param(lambda env, tmp: tmp / "nowhere", "no readable config.json", id="missing"),
+        pytest.param(
+            lambda env, tmp: env / "llm", "model_type 'llama', not 'llava'", id="an-llm-folder"
+        ),
+        pytest.param(
+            _llava_folder_without_safetensors, "holds no \\*.safetensors", id="pickle-only"
+        ),
+        pytest.param(_other_layer, "from layer -1 with strategy 'default'", id="other-layer"),
+        pytest.param(_corrupt_weights, "does not load", id="corrupt-safetensors"),
+    ],
+)
+def test_a_bad_llava_hf_path_is_refused_in_one_line(
+    tiny_env, tmp_path, capsys, make_folder, problem
+):
+    import re
+
+    folder = make_folder(tiny_env, tmp_path)
+    recipe = dataclasses.replace(
+        recipe_from_config(read_config("tiny_moslora")), llava_hf_path=str(folder)
+    )
+    assert hf_engine.train(recipe, tmp_path / "work") == hf_engine.USAGE_ERROR
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: training refused: `llava_hf_path` {folder}: ")
+    assert re.search(problem, lines[0]) and "--to hf-llava" in lines[0]
+    assert not (tmp_path / "work").exists()

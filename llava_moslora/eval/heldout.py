@@ -111,7 +111,8 @@ def score_items(
     prompt_template: dict,
     system: str = "",
 ) -> HeldoutScores:
-    """Each option of each item scored by `option_log_likelihoods`, the model in eval mode."""
+    """Each option of each item scored by `option_log_likelihoods`, the model in eval mode;
+    `.accuracy()` gives the accuracy per category and `overall`."""
     was_training = model.training
     model.eval()
     scores = []
@@ -133,22 +134,6 @@ def score_items(
     finally:
         model.train(was_training)
     return HeldoutScores(tuple(items), tuple(map(tuple, scores)))
-
-
-def option_accuracy(
-    model,
-    tokenizer,
-    image_processor,
-    items: Sequence[EvalItem],
-    image_root: str | Path,
-    prompt_template: dict,
-    system: str = "",
-) -> dict[str, float]:
-    """Accuracy per category and `overall` (mean over items): the highest-likelihood option wins."""
-    scores = score_items(
-        model, tokenizer, image_processor, items, image_root, prompt_template, system
-    )
-    return scores.accuracy()
 
 
 def chance_accuracy(items: Sequence[EvalItem]) -> float:
