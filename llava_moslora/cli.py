@@ -57,12 +57,12 @@ def _score_base(model, tokenizer, image_processor, items_path) -> dict[str, floa
 
     from .builders.pretrain import TEMPLATE
     from .data.items import read_eval_items
-    from .eval.heldout import chance_accuracy, option_accuracy
+    from .eval.heldout import chance_accuracy, score_items
 
     items = read_eval_items(items_path)
-    accuracy = option_accuracy(
+    accuracy = score_items(
         model, tokenizer, image_processor, items, Path(items_path).parent, PROMPT_TEMPLATE[TEMPLATE]
-    )
+    ).accuracy()
     return {**accuracy, "chance": chance_accuracy(items)}
 
 

@@ -153,6 +153,15 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch
     Non-finite tensors and mixers that contradict a frozen-mixer config are refused.
     """
     state = load_trained_state(checkpoint)
+    started_from = checkpoint_meta(checkpoint).get("llava_hf_path")
+    if started_from:
+        raise CheckpointMismatchError(
+            f"{checkpoint}: its run started from the llava-hf checkpoint {started_from} "
+            "(`llava_hf_path`), whose weights are not the config's `model.llm`, "
+            "`model.visual_encoder` and `pretrained_pth` that this load rebuilds, so its adapters "
+            "would be paired with another base; export and evaluation of such runs are not "
+            "supported yet: start the run from the config's three parts to export it"
+        )
     require_finite(state, checkpoint)
     check_state_fits(model, state, str(checkpoint))
     check_frozen_mixers(model, state, str(checkpoint))

@@ -9,6 +9,7 @@ one key mapping (`xtuner_keys`), so both start from the same adapters.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from llava_moslora.train import hf_engine
 from llava_moslora.train.hf_recipe import read_recipe, recipe_from_config, write_recipe
-from tests.factories import build_from_config, read_config
+from tests.factories import TINY_MOSLORA, build_from_config, read_config, save_mmengine_checkpoint
 
 # No dropout: its random masks are drawn in another order by each engine's forward.
 NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lora_dropout": 0.0}
@@ -110,10 +111,11 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     assert compared >= 80  # both towers' A, B, mixers and the projector
 
 
-@pytest.mark.slow
-def test_n_steps_give_the_same_adapters_as_xtuner(engines):
-    """8 micro-batches (4 optimizer steps: accumulation 2, clipping, warm-up then cosine) with
-    mmengine's OptimWrapper and schedulers on XTuner's model, the hf engine's loop on ours."""
+@pytest.fixture(scope="module")
+def eight_iterations(engines):
+    """The engines' trained tensors after the same 8 micro-batches (4 optimizer steps: accumulation
+    2, clipping, warm-up then cosine): mmengine's OptimWrapper and schedulers on XTuner's model,
+    the hf engine's loop on ours. Returns (XTuner's state_dict, the hf engine's trained_state)."""
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import PARAM_SCHEDULERS
     from xtuner.dataset.collate_fns import default_collate_fn
@@ -140,8 +142,12 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
         for scheduler in schedulers:
             scheduler.step()
         run.step(run.batch([samples[i] for i in chosen]), iteration, total, iters_per_epoch)
-    theirs = xtuner_model.state_dict()
-    ours = hf_engine.trained_state(run.model, run.recipe)
+    return xtuner_model.state_dict(), hf_engine.trained_state(run.model, run.recipe)
+
+
+@pytest.mark.slow
+def test_n_steps_give_the_same_adapters_as_xtuner(eight_iterations):
+    theirs, ours = eight_iterations
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     moved = max(ours[k].abs().max().item() for k in ours if "lora_B" in k)  # B starts at zero
     print(f"after 8 iterations: largest difference {worst:.3g}, largest change {moved:.3g}")
@@ -149,6 +155,56 @@ def test_n_steps_give_the_same_adapters_as_xtuner(engines):
     # Measured 1e-7 (float32 rounding: the hf engine's closed-form rates vs mmengine's chained
     # ones); a wrong rate, accumulation or clip moves it to ~1e-2 (an Adam step is ~lr = 2e-3).
     assert worst <= 1e-6
+
+
+@pytest.mark.slow
+def test_checkpoints_of_both_engines_score_the_same(engines, eight_iterations, tiny_env, tmp_path):
+    """The 8-iteration checkpoints of both engines, each written as its engine writes it, through
+    the held-out scorer (`score_run`, what `ablate --eval heldout` and `eval-compositional` run):
+    the same answer on every item, the same accuracy, log-likelihoods equal to float32 rounding.
+    A checkpoint whose adapters differ by a little noise scores differently, so the equality is
+    not that of a scorer blind to the adapters."""
+    from llava_moslora.eval.heldout import score_run
+
+    xtuner_model, _, _, run = engines
+    _, ours = eight_iterations
+    xtuner_checkpoint = save_mmengine_checkpoint(xtuner_model, tmp_path / "iter_8.pth")
+    run.work_dir = tmp_path / "hf"
+    hf_checkpoint = run.save(8)  # the hf engine's own checkpoint: its keys, resume state and meta
+    items = tiny_env / "data" / "heldout_eval.json"  # make-tiny's 144 colour/shape/count items
+    xtuner_scores = score_run(TINY_MOSLORA, xtuner_checkpoint, items)
+    hf_scores = score_run(TINY_MOSLORA, hf_checkpoint, items)
+
+    # A third checkpoint: the hf one with noise on B (zero at init, so this is a trained change).
+    generator = torch.Generator().manual_seed(0)
+    noisy = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
+        for k, v in ours.items()
+    }
+    torch.save({"state_dict": noisy, "meta": {"seed": 0}}, tmp_path / "iter_9.pth")
+    noisy_scores = score_run(TINY_MOSLORA, tmp_path / "iter_9.pth", items)
+
+    def largest_difference(a, b) -> float:
+        return max(
+            abs(x - y)
+            for row_a, row_b in zip(a.log_likelihoods, b.log_likelihoods, strict=True)
+            for x, y in zip(row_a, row_b, strict=True)
+        )
+
+    engines_apart = largest_difference(xtuner_scores, hf_scores)
+    noise_apart = largest_difference(hf_scores, noisy_scores)
+    changed = sum(a != b for a, b in zip(hf_scores.answers, noisy_scores.answers, strict=True))
+    print(
+        f"{len(hf_scores.items)} items: accuracy {hf_scores.accuracy()['overall']:.4f} (XTuner "
+        f"{xtuner_scores.accuracy()['overall']:.4f}); log-likelihoods differ by {engines_apart:.3g}"
+        f" between the engines, {noise_apart:.3g} with noise ({changed} answers changed)"
+    )
+    assert len(set(hf_scores.answers)) > 1  # not one answer whatever the item
+    assert noise_apart > 0.1 and changed > 0  # the scorer sees the adapters
+    assert hf_scores.answers == xtuner_scores.answers
+    assert hf_scores.accuracy() == xtuner_scores.accuracy()
+    # Measured 2.9e-6 (the adapters' 1e-7 float32 rounding above), the noise moved them by 1.9.
+    assert engines_apart <= 1e-4
 
 
 def test_resume_is_bit_identical(tiny_env, tmp_path):
@@ -213,3 +269,140 @@ def test_cli_run_exports_to_every_format(tiny_env, tmp_path):
             checkpoint, root / "configs/tiny_moslora.py", fmt, tmp_path / fmt, dtype="float32"
         )
         assert manifest.format == fmt
+
+
+# --- starting from a llava-hf checkpoint (`llava_hf_path`) -------------------------------------
+
+
+def _parts_of(llava_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The LLM and CLIP folders a llava-hf checkpoint is made of, its weights unchanged: the
+    three-part build of the same model (vocabulary with `<image>` included)."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlamaForCausalLM,
+        LlavaForConditionalGeneration,
+    )
+
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, use_safetensors=True)
+    llm = LlamaForCausalLM(llava.config.text_config)
+    llm.model.load_state_dict(llava.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    llm.save_pretrained(out / "llm")
+    AutoTokenizer.from_pretrained(llava_dir).save_pretrained(out / "llm")
+    llava.model.vision_tower.save_pretrained(out / "clip")
+    CLIPImageProcessor.from_pretrained(llava_dir).save_pretrained(out / "clip")
+    return out / "llm", out / "clip"
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_a_llava_hf_export_with_the_same_first_loss(tiny_env, tmp_path):
+    """The tiny base (the hf engine's own iteration-0 checkpoint: B = 0, the pretrained projector)
+    exported with `--to hf-llava`, then a run started from that folder: its first loss is the
+    three-part build's of the same weights, and its checkpoint has the same trained tensors."""
+    from llava_moslora.export.exporter import export
+
+    recipe = recipe_from_config(read_config("tiny_moslora", NO_DROPOUT))
+    base = hf_engine.Run(recipe, tmp_path / "base").save(0)
+    export(base, TINY_MOSLORA, "hf-llava", tmp_path / "hf_llava", dtype="float32")
+    options = {**NO_DROPOUT, "llava_hf_path": str(tmp_path / "hf_llava")}  # as --cfg-options
+    from_llava_hf = recipe_from_config(read_config("tiny_moslora", options))
+    assert from_llava_hf.llava_hf_path == str(tmp_path / "hf_llava")
+    llm, clip = _parts_of(tmp_path / "hf_llava", tmp_path / "parts")
+    from_parts = dataclasses.replace(recipe, llm=str(llm), vision=str(clip))
+
+    runs = {
+        name: hf_engine.Run(r, tmp_path / name)
+        for name, r in (("llava_hf", from_llava_hf), ("parts", from_parts), ("tiny", recipe))
+    }
+    # The export's own `<image>` token stands the patches (the parts use the pad token).
+    assert runs["llava_hf"].image_token_id != runs["parts"].image_token_id
+    first = {name: run.train(run.samples(), max_iters=1)[0] for name, run in runs.items()}
+    print(f"first losses: {first}")
+    # Measured equal to the last bit (6.892776012420654): same weights, same embedding sequence.
+    assert first["llava_hf"] == pytest.approx(first["parts"], abs=1e-6)
+    # The export added `<image>` to the vocabulary (one more logit in the softmax): the loss of
+    # the original parts differs (measured 8.5e-4), so the tolerance above resolves a change.
+    assert abs(first["llava_hf"] - first["tiny"]) > 1e-4
+    saved = {
+        name: torch.load(tmp_path / name / "iter_1.pth", weights_only=True)["state_dict"]
+        for name in ("llava_hf", "parts")
+    }
+    assert saved["llava_hf"].keys() == saved["parts"].keys()  # the same trained tensors
+    # Export and evaluation rebuild the config's three parts: a run on another base is refused,
+    # and so is resuming it with a recipe that lost its `llava_hf_path`.
+    from llava_moslora.runs import CheckpointMismatchError
+    from llava_moslora.train.hf_recipe import RecipeError
+
+    started = tmp_path / "llava_hf" / "iter_1.pth"
+    with pytest.raises(CheckpointMismatchError, match="started from the llava-hf checkpoint"):
+        export(started, TINY_MOSLORA, "peft-folded", tmp_path / "refused", dtype="float32")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(RecipeError, match="resume with the run's own setting"):
+        runs["parts"].resume(started)
+
+
+def _llava_folder_without_safetensors(tiny_env, tmp_path) -> Path:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    return folder
+
+
+def _corrupt_weights(tiny_env, tmp_path) -> Path:
+    """A llava-hf config of the tiny towers, and a model.safetensors that is not one."""
+    from transformers import AutoConfig, LlavaConfig
+
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    LlavaConfig(
+        text_config=AutoConfig.from_pretrained(tiny_env / "llm").to_dict(),
+        vision_config=AutoConfig.from_pretrained(tiny_env / "clip").to_dict(),
+        vision_feature_layer=-2,
+    ).to_json_file(folder / "config.json")
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    return folder
+
+
+def _other_layer(tiny_env, tmp_path) -> Path:
+    folder = tmp_path / "layer"
+    folder.mkdir()
+    config = {"model_type": "llava", "vision_feature_layer": -1}
+    (folder / "config.json").write_text(
+        json.dumps(config | {"vision_feature_select_strategy": "default"})
+    )
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make_folder", "problem"),
+    [
+        pytest.param(lambda env, tmp: tmp / "nowhere", "no readable config.json", id="missing"),
+        pytest.param(
+            lambda env, tmp: env / "llm", "model_type 'llama', not 'llava'", id="an-llm-folder"
+        ),
+        pytest.param(
+            _llava_folder_without_safetensors, "holds no \\*.safetensors", id="pickle-only"
+        ),
+        pytest.param(_other_layer, "from layer -1 with strategy 'default'", id="other-layer"),
+        pytest.param(_corrupt_weights, "does not load", id="corrupt-safetensors"),
+    ],
+)
+def test_a_bad_llava_hf_path_is_refused_in_one_line(
+    tiny_env, tmp_path, capsys, make_folder, problem
+):
+    import re
+
+    folder = make_folder(tiny_env, tmp_path)
+    recipe = dataclasses.replace(
+        recipe_from_config(read_config("tiny_moslora")), llava_hf_path=str(folder)
+    )
+    assert hf_engine.train(recipe, tmp_path / "work") == hf_engine.USAGE_ERROR
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: training refused: `llava_hf_path` {folder}: ")
+    assert re.search(problem, lines[0]) and "--to hf-llava" in lines[0]
+    assert not (tmp_path / "work").exists()

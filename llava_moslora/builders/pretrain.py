@@ -121,7 +121,7 @@ def pretrain_tiny(
 
     `score(model, tokenizer, image_processor, items_path)` -> {"overall": .., <kind>: ..}, when
     given, measures the trained base on both families' test items (recorded in pretrained.json);
-    the eval layer owns the scorer (`llava_moslora.eval.heldout.option_accuracy`), so the caller
+    the eval layer owns the scorer (`llava_moslora.eval.heldout.score_items`), so the caller
     passes it in.
     """
     spec.check()

@@ -39,7 +39,7 @@ Files (`write_task`), next to the training JSON in LLaVA format that XTuner's LL
     DIR/eval_images/*.png
     DIR/compositional_eval.tsv      the same items as a VLMEvalKit multiple-choice TSV
 
-`llava_moslora.eval.heldout.option_accuracy` scores each option of an item by its log-likelihood
+`llava_moslora.eval.heldout.score_items` scores each option of an item by its log-likelihood
 under a LLaVAModel, the cheap and exact way to evaluate a tiny model without generation; the
 VLMEvalKit path reads the TSV.
 

@@ -5,12 +5,15 @@ The cheap and exact way to evaluate a tiny model: the prompt and answer go throu
 map and encode functions, so the tokens are exactly those of training. The items are
 `llava_moslora.data.items.EvalItem`s: the shapes task's held-out set (`synthetic.write_heldout`,
 what the ablation scores) or the compositional task's (`compositional.write_task`).
-`llava-moslora eval-compositional` and `llava-moslora ablate --eval heldout` run `evaluate_run`.
+`llava-moslora eval-compositional` and `llava-moslora ablate --eval heldout` run `evaluate_run`;
+`score_run` keeps every item's option log-likelihoods and answer (tests/test_hf_engine.py compares
+the two engines' checkpoints with it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -73,7 +76,33 @@ def option_log_likelihoods(
     return scores
 
 
-def option_accuracy(
+@dataclass(frozen=True)
+class HeldoutScores:
+    """Every item's option log-likelihoods: the per-item answers and the accuracy follow."""
+
+    items: tuple[EvalItem, ...]
+    log_likelihoods: tuple[tuple[float, ...], ...]  # per item, per option (in `item.options`)
+
+    @property
+    def answers(self) -> list[str]:
+        """The option each item picks: the highest log-likelihood (the first of a tie)."""
+        return [
+            item.options[max(range(len(scores)), key=scores.__getitem__)]
+            for item, scores in zip(self.items, self.log_likelihoods, strict=True)
+        ]
+
+    def accuracy(self) -> dict[str, float]:
+        """Accuracy per category and `overall` (mean over items)."""
+        correct: dict[str, list[bool]] = {}  # per category, in the order the items bring them
+        for item, answer in zip(self.items, self.answers, strict=True):
+            correct.setdefault(item.category, []).append(answer == item.answer)
+        result = {c: sum(v) / len(v) for c, v in correct.items()}
+        every = [ok for v in correct.values() for ok in v]
+        result["overall"] = sum(every) / len(every)
+        return result
+
+
+def score_items(
     model,
     tokenizer,
     image_processor,
@@ -81,32 +110,30 @@ def option_accuracy(
     image_root: str | Path,
     prompt_template: dict,
     system: str = "",
-) -> dict[str, float]:
-    """Accuracy per category and `overall` (mean over items): the highest-likelihood option wins."""
+) -> HeldoutScores:
+    """Each option of each item scored by `option_log_likelihoods`, the model in eval mode;
+    `.accuracy()` gives the accuracy per category and `overall`."""
     was_training = model.training
     model.eval()
-    correct: dict[str, list[bool]] = {}  # per category, in the order the items bring them
+    scores = []
     try:
         for item in items:
             with Image.open(Path(image_root) / item.image) as image:
-                scores = option_log_likelihoods(
-                    model,
-                    tokenizer,
-                    image_processor,
-                    image,
-                    item.question,
-                    item.options,
-                    prompt_template,
-                    system,
+                scores.append(
+                    option_log_likelihoods(
+                        model,
+                        tokenizer,
+                        image_processor,
+                        image,
+                        item.question,
+                        item.options,
+                        prompt_template,
+                        system,
+                    )
                 )
-            best = max(range(len(scores)), key=scores.__getitem__)
-            correct.setdefault(item.category, []).append(item.options[best] == item.answer)
     finally:
         model.train(was_training)
-    result = {c: sum(v) / len(v) for c, v in correct.items()}
-    every = [ok for v in correct.values() for ok in v]
-    result["overall"] = sum(every) / len(every)
-    return result
+    return HeldoutScores(tuple(items), tuple(map(tuple, scores)))
 
 
 def chance_accuracy(items: Sequence[EvalItem]) -> float:
@@ -114,19 +141,20 @@ def chance_accuracy(items: Sequence[EvalItem]) -> float:
     return sum(1 / len(item.options) for item in items) / len(items)
 
 
-def evaluate_run(
+def score_run(
     config: str | Path,
     checkpoint: str | Path | None = None,
     items: str | Path | None = None,
     cfg_options: dict | None = None,
-) -> dict[str, float]:
-    """Held-out `option_accuracy` of the model a config builds, with a checkpoint's weights loaded.
+) -> HeldoutScores:
+    """Held-out `score_items` of the model a config builds, with a checkpoint's weights loaded.
 
     Without `checkpoint` this is the untrained model (adapters at init: B = 0, so the base model
     with the config's pretrained projector). `items` defaults to the config's `heldout_eval_path`,
     else compositional_eval.json next to its `data_path`. The run is loaded as export loads it
     (`llava_moslora.runs.load_run`): a checkpoint that does not fit the model exactly, a
     non-finite one, or a learned mixer under a frozen-mixer config raises instead of scoring.
+    A checkpoint of either engine (`xtuner train` or `llava-moslora train --engine hf`) loads.
     """
     from xtuner.registry import BUILDER
 
@@ -136,7 +164,7 @@ def evaluate_run(
     items_path = Path(items)
     tokenizer = BUILDER.build(cfg.tokenizer)
     image_processor = BUILDER.build(cfg.image_processor)
-    return option_accuracy(
+    return score_items(
         model,
         tokenizer,
         image_processor,
@@ -145,3 +173,13 @@ def evaluate_run(
         cfg.prompt_template,
         cfg.get("SYSTEM", ""),
     )
+
+
+def evaluate_run(
+    config: str | Path,
+    checkpoint: str | Path | None = None,
+    items: str | Path | None = None,
+    cfg_options: dict | None = None,
+) -> dict[str, float]:
+    """Held-out accuracy (per category and `overall`) of `score_run`."""
+    return score_run(config, checkpoint, items, cfg_options).accuracy()

@@ -184,7 +184,6 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
 
 def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
     """LlavaForConditionalGeneration from the recipe's LLM, CLIP and projector, adapters on."""
-    from peft import inject_adapter_in_model
     from transformers import (
         AutoModelForCausalLM,
         CLIPVisionModel,
@@ -224,6 +223,14 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
                 f"(projector.model.0 / .2), found {sorted(projector)}"
             )
         model.load_state_dict(ours, strict=False)
+    add_adapters(model, recipe)
+    return model
+
+
+def add_adapters(model: nn.Module, recipe: Recipe) -> None:
+    """Freeze `model`, inject the recipe's adapters into both towers, train them and the projector."""
+    from peft import inject_adapter_in_model
+
     model.requires_grad_(False)
     for adapter, tower in (
         (recipe.llm_adapter, model.model.language_model),
@@ -232,7 +239,55 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
         if adapter is not None:
             inject_adapter_in_model(lora_config(adapter, tower), tower)
     model.model.multi_modal_projector.requires_grad_(True)
-    return model
+
+
+def _refuse_llava_hf(path: Path, problem: str) -> RecipeError:
+    return RecipeError(
+        f"`llava_hf_path` {path}: {problem}; point it at a LlavaForConditionalGeneration folder "
+        "in safetensors with its tokenizer and image processor (`llava-moslora export CKPT --to "
+        "hf-llava` writes one), or leave it unset to build from `llm`, `vision` and `projector`"
+    )
+
+
+def load_llava_hf(recipe: Recipe):
+    """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`.
+
+    Read as data: the weights only from safetensors (a folder with only pytorch_model.bin is
+    refused, never unpickled), local files only, no remote code. The image features must be
+    taken as the recipe takes them (`visual_select_layer`, CLS dropped), or the run would train
+    another model than the one its config and checkpoints describe."""
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
+
+    path = Path(recipe.llava_hf_path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise _refuse_llava_hf(path, f"no readable config.json ({error})") from error
+    if not isinstance(config, dict) or config.get("model_type") != "llava":
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise _refuse_llava_hf(path, f"config.json has model_type {found!r}, not 'llava'")
+    if not any(path.glob("*.safetensors")):
+        raise _refuse_llava_hf(path, "holds no *.safetensors weights (pickled weights are refused)")
+    layer = config.get("vision_feature_layer")
+    strategy = config.get("vision_feature_select_strategy")
+    if layer != recipe.visual_select_layer or strategy != "default":
+        raise _refuse_llava_hf(
+            path,
+            f"takes image features from layer {layer!r} with strategy {strategy!r}, the config "
+            f"from `visual_select_layer` {recipe.visual_select_layer} with the CLS token dropped "
+            "('default'); make them agree",
+        )
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True, local_files_only=True, **_float32()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        image_processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise _refuse_llava_hf(path, f"does not load ({error})") from error
+    add_adapters(model, recipe)
+    return model, tokenizer, image_processor
 
 
 # --- the data ----------------------------------------------------------------------------------
@@ -364,20 +419,26 @@ class Run:
         self.seed = seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(seed)
-        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
-            tokenizer.bos_token_id,
-            tokenizer.eos_token_id,
-        ):
-            raise RecipeError(
-                f"the tokenizer of {recipe.llm} has pad token {tokenizer.pad_token!r}; the hf "
-                "engine stands image patches with the pad token, so it must exist and differ from "
-                "bos and eos: set `pad_token` in its tokenizer_config.json to a special token the "
-                "data never contains (LLaMA-3: <|finetune_right_pad_id|> or a reserved one)"
-            )
-        self.image_token_id = self.tokenizer.pad_token_id
-        self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
-        self.model = build_llava(recipe, self.image_token_id).to(self.device)
+        if recipe.llava_hf_path:  # its own `<image>` token stands the patches, as it was saved
+            model, self.tokenizer, self.image_processor = load_llava_hf(recipe)
+            self.image_token_id = model.config.image_token_index
+        else:
+            self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
+            if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+            ):
+                raise RecipeError(
+                    f"the tokenizer of {recipe.llm} has pad token {tokenizer.pad_token!r}; the hf "
+                    "engine stands image patches with the pad token, so it must exist and differ "
+                    "from bos and eos: set `pad_token` in its tokenizer_config.json to a special "
+                    "token the data never contains (LLaMA-3: <|finetune_right_pad_id|> or a "
+                    "reserved one)"
+                )
+            self.image_token_id = self.tokenizer.pad_token_id
+            self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
+            model = build_llava(recipe, self.image_token_id)
+        self.model = model.to(self.device)
         vconfig = self.model.config.vision_config
         self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -450,7 +511,13 @@ class Run:
         torch.save(
             {
                 "state_dict": trained_state(self.model, self.recipe),
-                "meta": {"seed": self.seed, "iter": iteration, "engine": "hf"},
+                "meta": {
+                    "seed": self.seed,
+                    "iter": iteration,
+                    "engine": "hf",
+                    # the base is not the config's three parts: `runs.load_checkpoint` refuses it
+                    "llava_hf_path": self.recipe.llava_hf_path,
+                },
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
@@ -465,6 +532,12 @@ class Run:
         saved = safe_torch_load(path)
         if not isinstance(saved, dict) or saved.get("meta", {}).get("engine") != "hf":
             raise RecipeError(f"`--resume` {path}: not a checkpoint of the hf engine")
+        started_from = saved["meta"].get("llava_hf_path")
+        if started_from != self.recipe.llava_hf_path:
+            raise RecipeError(
+                f"`--resume` {path}: the run started from `llava_hf_path` {started_from}, the "
+                f"recipe has {self.recipe.llava_hf_path}: resume with the run's own setting"
+            )
         load_trained(self.model, self.recipe, saved["state_dict"], path)
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):

@@ -14,6 +14,14 @@ fly. Nothing is copied by hand: every field comes from the config, e.g.
     template                  llava_dataset.template_map_fn.template (XTuner's PROMPT_TEMPLATE)
     lr, betas, ...            optim_wrapper.optimizer, .clip_grad, .accumulative_counts
     warmup_epochs, epochs     param_scheduler (LinearLR end, CosineAnnealingLR eta_min), train_cfg
+    llava_hf_path             llava_hf_path (optional, no config sets it: `--cfg-options
+                              llava_hf_path=DIR`)
+
+`llava_hf_path` starts the run from an existing llava-hf checkpoint instead of the three parts: a
+folder holding a `LlavaForConditionalGeneration` in safetensors with its tokenizer and image
+processor, as `llava-moslora export CKPT --to hf-llava` writes it (or llava-hf/llava-1.5-7b-hf
+downloaded). The model, its tokenizer and its image processor then come from that folder; `llm`,
+`vision` and `projector` are not read. XTuner has no such key, so `xtuner train` ignores it.
 """
 
 from __future__ import annotations
@@ -68,12 +76,17 @@ class Recipe:
     save_steps: int
     log_interval: int
     amp_dtype: str | None  # "float16"/"bfloat16" under CUDA (AmpOptimWrapper), None: float32
+    # A llava-hf checkpoint folder to start from instead of llm + vision + projector (the module
+    # docstring); optional in a recipe file, so recipes written before it still read.
+    llava_hf_path: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        names = {field.name for field in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        names = {field.name for field in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
         unknown = sorted(data.keys() - names)
-        missing = sorted(names - data.keys())
+        missing = sorted(required - data.keys())
         if unknown or missing:
             raise RecipeError(
                 f"recipe fields do not match: unknown {unknown}, missing {missing}; write it again "
@@ -184,6 +197,7 @@ def recipe_from_config(cfg: Any) -> Recipe:
         save_steps=int(cfg.default_hooks.checkpoint.interval),
         log_interval=int(cfg.default_hooks.logger.interval),
         amp_dtype=str(optim["dtype"]) if wrapper == "AmpOptimWrapper" else None,
+        llava_hf_path=str(cfg.llava_hf_path) if cfg.get("llava_hf_path") else None,
     )
 
 
