@@ -197,6 +197,11 @@ def load_trained_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         state = _safe_zero_to_fp32().get_fp32_state_dict_from_zero_checkpoint(
             str(checkpoint.parent), tag=checkpoint.name
         )
+        # The hf engine's folders hold LlavaForConditionalGeneration's keys and, in their meta,
+        # the mapping to XTuner's (`xtuner_keys`), so every reader sees XTuner's keys.
+        renamed = checkpoint_meta(checkpoint).get("xtuner_keys")
+        if isinstance(renamed, dict):
+            state = {renamed.get(key, key): tensor for key, tensor in state.items()}
     elif checkpoint.is_file():
         saved = load_checkpoint_file(checkpoint)
         if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):

@@ -29,6 +29,11 @@ def _train_hf(config: str, argv: list[str]) -> int:
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-iters", type=int, help="stop after this many iterations")
     parser.add_argument(
+        "--deepspeed",
+        metavar="PRESET",
+        help="deepspeed_zero2 or deepspeed_zero3: XTuner's preset, through accelerate",
+    )
+    parser.add_argument(
         "--write-recipe", metavar="FILE", help="only write the config's recipe (JSON) to FILE"
     )
     args = parser.parse_args(argv)
@@ -50,7 +55,14 @@ def _train_hf(config: str, argv: list[str]) -> int:
     from .hf_engine import train
 
     work_dir = args.work_dir or str(Path("work_dirs") / Path(config).stem)
-    return train(recipe, work_dir, seed=args.seed, resume=args.resume, max_iters=args.max_iters)
+    return train(
+        recipe,
+        work_dir,
+        seed=args.seed,
+        resume=args.resume,
+        max_iters=args.max_iters,
+        deepspeed=args.deepspeed,
+    )
 
 
 def _plot_diagnostics(args: argparse.Namespace) -> int:
@@ -84,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="xtuner",
         help="xtuner (default; transformers 4.57) or hf: the same recipe on transformers' "
         "LlavaForConditionalGeneration with a plain loop, no XTuner (transformers 4.57 or 5.x; "
-        "takes --work-dir, --seed, --resume, --cfg-options, --max-iters, --write-recipe FILE; "
+        "takes --work-dir, --seed, --resume, --cfg-options, --max-iters, --deepspeed, --write-recipe FILE; "
         "CONFIG may then be a recipe .json). docs/training.md#two-engines",
     )
     train.add_argument("config", help="an XTuner config, e.g. configs/llama3_moslora.py")

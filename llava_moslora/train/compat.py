@@ -68,7 +68,8 @@ def _deepspeed_engine_load(self: Any, path: str, map_location: Any = None) -> An
     return load_checkpoint_file(path, map_location=map_location)
 
 
-def _route_deepspeed() -> None:
+def route_deepspeed() -> None:
+    """DeepSpeed's checkpoint engine reads through the safe loader (also the hf engine's)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     TorchCheckpointEngine.load = _deepspeed_engine_load
@@ -94,5 +95,5 @@ def _route_xtuner() -> None:
 def apply() -> None:
     """Install the routes; safe to call more than once."""
     _route_mmengine()
-    _route_deepspeed()
+    route_deepspeed()
     _route_xtuner()

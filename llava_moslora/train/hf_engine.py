@@ -105,11 +105,16 @@ def xtuner_keys(model: nn.Module, recipe: Recipe) -> dict[str, str]:
 
 
 def trained_state(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """The trained tensors keyed as an `xtuner train` checkpoint keys them."""
-    state = model.state_dict()
-    return {
-        theirs: state[ours].detach().cpu() for ours, theirs in xtuner_keys(model, recipe).items()
-    }
+    """The trained tensors keyed as an `xtuner train` checkpoint keys them (under ZeRO-3 gathered
+    from their partitions first: outside a forward they are empty placeholders)."""
+    from .diagnostics import gathered
+
+    with gathered([p for p in model.parameters() if p.requires_grad]):
+        state = model.state_dict()
+        return {
+            theirs: state[ours].detach().cpu().clone()
+            for ours, theirs in xtuner_keys(model, recipe).items()
+        }
 
 
 def load_trained(model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor], source) -> None:
@@ -411,7 +416,9 @@ def seed_everything(seed: int) -> None:
 class Run:
     """A training run of the hf engine: model, data, optimizer, schedule, checkpoints."""
 
-    def __init__(self, recipe: Recipe, work_dir: str | Path, seed: int = 0) -> None:
+    def __init__(
+        self, recipe: Recipe, work_dir: str | Path, seed: int = 0, deepspeed: str | None = None
+    ) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor
 
         self.recipe = recipe
@@ -448,8 +455,17 @@ class Run:
         # float16 autocast needs a dynamic loss scale, as AmpOptimWrapper's `loss_scale="dynamic"`;
         # disabled (a pass-through) in float32 and bfloat16.
         fp16 = recipe.amp_dtype == "float16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 and deepspeed is None)
         self.iteration = 0
+        # Under `--deepspeed` (hf_deepspeed.py) the DeepSpeedEngine runs forward, backward,
+        # clipping and the optimizer step; the optimizer's param_groups still take the schedule.
+        self.deepspeed = deepspeed
+        self.engine = self.accelerator = None
+        if deepspeed is not None:
+            from .hf_deepspeed import deepspeed_config, prepare
+
+            config = deepspeed_config(deepspeed, recipe, cuda=self.device.type == "cuda")
+            self.engine, self.accelerator = prepare(self.model, self.optimizer, config)
 
     def samples(self, records: list[dict] | None = None) -> Samples:
         recipe = self.recipe
@@ -465,9 +481,9 @@ class Run:
         with torch.autocast(
             self.device.type,
             dtype=getattr(torch, dtype or "float32"),
-            enabled=dtype is not None and self.device.type == "cuda",
+            enabled=dtype is not None and self.device.type == "cuda" and self.engine is None,
         ):
-            return self.model(**batch).loss
+            return (self.engine or self.model)(**batch).loss
 
     def step(self, batch, iteration: int, max_iters: int, iters_per_epoch: int) -> float:
         """One micro-batch: backward, and every `accumulative_counts` (and at the end) an
@@ -479,8 +495,14 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = recipe.lr * lr_factor(iteration, recipe, iters_per_epoch)
         loss = self.loss(batch)
+        boundary = (iteration + 1) % counts == 0 or iteration + 1 == max_iters
+        if self.engine is not None:  # the same division; DeepSpeed clips and steps at the boundary
+            self.accelerator.deepspeed_engine_wrapped.backward(
+                loss / divisor, sync_gradients=boundary, scale_wrt_gas=False
+            )
+            return loss.item()
         self.scaler.scale(loss / divisor).backward()
-        if (iteration + 1) % counts == 0 or iteration + 1 == max_iters:
+        if boundary:
             self.scaler.unscale_(self.optimizer)
             if recipe.max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.trainable, recipe.max_norm)
@@ -503,21 +525,42 @@ class Run:
         with open(self.work_dir / "hf_engine_log.jsonl", "a") as file:
             file.write(json.dumps(line) + "\n")
 
+    def meta(self, iteration: int) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "iter": iteration,
+            "engine": "hf",
+            # the base is not the config's three parts: `runs.load_checkpoint` refuses it
+            "llava_hf_path": self.recipe.llava_hf_path,
+            "deepspeed": self.deepspeed,
+        }
+
     def save(self, iteration: int) -> Path:
-        """`iter_N.pth` (XTuner's layout plus the resume state) and mmengine's `last_checkpoint`."""
+        """`iter_N.pth` (XTuner's layout plus the resume state) and mmengine's `last_checkpoint`.
+
+        Under `--deepspeed`, `iter_N.pth/` is DeepSpeed's own checkpoint folder, as `xtuner train
+        --deepspeed` writes it (trained tensors only): its fp32 master weights and optimizer
+        partitions resume the run exactly, and its client state holds the meta, the RNG state and
+        `xtuner_keys` ({our key: XTuner's key}), with which `load_trained_state` gives export and
+        evaluation XTuner's keys. `last_checkpoint` is written once the folder is complete."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         path = self.work_dir / f"iter_{iteration}.pth"
+        if self.engine is not None:
+            meta = {**self.meta(iteration), "xtuner_keys": xtuner_keys(self.model, self.recipe)}
+            self.engine.save_checkpoint(
+                str(self.work_dir),
+                tag=path.name,
+                client_state={"meta": meta, "rng": torch.get_rng_state()},
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )
+            (self.work_dir / "last_checkpoint").write_text(str(path))
+            return path
         partial = path.with_name(path.name + ".partial")
         torch.save(
             {
                 "state_dict": trained_state(self.model, self.recipe),
-                "meta": {
-                    "seed": self.seed,
-                    "iter": iteration,
-                    "engine": "hf",
-                    # the base is not the config's three parts: `runs.load_checkpoint` refuses it
-                    "llava_hf_path": self.recipe.llava_hf_path,
-                },
+                "meta": self.meta(iteration),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
@@ -529,19 +572,37 @@ class Run:
         return path
 
     def resume(self, path: str | Path) -> None:
-        saved = safe_torch_load(path)
+        path = Path(path)
+        written_with = "--deepspeed" if path.is_dir() else "no --deepspeed"
+        if (self.engine is not None) != path.is_dir():
+            raise RecipeError(
+                f"`--resume` {path}: the run was written with {written_with}; resume it the same way"
+            )
+        if self.engine is not None:
+            # DeepSpeed reads its files itself, through the safe loader (compat.route_deepspeed).
+            _, saved = self.engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_module_strict=False
+            )
+        else:
+            saved = safe_torch_load(path)
         if not isinstance(saved, dict) or saved.get("meta", {}).get("engine") != "hf":
             raise RecipeError(f"`--resume` {path}: not a checkpoint of the hf engine")
+        if saved["meta"].get("deepspeed") != self.deepspeed:
+            raise RecipeError(
+                f"`--resume` {path}: the run was written with `--deepspeed "
+                f"{saved['meta'].get('deepspeed')}`; resume it with the same choice"
+            )
         started_from = saved["meta"].get("llava_hf_path")
         if started_from != self.recipe.llava_hf_path:
             raise RecipeError(
                 f"`--resume` {path}: the run started from `llava_hf_path` {started_from}, the "
                 f"recipe has {self.recipe.llava_hf_path}: resume with the run's own setting"
             )
-        load_trained(self.model, self.recipe, saved["state_dict"], path)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
+        if self.engine is None:
+            load_trained(self.model, self.recipe, saved["state_dict"], path)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         self.iteration = int(saved["meta"]["iter"])
 
@@ -579,10 +640,16 @@ def train(
     seed: int = 0,
     resume: bool = False,
     max_iters: int | None = None,
+    deepspeed: str | None = None,
 ) -> int:
-    """Run `recipe` into `work_dir`; the exit code (0, or USAGE_ERROR with one `error:` line)."""
+    """Run `recipe` into `work_dir`; the exit code (0, or USAGE_ERROR with one `error:` line).
+    `deepspeed`: XTuner's preset name (hf_deepspeed.PRESETS), as `xtuner train --deepspeed`."""
     try:
-        run = Run(recipe, work_dir, seed)
+        if deepspeed is not None:  # refused in one line before the model is built
+            from .hf_deepspeed import deepspeed_config
+
+            deepspeed_config(deepspeed, recipe, cuda=torch.cuda.is_available())
+        run = Run(recipe, work_dir, seed, deepspeed)
         records = load_records(recipe.data_path)
         samples = run.samples(records)
         report = check_samples(records, samples, recipe)
