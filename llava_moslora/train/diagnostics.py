@@ -170,9 +170,9 @@ def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
     if not partitioned:
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    import deepspeed  # `deepspeed.zero` is an attribute, not an importable module path
 
-    with GatheredParameters(partitioned, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
 
 

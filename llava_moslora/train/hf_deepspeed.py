@@ -102,6 +102,13 @@ def prepare(model, optimizer, config: dict[str, Any]):
 
     route_deepspeed()  # DeepSpeed's own checkpoint reads (`load_checkpoint`) go through safe_torch_load
     _single_process_env()
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state()  # a second run in this process brings its own plugin
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
     engine, _ = accelerator.prepare(model, optimizer)
+    # The plugin registers its config with transformers, which would then build every later
+    # model of this process under ZeRO-3's zero.Init (a resume, a test's reference run).
+    unset_hf_deepspeed_config()
     return engine, accelerator
