@@ -406,3 +406,28 @@ def test_a_bad_llava_hf_path_is_refused_in_one_line(
     assert lines[0].startswith(f"error: training refused: `llava_hf_path` {folder}: ")
     assert re.search(problem, lines[0]) and "--to hf-llava" in lines[0]
     assert not (tmp_path / "work").exists()
+
+
+def test_a_projector_saved_by_mmengine_loads_with_its_message_hub(tmp_path):
+    """XTuner's pretrained projector is an mmengine iter_N.pth: beside the tensors, the message
+    hub's HistoryBuffers and numpy scalars. The hf engine reads it through the safe loader with
+    exactly those globals allowed (the import of the allow-list once pointed at the wrong module,
+    and the file was then refused)."""
+    import numpy as np
+    from mmengine.logging import MessageHub
+
+    hub = MessageHub.get_instance("test_hf_engine_projector")
+    hub.update_scalar("train/loss", np.float32(1.5), count=1)
+    weight = torch.randn(8, 4)
+    path = tmp_path / "iter_2181.pth"
+    torch.save(
+        {
+            "meta": {"seed": 0, "epoch": np.int64(1)},
+            "state_dict": {"projector.model.0.weight": weight, "llm.x": torch.zeros(1)},
+            "message_hub": hub.state_dict(),
+        },
+        path,
+    )
+    projector = hf_engine.load_projector(path)
+    assert list(projector) == ["projector.model.0.weight"]
+    assert torch.equal(projector["projector.model.0.weight"], weight)

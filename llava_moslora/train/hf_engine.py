@@ -174,7 +174,7 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
     """The `projector.*` tensors of a pretrained-projector checkpoint (XTuner's `pretrained_pth`),
     read as data."""
     try:
-        from llava_moslora.train.compat import mmengine_checkpoint_globals
+        from llava_moslora.train.checkpoints import mmengine_checkpoint_globals
 
         allowed = mmengine_checkpoint_globals()
     except ImportError:  # no mmengine here: a file that needs its classes is refused by name
