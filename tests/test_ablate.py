@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -565,3 +566,34 @@ def test_the_headline_over_few_seeds_says_no_difference_detected(tmp_path):
     assert "cannot help: over 5 seeds its smallest p is 2/32, 20 x 2/32 >= 0.05" in (
         summary._sign_flip_floor(tables, 20)
     )
+
+
+RESULTS = REPO / "benchmarks" / "results" / "ablation_pretrained"
+
+
+def test_the_committed_rerun_regenerates_and_the_docs_quote_its_headline(tmp_path):
+    """benchmarks/results/ablation_pretrained (issue 29's rerun): grid and test seeds disjoint, a
+    summary.md that `ablate-report` writes byte for byte from the folder's files, and a README
+    and docs/ablation.md that quote its generated headline instead of numbers of their own."""
+    import shutil
+
+    from llava_moslora.ablate import summary
+
+    tables, grids = summary.read_tables(RESULTS)
+    assert {t.rank for t in tables} == {"r8", "r64"}
+    for grid in grids.values():
+        assert grid["grid_seeds"] == [100, 101]
+    seeds = {s for t in tables for by in t.scores.values() for s in by}
+    assert seeds == set(range(12))
+    copy = tmp_path / RESULTS.name
+    shutil.copytree(RESULTS, copy)
+    (copy / summary.SUMMARY).unlink()
+    text = summary.write_summary(copy).read_text()
+    assert text == (RESULTS / summary.SUMMARY).read_text()
+    assert "old design" not in text and text.count(": disjoint.") == 2
+    quote = summary.headline(text)
+    assert "12 test seeds, rates chosen on grid seeds 100, 101, disjoint" in quote
+    for doc in (REPO / "README.md", REPO / "docs" / "ablation.md"):
+        folded = " ".join(re.sub(r"(?m)^\s*> ?", "", doc.read_text()).split())
+        assert quote in folded, f"{doc.name} does not quote summary.md's headline"
+    assert "machine.md" in [p.name for p in RESULTS.iterdir()]
