@@ -8,6 +8,8 @@ bitsandbytes on some machines, failing) library to ask them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,3 +37,20 @@ def is_4bit(module: nn.Module) -> bool:
     """
     bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
     return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
+
+
+@contextmanager
+def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Full values of ZeRO-3-partitioned `tensors` inside the block (read-only); else a no-op.
+
+    Every rank must enter it (the gather is a collective), which is why the hook runs its
+    computation on all ranks and only writes files on rank 0.
+    """
+    partitioned = [t for t in tensors if zero3_partitioned(t)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # `deepspeed.zero` is an attribute, not an importable module path
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

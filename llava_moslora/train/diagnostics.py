@@ -40,7 +40,6 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..probes import zero3_partitioned
+from ..probes import gathered
 
 JSONL_NAME = "mixer_diagnostics.jsonl"
 INIT_NAME = "mixer_init.pth"
@@ -157,23 +156,6 @@ def _active_adapter(layer: nn.Module, adapter: str | None) -> str:
 def _mixer_module(layer: nn.Module, adapter: str) -> nn.Module | None:
     mixers = getattr(layer, "lora_mixer", None)
     return mixers[adapter] if mixers is not None and adapter in mixers else None
-
-
-@contextmanager
-def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
-    """Full values of ZeRO-3-partitioned `tensors` inside the block (read-only); else a no-op.
-
-    Every rank must enter it (the gather is a collective), which is why the hook runs its
-    computation on all ranks and only writes files on rank 0.
-    """
-    partitioned = [t for t in tensors if zero3_partitioned(t)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed  # `deepspeed.zero` is an attribute, not an importable module path
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def initial_mixers(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:

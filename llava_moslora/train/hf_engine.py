@@ -107,7 +107,7 @@ def xtuner_keys(model: nn.Module, recipe: Recipe) -> dict[str, str]:
 def trained_state(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
     """The trained tensors keyed as an `xtuner train` checkpoint keys them (under ZeRO-3 gathered
     from their partitions first: outside a forward they are empty placeholders)."""
-    from .diagnostics import gathered
+    from ..probes import gathered
 
     with gathered([p for p in model.parameters() if p.requires_grad]):
         state = model.state_dict()
