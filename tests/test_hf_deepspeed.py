@@ -26,11 +26,12 @@ from llava_moslora.train.hf_recipe import RecipeError, recipe_from_config, write
 from tests.factories import read_config
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def no_process_group_left_behind():
     """A DeepSpeed run in this process sets RANK/.../MASTER_PORT (hf_deepspeed._single_process_env)
-    and keeps its gloo group listening on that port: later tests' subprocesses would inherit the
-    variables and find the port taken (EADDRINUSE), and in-process tests a group already up."""
+    and keeps its gloo group listening on that port: later modules' subprocesses would inherit the
+    variables and find the port taken (EADDRINUSE), and in-process tests a group already up. The
+    group lives for the module (DeepSpeed and accelerate keep handles to it between runs)."""
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     before = {name: os.environ.get(name) for name in names}
     yield
