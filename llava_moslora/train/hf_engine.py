@@ -233,9 +233,16 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
 
 
 def add_adapters(model: nn.Module, recipe: Recipe) -> None:
-    """Freeze `model`, inject the recipe's adapters into both towers, train them and the projector."""
+    """Freeze `model`, inject the recipe's adapters into both towers, train them and the projector.
+
+    The adapters draw their initial A (and mixer) from torch's generator re-seeded with the seed
+    it was last given (`seed_everything(seed)` at the run's start): what building the towers drew
+    before differs between transformers versions (`LlavaForConditionalGeneration(config)`
+    initialises every weight it then overwrites), and the same seed must give the same adapters
+    on 4.57 and on 5.x."""
     from peft import inject_adapter_in_model
 
+    torch.manual_seed(torch.initial_seed())
     model.requires_grad_(False)
     for adapter, tower in (
         (recipe.llm_adapter, model.model.language_model),
