@@ -470,7 +470,9 @@ def test_a_llava_hf_run_scores_the_same_as_its_export(llava_hf_run, tiny_env, tm
     assert base_apart > 0.1  # the scorer sees the adapters
     # Measured 4.8e-6: unmerged adapters vs merged weights, float32 summation order.
     assert apart <= 1e-4
-    picked = [item.options[row.index(max(row))] for item, row in zip(items, through_export)]
+    picked = [
+        item.options[row.index(max(row))] for item, row in zip(items, through_export, strict=True)
+    ]
     assert scores.answers == picked and len(set(picked)) > 1
 
 
