@@ -727,3 +727,16 @@ def test_an_unchanged_copy_of_the_base_loads_strictly_and_a_dropped_mixer_is_ref
     no_mixers = _naming(llava_hf_run.checkpoint, folder, tmp_path / "iter_9.pth", "lora_mixer")
     with pytest.raises(CheckpointMismatchError, match=f"{len(mixers)} key\\(s\\) missing from"):
         load_run(TINY_MOSLORA, no_mixers)
+
+
+def test_an_export_over_the_base_it_reads_is_refused(llava_hf_run, tmp_path):
+    """The base is an hf-llava export itself, so `--overwrite` would replace its files: it is one
+    of the export's inputs, as the checkpoint and the config are."""
+    from llava_moslora.export.exporter import export
+
+    folder = _copy_of_base(llava_hf_run, tmp_path)
+    checkpoint = _naming(llava_hf_run.checkpoint, folder, tmp_path / "iter_1.pth")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match="contains the export's own input"):
+        export(checkpoint, TINY_MOSLORA, "hf-llava", folder, dtype="float32", overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
