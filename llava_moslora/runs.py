@@ -259,9 +259,18 @@ def build_model_on_llava_hf(cfg, folder: str | Path) -> nn.Module:
     for part in ("tokenizer", "image_processor"):
         cfg[part].update(pretrained_model_name_or_path=str(folder), trust_remote_code=False)
     model_cfg = cfg.model.copy()
-    model_cfg.pretrained_pth = None  # the checkpoint holds the trained projector
+    model_cfg.pretrained_pth = None  # the projector is the folder's (a checkpoint then its own)
     model_cfg.llm, model_cfg.visual_encoder = llm, vision
-    return BUILDER.build(model_cfg).eval()
+    model = BUILDER.build(model_cfg)
+    projector = llava.model.multi_modal_projector
+    if len(model.projector.model) != 3:  # XTuner's depth-2 projector: Linear, GELU, Linear
+        raise CheckpointMismatchError(
+            f"`model.projector_depth` should be 2 for a run started from a llava-hf checkpoint "
+            f"(linear_1, act, linear_2), but the model's projector is {model.projector.model}"
+        )
+    model.projector.model[0].load_state_dict(projector.linear_1.state_dict())
+    model.projector.model[2].load_state_dict(projector.linear_2.state_dict())
+    return model.eval()
 
 
 def checkpoint_seed(checkpoint: str | Path) -> int | None:
@@ -280,10 +289,14 @@ def load_run(
     """(config, model) of a run: the config's model with the checkpoint's tensors, strictly.
 
     Without `checkpoint` the model is the run before training: adapters at init (B = 0, so the
-    base towers) and the config's `pretrained_pth` projector, the one training starts from.
+    base towers) and the config's `pretrained_pth` projector, the one training starts from (with
+    `llava_hf_path`: that folder's towers and projector).
     """
     cfg = load_config(config, cfg_options)
-    base = None if checkpoint is None else llava_hf_base(cfg, checkpoint)
+    if checkpoint is None:  # the run before training: from the folder it will start from
+        base = cfg.get("llava_hf_path") or None
+    else:
+        base = llava_hf_base(cfg, checkpoint)
     if base is None:
         model = build_model(cfg, start_projector=checkpoint is None)
     else:  # a run of `--engine hf` started from a llava-hf folder (`llava_hf_path`)

@@ -474,6 +474,11 @@ def test_a_llava_hf_run_scores_the_same_as_its_export(llava_hf_run, tiny_env, tm
         item.options[row.index(max(row))] for item, row in zip(items, through_export, strict=True)
     ]
     assert scores.answers == picked and len(set(picked)) > 1
+    # Before training (no checkpoint), `llava_hf_path` scores the folder itself.
+    before = score_run(TINY_MOSLORA, None, subset, {"llava_hf_path": str(llava_hf_run.folder)})
+    before_apart = largest_difference(before.log_likelihoods, of_the_base)
+    print(f"score_run without a checkpoint vs the base folder: {before_apart:.3g}")
+    assert before_apart <= 1e-4
 
 
 def _parts_of(llava_dir: Path, out: Path) -> tuple[Path, Path]:
