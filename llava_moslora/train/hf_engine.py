@@ -253,42 +253,83 @@ def add_adapters(model: nn.Module, recipe: Recipe) -> None:
     model.model.multi_modal_projector.requires_grad_(True)
 
 
-def _refuse_llava_hf(path: Path, problem: str) -> RecipeError:
-    return RecipeError(
-        f"`llava_hf_path` {path}: {problem}; point it at a LlavaForConditionalGeneration folder "
-        "in safetensors with its tokenizer and image processor (`llava-moslora export CKPT --to "
-        "hf-llava` writes one), or leave it unset to build from `llm`, `vision` and `projector`"
-    )
+LLAVA_HF_FIX = (
+    "point it at a LlavaForConditionalGeneration folder in safetensors with its tokenizer and "
+    "image processor (`llava-moslora export CKPT --to hf-llava` writes one), or leave it unset to "
+    "build from `llm`, `vision` and `projector`"
+)
+
+
+def _refuse_llava_hf(path: Path, problem: str, fix: str = LLAVA_HF_FIX) -> RecipeError:
+    return RecipeError(f"`llava_hf_path` {path}: {problem}; {fix}")
+
+
+# What a run reads from a llava-hf folder: config, weights (and their index), tokenizer, processor.
+_LLAVA_HF_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def llava_hf_digest(path: str | Path) -> str:
+    """sha256 over the names and bytes of what a run reads from the llava-hf folder `path`.
+
+    A checkpoint's meta records it: its adapters fit that base only, so export and evaluation
+    refuse a folder that was replaced or retrained since (a config hash alone would miss new
+    weights of the same shapes). Reads every weight once; raises OSError without config.json."""
+    import hashlib
+
+    path = Path(path)
+    (path / "config.json").read_bytes()  # a missing or unreadable folder raises here
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in _LLAVA_HF_SUFFIXES and p.is_file()):
+        digest.update(f"{file.name}\0".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_llava_hf(recipe: Recipe):
-    """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`.
+    """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`,
+    the recipe's adapters on (`read_llava_hf`)."""
+    model, tokenizer, image_processor = read_llava_hf(
+        recipe.llava_hf_path, recipe.visual_select_layer
+    )
+    add_adapters(model, recipe)
+    return model, tokenizer, image_processor
+
+
+def read_llava_hf(path: str | Path, visual_select_layer: int, fix: str = LLAVA_HF_FIX):
+    """(LlavaForConditionalGeneration, tokenizer, image processor) of the llava-hf folder `path`,
+    in float32, no adapters: what training starts from, and what export and evaluation rebuild
+    (llava_moslora.runs) for a checkpoint of such a run.
 
     Read as data: the weights only from safetensors (a folder with only pytorch_model.bin is
     refused, never unpickled), local files only, no remote code. The image features must be
     taken as the recipe takes them (`visual_select_layer`, CLS dropped), or the run would train
-    another model than the one its config and checkpoints describe."""
+    another model than the one its config and checkpoints describe. Refusals end with `fix`."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
-    path = Path(recipe.llava_hf_path)
+    path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise _refuse_llava_hf(path, f"no readable config.json ({error})") from error
+        raise _refuse_llava_hf(path, f"no readable config.json ({error})", fix) from error
     if not isinstance(config, dict) or config.get("model_type") != "llava":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise _refuse_llava_hf(path, f"config.json has model_type {found!r}, not 'llava'")
+        raise _refuse_llava_hf(path, f"config.json has model_type {found!r}, not 'llava'", fix)
     if not any(path.glob("*.safetensors")):
-        raise _refuse_llava_hf(path, "holds no *.safetensors weights (pickled weights are refused)")
+        raise _refuse_llava_hf(
+            path, "holds no *.safetensors weights (pickled weights are refused)", fix
+        )
     layer = config.get("vision_feature_layer")
     strategy = config.get("vision_feature_select_strategy")
-    if layer != recipe.visual_select_layer or strategy != "default":
+    if layer != visual_select_layer or strategy != "default":
         raise _refuse_llava_hf(
             path,
             f"takes image features from layer {layer!r} with strategy {strategy!r}, the config "
-            f"from `visual_select_layer` {recipe.visual_select_layer} with the CLS token dropped "
+            f"from `visual_select_layer` {visual_select_layer} with the CLS token dropped "
             "('default'); make them agree",
+            fix,
         )
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -297,8 +338,7 @@ def load_llava_hf(recipe: Recipe):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         image_processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError) as error:
-        raise _refuse_llava_hf(path, f"does not load ({error})") from error
-    add_adapters(model, recipe)
+        raise _refuse_llava_hf(path, f"does not load ({error})", fix) from error
     return model, tokenizer, image_processor
 
 
@@ -433,9 +473,11 @@ class Run:
         self.seed = seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(seed)
+        self.llava_hf_digest = None
         if recipe.llava_hf_path:  # its own `<image>` token stands the patches, as it was saved
             model, self.tokenizer, self.image_processor = load_llava_hf(recipe)
             self.image_token_id = model.config.image_token_index
+            self.llava_hf_digest = llava_hf_digest(recipe.llava_hf_path)  # into every meta
         else:
             self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
             if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
@@ -537,8 +579,10 @@ class Run:
             "seed": self.seed,
             "iter": iteration,
             "engine": "hf",
-            # the base is not the config's three parts: `runs.load_checkpoint` refuses it
+            # the base is not the config's three parts: `runs.load_run` rebuilds it from this
+            # folder, once its digest shows it is the one the run started from
             "llava_hf_path": self.recipe.llava_hf_path,
+            "llava_hf_digest": self.llava_hf_digest,
             "deepspeed": self.deepspeed,
         }
 
