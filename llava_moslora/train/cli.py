@@ -34,6 +34,11 @@ def _train_hf(config: str, argv: list[str]) -> int:
         help="deepspeed_zero2 or deepspeed_zero3: XTuner's preset, through accelerate",
     )
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="fully shard the model (torch's FSDP2): one process, or several under torchrun",
+    )
+    parser.add_argument(
         "--write-recipe", metavar="FILE", help="only write the config's recipe (JSON) to FILE"
     )
     args = parser.parse_args(argv)
@@ -62,6 +67,7 @@ def _train_hf(config: str, argv: list[str]) -> int:
         resume=args.resume,
         max_iters=args.max_iters,
         deepspeed=args.deepspeed,
+        fsdp=args.fsdp,
     )
 
 
@@ -96,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="xtuner",
         help="xtuner (default; transformers 4.57) or hf: the same recipe on transformers' "
         "LlavaForConditionalGeneration with a plain loop, no XTuner (transformers 4.57 or 5.x; "
-        "takes --work-dir, --seed, --resume, --cfg-options, --max-iters, --deepspeed, --write-recipe FILE; "
+        "takes --work-dir, --seed, --resume, --cfg-options, --max-iters, --deepspeed, --fsdp, --write-recipe FILE; "
         "CONFIG may then be a recipe .json). docs/training.md#two-engines",
     )
     train.add_argument("config", help="an XTuner config, e.g. configs/llama3_moslora.py")

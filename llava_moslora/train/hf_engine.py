@@ -119,6 +119,15 @@ def trained_state(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
 
 def load_trained(model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor], source) -> None:
     """Fill `model`'s trained tensors from an XTuner-keyed `state`, all of them, strictly."""
+    result = model.load_state_dict(ours_from_xtuner(model, recipe, state, source), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # keys came from the model itself
+
+
+def ours_from_xtuner(
+    model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor], source
+) -> dict[str, torch.Tensor]:
+    """`state` (XTuner's keys) keyed as `model` keys it, once it holds every trained tensor of
+    `model` and nothing else, all finite."""
     keys = xtuner_keys(model, recipe)
     missing = sorted(set(keys.values()) - state.keys())
     unexpected = sorted(state.keys() - set(keys.values()))
@@ -128,8 +137,7 @@ def load_trained(model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor
             f"{unexpected[:4]}; resume with the config the run was started with"
         )
     require_finite(state, source)
-    result = model.load_state_dict({ours: state[t] for ours, t in keys.items()}, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # keys came from the model itself
+    return {ours: state[theirs] for ours, theirs in keys.items()}
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -464,7 +472,12 @@ class Run:
     """A training run of the hf engine: model, data, optimizer, schedule, checkpoints."""
 
     def __init__(
-        self, recipe: Recipe, work_dir: str | Path, seed: int = 0, deepspeed: str | None = None
+        self,
+        recipe: Recipe,
+        work_dir: str | Path,
+        seed: int = 0,
+        deepspeed: str | None = None,
+        fsdp: bool = False,
     ) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor
 
@@ -497,6 +510,11 @@ class Run:
         self.model = model.to(self.device)
         vconfig = self.model.config.vision_config
         self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
+        self.fsdp = fsdp
+        if fsdp:  # before the optimizer, which is built on the sharded parameters (hf_fsdp.py)
+            from .hf_fsdp import shard
+
+            shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
@@ -584,6 +602,7 @@ class Run:
             "llava_hf_path": self.recipe.llava_hf_path,
             "llava_hf_digest": self.llava_hf_digest,
             "deepspeed": self.deepspeed,
+            "fsdp": self.fsdp,
         }
 
     def save(self, iteration: int) -> Path:
@@ -607,12 +626,22 @@ class Run:
             )
             (self.work_dir / "last_checkpoint").write_text(str(path))
             return path
+        if self.fsdp:  # every rank gathers, rank 0 writes
+            from .hf_fsdp import full_state, is_writer
+
+            ours, optimizer = full_state(self.model, self.optimizer)
+            if not is_writer():
+                return path
+            state = {theirs: ours[k] for k, theirs in xtuner_keys(self.model, self.recipe).items()}
+        else:
+            state = trained_state(self.model, self.recipe)
+            optimizer = self.optimizer.state_dict()
         partial = path.with_name(path.name + ".partial")
         torch.save(
             {
-                "state_dict": trained_state(self.model, self.recipe),
+                "state_dict": state,
                 "meta": self.meta(iteration),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
             },
@@ -643,17 +672,28 @@ class Run:
                 f"`--resume` {path}: the run was written with `--deepspeed "
                 f"{saved['meta'].get('deepspeed')}`; resume it with the same choice"
             )
+        if saved["meta"].get("fsdp", False) != self.fsdp:
+            written_with = "with" if saved["meta"].get("fsdp") else "without"
+            raise RecipeError(
+                f"`--resume` {path}: the run was written {written_with} `--fsdp`; resume it the "
+                "same way"
+            )
         started_from = saved["meta"].get("llava_hf_path")
         if started_from != self.recipe.llava_hf_path:
             raise RecipeError(
                 f"`--resume` {path}: the run started from `llava_hf_path` {started_from}, the "
                 f"recipe has {self.recipe.llava_hf_path}: resume with the run's own setting"
             )
-        if self.engine is None:
+        if self.fsdp:
+            from .hf_fsdp import load_full_state
+
+            trained = ours_from_xtuner(self.model, self.recipe, saved["state_dict"], path)
+            load_full_state(self.model, self.optimizer, trained, saved["optimizer"])
+        elif self.engine is None:
             load_trained(self.model, self.recipe, saved["state_dict"], path)
             self.optimizer.load_state_dict(saved["optimizer"])
-            if saved.get("scaler"):
-                self.scaler.load_state_dict(saved["scaler"])
+        if self.engine is None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         self.iteration = int(saved["meta"]["iter"])
 
@@ -692,15 +732,21 @@ def train(
     resume: bool = False,
     max_iters: int | None = None,
     deepspeed: str | None = None,
+    fsdp: bool = False,
 ) -> int:
     """Run `recipe` into `work_dir`; the exit code (0, or USAGE_ERROR with one `error:` line).
-    `deepspeed`: XTuner's preset name (hf_deepspeed.PRESETS), as `xtuner train --deepspeed`."""
+    `deepspeed`: XTuner's preset name (hf_deepspeed.PRESETS), as `xtuner train --deepspeed`;
+    `fsdp`: fully shard the model instead (hf_fsdp.py)."""
     try:
+        if fsdp:
+            from .hf_fsdp import require_fsdp
+
+            require_fsdp(deepspeed)
         if deepspeed is not None:  # refused in one line before the model is built
             from .hf_deepspeed import deepspeed_config
 
             deepspeed_config(deepspeed, recipe, cuda=torch.cuda.is_available())
-        run = Run(recipe, work_dir, seed, deepspeed)
+        run = Run(recipe, work_dir, seed, deepspeed, fsdp)
         records = load_records(recipe.data_path)
         samples = run.samples(records)
         report = check_samples(records, samples, recipe)
