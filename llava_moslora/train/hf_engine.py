@@ -463,6 +463,15 @@ def batch_order(size: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
+def rank_share(order: list[int], rank: int, world: int) -> list[int]:
+    """Process `rank`'s samples of an epoch's `order`, dealt as mmengine's DefaultSampler deals
+    them to `world` processes: padded from its start to a multiple of `world`, then every
+    `world`-th. One process takes `order` itself."""
+    total = math.ceil(len(order) / world) * world
+    padded = (order * math.ceil(total / len(order)))[:total]
+    return padded[rank::world]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -511,10 +520,11 @@ class Run:
         vconfig = self.model.config.vision_config
         self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
         self.fsdp = fsdp
+        self.world, self.rank = 1, 0  # the processes that deal each epoch's samples among them
         if fsdp:  # before the optimizer, which is built on the sharded parameters (hf_fsdp.py)
             from .hf_fsdp import shard
 
-            shard(self.model)
+            self.world, self.rank = shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
@@ -581,6 +591,8 @@ class Run:
     def log(self, loss: float, total: int, seconds: float) -> None:
         """One progress line on stderr and in WORK_DIR/hf_engine_log.jsonl (as mmengine's
         scalars.json: one JSON object per logged iteration)."""
+        if self.rank != 0:  # rank 0 logs its own loss, as mmengine does
+            return
         lr = self.optimizer.param_groups[0]["lr"]
         print(
             f"hf engine: iter {self.iteration}/{total} loss {loss:.4f} lr {lr:.3g} "
@@ -627,10 +639,10 @@ class Run:
             (self.work_dir / "last_checkpoint").write_text(str(path))
             return path
         if self.fsdp:  # every rank gathers, rank 0 writes
-            from .hf_fsdp import full_state, is_writer
+            from .hf_fsdp import full_state
 
             ours, optimizer = full_state(self.model, self.optimizer)
-            if not is_writer():
+            if self.rank != 0:
                 return path
             state = {theirs: ours[k] for k, theirs in xtuner_keys(self.model, self.recipe).items()}
         else:
@@ -700,7 +712,8 @@ class Run:
     def train(self, samples: Samples, max_iters: int | None = None) -> list[float]:
         """Train from `self.iteration`; return each iteration's loss."""
         recipe = self.recipe
-        iters_per_epoch = math.ceil(len(samples) / recipe.batch_size)
+        share = math.ceil(len(samples) / self.world)  # each process's samples an epoch
+        iters_per_epoch = math.ceil(share / recipe.batch_size)
         total = recipe.epochs * iters_per_epoch
         stop = total if max_iters is None else min(total, max_iters)
         self.model.train()
@@ -708,7 +721,7 @@ class Run:
         window_start, window_iteration = time.perf_counter(), self.iteration
         for iteration in range(self.iteration, stop):
             epoch, position = divmod(iteration, iters_per_epoch)
-            order = batch_order(len(samples), epoch, self.seed)
+            order = rank_share(batch_order(len(samples), epoch, self.seed), self.rank, self.world)
             chosen = order[position * recipe.batch_size : (position + 1) * recipe.batch_size]
             batch = self.batch([samples[i] for i in chosen])
             losses.append(self.step(batch, iteration, total, iters_per_epoch))

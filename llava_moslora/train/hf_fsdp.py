@@ -54,9 +54,10 @@ def _options(**changes):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **changes)
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module) -> tuple[int, int]:
     """Join (or start) the process group and fully shard `model` in place: each decoder layer of
-    both towers, then the root. The optimizer must be built afterwards, on its DTensors."""
+    both towers, then the root; (world size, rank). The optimizer must be built afterwards, on
+    its DTensors."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -82,12 +83,7 @@ def shard(model: nn.Module) -> nn.Module:
         if type(module).__name__ in layers:
             fully_shard(module)
     fully_shard(model)
-    return model
-
-
-def is_writer() -> bool:
-    """Rank 0 writes the checkpoints; every rank takes part in gathering them."""
-    return torch.distributed.get_rank() == 0
+    return dist.get_world_size(), dist.get_rank()
 
 
 def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
