@@ -257,6 +257,27 @@ def tiny_env(tiny_dir) -> Iterator[Path]:
         yield tiny_dir
 
 
+@pytest.fixture(scope="module")
+def no_process_group_left_behind() -> Iterator[None]:
+    """For a module whose runs start a process group in this process (`--deepspeed`, `--fsdp`:
+    hf_deepspeed._single_process_env sets RANK/.../MASTER_PORT, and the gloo group keeps listening
+    on that port): at the module's end the group is destroyed and the variables restored, or
+    later modules' subprocesses would inherit them and find the port taken (EADDRINUSE), and
+    in-process tests a group already up. The group lives for the module (DeepSpeed and accelerate
+    keep handles to it between runs; every FSDP run joins it). Use it with
+    `pytestmark = pytest.mark.usefixtures("no_process_group_left_behind")`."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def read_config(name: str, options: dict | None = None):
     """configs/NAME.py as mmengine parses it, `options` (`--cfg-options`) merged in. The tiny
     configs read $LLAVA_MOSLORA_TINY_DIR (`tiny_env`) as they are parsed."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +24,8 @@ from llava_moslora.train.hf_deepspeed import PRESETS, deepspeed_config, preset_f
 from llava_moslora.train.hf_recipe import RecipeError, recipe_from_config, write_recipe
 from tests.factories import read_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def no_process_group_left_behind():
-    """A DeepSpeed run in this process sets RANK/.../MASTER_PORT (hf_deepspeed._single_process_env)
-    and keeps its gloo group listening on that port: later modules' subprocesses would inherit the
-    variables and find the port taken (EADDRINUSE), and in-process tests a group already up. The
-    group lives for the module (DeepSpeed and accelerate keep handles to it between runs)."""
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+# a run here starts this process's group: torn down after the module
+pytestmark = pytest.mark.usefixtures("no_process_group_left_behind")
 
 
 SAMPLES = 20  # 5 iterations of batch 4: optimizer steps after 2, 2 and 1 micro-batches

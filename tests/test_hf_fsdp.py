@@ -22,6 +22,7 @@ import torch
 
 from llava_moslora.moslora.safety import safe_torch_load
 from llava_moslora.train import hf_engine
+from llava_moslora.train.checkpoints import load_trained_state
 from llava_moslora.train.hf_fsdp import require_fsdp, shard
 from llava_moslora.train.hf_recipe import RecipeError, recipe_from_config, write_recipe
 from tests.factories import read_config
@@ -30,22 +31,8 @@ ROOT = Path(__file__).parents[1]
 SAMPLES = 20  # 5 iterations of batch 4: optimizer steps after 2, 2 and 1 micro-batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_process_group_left_behind():
-    """An FSDP run in this process sets RANK/.../MASTER_PORT (hf_deepspeed._single_process_env)
-    and keeps its gloo group listening on that port: later modules' subprocesses would inherit the
-    variables and find the port taken, and in-process tests a group already up. The group lives
-    for the module (every FSDP run of it joins the one group)."""
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+# a run here starts this process's group: torn down after the module
+pytestmark = pytest.mark.usefixtures("no_process_group_left_behind")
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +92,16 @@ def test_fsdp_trains_as_the_plain_loop(plain, fsdp):
     # the optimizer state gathered, keyed by parameter name (torch.distributed.checkpoint)
     state = fsdp[1]["optimizer"]["state"]
     assert len(state) == len(run.trainable) and all(s["step"].item() == 3 for s in state.values())
+    # what `export` and the evaluators read: every trained tensor of the unsharded model, strictly
+    read = load_trained_state(run.work_dir / "iter_5.pth")
+    assert read.keys() == fsdp[1]["state_dict"].keys()
+    hf_engine.ours_from_xtuner(plain[2].model, plain[2].recipe, read, "iter_5.pth")
 
 
 DRIVER = """
 import json, sys
 from llava_moslora.train import hf_engine
+from llava_moslora.train.checkpoints import load_trained_state
 from llava_moslora.train.hf_recipe import read_recipe
 
 # every process takes every sample: the gradients FSDP averages are then the plain loop's
