@@ -319,6 +319,8 @@ def eight_iterations(engines):
 
     xtuner_model, dataset, cfg, run = engines
     hf_engine.load_trained(run.model, run.recipe, xtuner_model.state_dict(), "the XTuner model")
+    xtuner_model.zero_grad()  # what earlier tests' backward passes left in either model
+    run.model.zero_grad()
     samples = run.samples()
     iters_per_epoch = len(dataset) // run.recipe.batch_size
     total = run.recipe.epochs * iters_per_epoch

@@ -65,8 +65,38 @@ def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_pyth
     checkpoint = work / "iter_2.pth"
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     hf_engine.load_trained(run.model, recipe, state, checkpoint)  # strict: same keys on 5.x
+    # With activation checkpointing on (the config's default), every adapter of both towers got
+    # its gradient: B, zero at init, moved in the optimizer step.
+    assert recipe.activation_checkpointing
+    assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
     manifest = export(checkpoint, TINY_MOSLORA, "peft-folded", tmp_path / "export", dtype="float32")
     assert manifest.format == "peft-folded"
+
+
+def test_4bit_base_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
+    """configs/tiny_qmoslora.py (QMoSLoRA, the LLM in 4-bit NF4) through its recipe JSON on 5.x,
+    whose lock has bitsandbytes too: the first loss is this stack's, and the checkpoint loads
+    strictly here with every B moved."""
+    pytest.importorskip("bitsandbytes")
+    recipe = recipe_from_config(read_config("tiny_qmoslora"))
+    recipe = dataclasses.replace(recipe, log_interval=1)
+    assert recipe.quantization is not None
+    path = write_recipe(recipe, tmp_path / "recipe.json")
+    work = tmp_path / "work"
+    result = hf5_run(
+        hf5_python, "-m", "llava_moslora.cli", "train", "--engine", "hf", str(path),
+        "--work-dir", str(work), "--max-iters", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(line) for line in (work / "hf_engine_log.jsonl").read_text().splitlines()]
+
+    run = hf_engine.Run(recipe, tmp_path / "here")
+    first = run.train(run.samples(), max_iters=1)[0]
+    print(f"4-bit first loss: transformers 5 {logged[0]['loss']:.8f}, 4.57 {first:.8f}")
+    assert abs(logged[0]["loss"] - first) <= 1e-5
+    state = torch.load(work / "iter_2.pth", weights_only=True)["state_dict"]
+    hf_engine.load_trained(run.model, recipe, state, work / "iter_2.pth")
+    assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
 
 
 HF_LLAVA_READER = r"""
