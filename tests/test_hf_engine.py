@@ -33,17 +33,25 @@ NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lor
 BATCH = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_env):
-    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)."""
+def both_engines(config: str, work_dir: Path, randomise: bool = False):
+    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)
+    of configs/CONFIG.py without dropout; `randomise`: XTuner's B, mixers and projector moved
+    first (`randomise_trained_tensors`), so that every trained tensor gets a gradient."""
     from xtuner.registry import BUILDER
 
-    cfg, xtuner_model = build_from_config("tiny_moslora", NO_DROPOUT)
+    cfg, xtuner_model = build_from_config(config, NO_DROPOUT)
+    if randomise:
+        randomise_trained_tensors(xtuner_model)
     dataset = BUILDER.build(cfg.train_dataloader.dataset)
     recipe = recipe_from_config(cfg)
-    run = hf_engine.Run(recipe, tiny_env / "unused_work_dir")
+    run = hf_engine.Run(recipe, work_dir)
     hf_engine.load_trained(run.model, recipe, xtuner_model.state_dict(), "the XTuner model")
     return xtuner_model, dataset, cfg, run
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_env):
+    return both_engines("tiny_moslora", tiny_env / "unused_work_dir")
 
 
 def test_recipe_is_derived_from_the_config(tiny_env, tmp_path):
@@ -132,9 +140,7 @@ def loss_and_gradient_gaps(xtuner_model, dataset, run) -> Gaps:
     ours.backward()
     their_params = dict(xtuner_model.named_parameters())
     keys = hf_engine.xtuner_keys(run.model, run.recipe)
-    assert any("lora_mixer" in k for k in keys) and any(
-        "visual_encoder" in k for k in keys.values()
-    )
+    assert any("visual_encoder" in k for k in keys.values())
     compared, nonzero, worst = 0, 0, 0.0
     for name, param in run.model.named_parameters():
         if not param.requires_grad:
@@ -154,6 +160,7 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     each layer in backward changes no number."""
     xtuner_model, dataset, _, run = engines
     assert run.recipe.activation_checkpointing
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, run.recipe))
     gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
     assert gaps.loss <= 1e-5
     assert gaps.compared >= 80  # both towers' A, B, mixers and the projector
@@ -204,19 +211,10 @@ TINY_QMOSLORA = str(Path(TINY_MOSLORA).with_name("tiny_qmoslora.py"))
 
 @pytest.fixture(scope="module")
 def engines_4bit(tiny_env):
-    """As `engines`, on tiny_qmoslora.py: both build the LLM in 4 bits from the same weights, and
-    the XTuner model's B, mixers and projector are randomised first (copied into the hf engine's),
-    so every trained tensor gets a gradient."""
+    """As `engines`, on tiny_qmoslora.py (both build the LLM in 4 bits from the same weights),
+    trained tensors randomised."""
     pytest.importorskip("bitsandbytes")
-    from xtuner.registry import BUILDER
-
-    cfg, xtuner_model = build_from_config("tiny_qmoslora", NO_DROPOUT)
-    randomise_trained_tensors(xtuner_model)
-    dataset = BUILDER.build(cfg.train_dataloader.dataset)
-    recipe = recipe_from_config(cfg)
-    run = hf_engine.Run(recipe, tiny_env / "unused_work_dir")
-    hf_engine.load_trained(run.model, recipe, xtuner_model.state_dict(), "the XTuner model")
-    return xtuner_model, dataset, cfg, run
+    return both_engines("tiny_qmoslora", tiny_env / "unused_work_dir", randomise=True)
 
 
 def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_path):
@@ -236,6 +234,7 @@ def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_
         assert isinstance(layer, MoSLoRALinear4bit)
         assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
     assert torch.equal(ours.get_base_layer().weight.data, theirs.get_base_layer().weight.data)
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, recipe))
     llm = run.model.model.language_model
     assert sum(isinstance(m, MoSLoRALinear4bit) for m in llm.modules()) == 2 * 6  # down_proj: not
     assert llm.gradient_checkpointing  # on, as XTuner's prepare_model_for_kbit_training sets it
@@ -245,6 +244,23 @@ def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_
     # float32 weights; the same kernels in the same order).
     assert gaps.loss <= 1e-5
     assert gaps.nonzero == gaps.compared >= 80
+
+
+def test_qlora_gets_peft_4bit_layers_and_the_same_loss_and_gradients(tiny_env):
+    """Stock LoRA on the 4-bit base (tiny_qlora.py): PEFT's own bnb layer, as under XTuner (PEFT
+    picks it by the model's `is_loaded_in_4bit`, not by the layer: a plain LoRA layer would wrap
+    Linear4bit and merge wrongly)."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    xtuner_model, dataset, _, run = both_engines(
+        "tiny_qlora", tiny_env / "unused_work_dir", randomise=True
+    )
+    ours = run.model.model.language_model.layers[0].self_attn.q_proj
+    theirs = xtuner_model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(ours) is type(theirs) is Linear4bit
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    assert gaps.loss <= 1e-5 and gaps.nonzero == gaps.compared  # measured 0.0
 
 
 @pytest.mark.slow

@@ -43,10 +43,23 @@ def test_the_hf5_environment_has_transformers_5_and_no_xtuner(hf5_python):
     assert int(version.split(".")[0]) >= 5 and has_xtuner == "False", result.stdout
 
 
-def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
-    """Two iterations on 5.x: the first loss equals this stack's (B = 0 at init, so it does not
-    depend on the adapters' random init), and the checkpoint loads strictly here and exports."""
-    recipe = dataclasses.replace(recipe_from_config(read_config("tiny_moslora")), log_interval=1)
+CHECKPOINTED = r"""
+import sys
+from llava_moslora.train import hf_engine
+from llava_moslora.train.hf_recipe import read_recipe
+
+llava = hf_engine.Run(read_recipe(sys.argv[1]), sys.argv[2]).model.model
+clip = getattr(llava.vision_tower, "vision_model", llava.vision_tower)
+for layers in (llava.language_model.layers, clip.encoder.layers):
+    print(all(layer.gradient_checkpointing for layer in layers))
+"""
+
+
+def two_iterations_on_hf5(config: str, tmp_path, hf5_python):
+    """(recipe, a Run of it here, the work dir on 5.x): configs/CONFIG.py's recipe JSON trained 2
+    iterations on transformers 5, its first loss checked against one iteration here (B = 0 at
+    init, so it does not depend on the adapters' random init)."""
+    recipe = dataclasses.replace(recipe_from_config(read_config(config)), log_interval=1)
     path = write_recipe(recipe, tmp_path / "recipe.json")
     work = tmp_path / "work"
     result = hf5_run(
@@ -59,16 +72,25 @@ def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_pyth
 
     run = hf_engine.Run(recipe, tmp_path / "here")
     first = run.train(run.samples(), max_iters=1)[0]
-    print(f"first loss: transformers 5 {logged[0]['loss']:.8f}, 4.57 {first:.8f}")
+    print(f"{config} first loss: transformers 5 {logged[0]['loss']:.8f}, 4.57 {first:.8f}")
     assert abs(logged[0]["loss"] - first) <= 1e-5
+    return recipe, run, work
+
+
+def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
+    """Two iterations on 5.x: the first loss equals this stack's (B = 0 at init, so it does not
+    depend on the adapters' random init), and the checkpoint loads strictly here and exports."""
+    recipe, run, work = two_iterations_on_hf5("tiny_moslora", tmp_path, hf5_python)
 
     checkpoint = work / "iter_2.pth"
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     hf_engine.load_trained(run.model, recipe, state, checkpoint)  # strict: same keys on 5.x
-    # With activation checkpointing on (the config's default), every adapter of both towers got
-    # its gradient: B, zero at init, moved in the optimizer step.
+    # With activation checkpointing on (the config's default: transformers 5's switch on every
+    # layer of both towers), every adapter got its gradient: B, zero at init, moved.
     assert recipe.activation_checkpointing
     assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
+    result = hf5_run(hf5_python, str(tmp_path / "recipe.json"), str(work), script=CHECKPOINTED)
+    assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]
     manifest = export(checkpoint, TINY_MOSLORA, "peft-folded", tmp_path / "export", dtype="float32")
     assert manifest.format == "peft-folded"
 
@@ -78,22 +100,8 @@ def test_4bit_base_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_pyth
     whose lock has bitsandbytes too: the first loss is this stack's, and the checkpoint loads
     strictly here with every B moved."""
     pytest.importorskip("bitsandbytes")
-    recipe = recipe_from_config(read_config("tiny_qmoslora"))
-    recipe = dataclasses.replace(recipe, log_interval=1)
+    recipe, run, work = two_iterations_on_hf5("tiny_qmoslora", tmp_path, hf5_python)
     assert recipe.quantization is not None
-    path = write_recipe(recipe, tmp_path / "recipe.json")
-    work = tmp_path / "work"
-    result = hf5_run(
-        hf5_python, "-m", "llava_moslora.cli", "train", "--engine", "hf", str(path),
-        "--work-dir", str(work), "--max-iters", "2",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = [json.loads(line) for line in (work / "hf_engine_log.jsonl").read_text().splitlines()]
-
-    run = hf_engine.Run(recipe, tmp_path / "here")
-    first = run.train(run.samples(), max_iters=1)[0]
-    print(f"4-bit first loss: transformers 5 {logged[0]['loss']:.8f}, 4.57 {first:.8f}")
-    assert abs(logged[0]["loss"] - first) <= 1e-5
     state = torch.load(work / "iter_2.pth", weights_only=True)["state_dict"]
     hf_engine.load_trained(run.model, recipe, state, work / "iter_2.pth")
     assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
