@@ -246,6 +246,7 @@ def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_
     assert gaps.nonzero == gaps.compared >= 80
 
 
+@pytest.mark.slow
 def test_qlora_gets_peft_4bit_layers_and_the_same_loss_and_gradients(tiny_env):
     """Stock LoRA on the 4-bit base (tiny_qlora.py): PEFT's own bnb layer, as under XTuner (PEFT
     picks it by the model's `is_loaded_in_4bit`, not by the layer: a plain LoRA layer would wrap
