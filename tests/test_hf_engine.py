@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from tests.factories import (
     IMAGE_TOKEN_INDEX,
     TINY_MOSLORA,
     build_from_config,
+    randomise_trained_tensors,
     read_config,
     save_mmengine_checkpoint,
 )
@@ -34,17 +36,25 @@ NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lor
 BATCH = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_env):
-    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)."""
+def both_engines(config: str, work_dir: Path, randomise: bool = False):
+    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)
+    of configs/CONFIG.py without dropout; `randomise`: XTuner's B, mixers and projector moved
+    first (`randomise_trained_tensors`), so that every trained tensor gets a gradient."""
     from xtuner.registry import BUILDER
 
-    cfg, xtuner_model = build_from_config("tiny_moslora", NO_DROPOUT)
+    cfg, xtuner_model = build_from_config(config, NO_DROPOUT)
+    if randomise:
+        randomise_trained_tensors(xtuner_model)
     dataset = BUILDER.build(cfg.train_dataloader.dataset)
     recipe = recipe_from_config(cfg)
-    run = hf_engine.Run(recipe, tiny_env / "unused_work_dir")
+    run = hf_engine.Run(recipe, work_dir)
     hf_engine.load_trained(run.model, recipe, xtuner_model.state_dict(), "the XTuner model")
     return xtuner_model, dataset, cfg, run
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_env):
+    return both_engines("tiny_moslora", tiny_env / "unused_work_dir")
 
 
 def test_recipe_is_derived_from_the_config(tiny_env, tmp_path):
@@ -70,8 +80,29 @@ def test_the_paper_configs_recipe_and_what_is_refused():
     assert recipe.llm_adapter.options["r"] == 64 and recipe.llm_adapter.options["lora_alpha"] == 128
     assert recipe.vision_adapter.options["layers_to_transform"] == list(range(23))
     assert recipe.template["INSTRUCTION"].startswith("<|start_header_id|>user")
-    with pytest.raises(RecipeError, match="quantization_config"):
-        recipe_from_config(read_config("internlm2_qmoslora"))
+    assert recipe.quantization is None and recipe.activation_checkpointing
+    # The paper's QMoSLoRA: its 4-bit base as BitsAndBytesConfig's arguments, dtypes by name.
+    qmoslora = recipe_from_config(read_config("internlm2_qmoslora"))
+    assert qmoslora.quantization.llm_dtype == "float16"
+    assert qmoslora.quantization.options == {
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_compute_dtype": "float16",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_type": "nf4",
+    }
+    with pytest.raises(RecipeError, match=r"`model.llm.quantization_config` should be a 4-bit"):
+        recipe_from_config(
+            read_config(
+                "internlm2_qmoslora",
+                {
+                    "model.llm.quantization_config.load_in_4bit": False,
+                    "model.llm.quantization_config.load_in_8bit": True,
+                },
+            )
+        )
 
 
 def test_samples_encode_as_xtuner_does(engines):
@@ -88,10 +119,18 @@ def test_samples_encode_as_xtuner_does(engines):
     assert samples[0]["labels"][0] == -100  # the prompt carries no loss
 
 
-def test_same_loss_and_adapter_gradients_as_xtuner(engines):
+class Gaps(NamedTuple):
+    loss: float  # |XTuner's loss - the hf engine's|
+    gradient: float  # the largest difference of any trained tensor's gradient
+    compared: int  # trained tensors compared
+    nonzero: int  # of which with a non-zero gradient (A and the mixers get none while B = 0)
+
+
+def loss_and_gradient_gaps(xtuner_model, dataset, run) -> Gaps:
+    """One batch through XTuner's LLaVAModel and the hf engine's model, both in train mode, every
+    trained tensor's gradient checked against rtol 1e-5 / atol 1e-7."""
     from xtuner.dataset.collate_fns import default_collate_fn
 
-    xtuner_model, dataset, _, run = engines
     samples = run.samples()
     xtuner_model.train()
     run.model.train()
@@ -100,23 +139,193 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     theirs = xtuner_model(default_collate_fn([dataset[i] for i in BATCH])["data"], mode="loss")
     ours = run.loss(run.batch([samples[i] for i in BATCH]))
     print(f"loss XTuner {theirs['loss'].item():.8f}, hf engine {ours.item():.8f}")
-    assert abs(theirs["loss"].item() - ours.item()) <= 1e-5
     theirs["loss"].backward()
     ours.backward()
     their_params = dict(xtuner_model.named_parameters())
     keys = hf_engine.xtuner_keys(run.model, run.recipe)
-    assert any("lora_mixer" in k for k in keys) and any(
-        "visual_encoder" in k for k in keys.values()
-    )
-    compared = 0
+    assert any("visual_encoder" in k for k in keys.values())
+    compared, nonzero, worst = 0, 0, 0.0
     for name, param in run.model.named_parameters():
         if not param.requires_grad:
             continue
         their_grad = their_params[keys[name]].grad
         assert their_grad is not None, name
         torch.testing.assert_close(param.grad, their_grad, rtol=1e-5, atol=1e-7)
+        worst = max(worst, (param.grad - their_grad).abs().max().item())
         compared += 1
-    assert compared >= 80  # both towers' A, B, mixers and the projector
+        nonzero += bool(param.grad.abs().max() > 0)
+    print(f"{compared} gradients ({nonzero} non-zero), largest difference {worst:.3g}")
+    return Gaps(abs(theirs["loss"].item() - ours.item()), worst, compared, nonzero)
+
+
+def test_same_loss_and_adapter_gradients_as_xtuner(engines):
+    """With activation checkpointing on in both (the config's default, XTuner's): recomputing
+    each layer in backward changes no number."""
+    xtuner_model, dataset, _, run = engines
+    assert run.recipe.activation_checkpointing
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, run.recipe))
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    assert gaps.loss <= 1e-5
+    assert gaps.compared >= 80  # both towers' A, B, mixers and the projector
+
+
+def test_activation_checkpointing_recomputes_both_towers(engines, tiny_env):
+    """On (the config's default, as XTuner's): each LLM and CLIP layer runs twice a step, its
+    forward recomputed in backward; `use_activation_checkpointing=False`: once. XTuner's model
+    has it on too."""
+    xtuner_model, _, _, run = engines
+    assert xtuner_model.llm.base_model.model.model.gradient_checkpointing
+    off = hf_engine.Run(
+        recipe_from_config(
+            read_config("tiny_moslora", {"model.use_activation_checkpointing": False})
+        ),
+        tiny_env / "unused_work_dir",
+    )
+    assert not off.recipe.activation_checkpointing
+
+    def forward_calls(run) -> dict[str, int]:
+        layers = {
+            "llm": run.model.model.language_model.layers[0],
+            "clip": run.model.model.vision_tower.vision_model.encoder.layers[0],
+        }
+        calls = dict.fromkeys(layers, 0)
+        hooks = [
+            layer.register_forward_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+            )
+            for name, layer in layers.items()
+        ]
+        samples = run.samples()
+        run.model.train()
+        run.loss(run.batch([samples[i] for i in BATCH])).backward()
+        run.model.zero_grad()
+        for hook in hooks:
+            hook.remove()
+        return calls
+
+    assert forward_calls(run) == {"llm": 2, "clip": 2}
+    assert forward_calls(off) == {"llm": 1, "clip": 1}
+
+
+# --- QLoRA / QMoSLoRA: the LLM in 4-bit NF4 (configs/tiny_qmoslora.py) ---------------------------
+
+TINY_QMOSLORA = str(Path(TINY_MOSLORA).with_name("tiny_qmoslora.py"))
+
+
+@pytest.fixture(scope="module")
+def engines_4bit(tiny_env):
+    """As `engines`, on tiny_qmoslora.py (both build the LLM in 4 bits from the same weights),
+    trained tensors randomised."""
+    pytest.importorskip("bitsandbytes")
+    return both_engines("tiny_qmoslora", tiny_env / "unused_work_dir", randomise=True)
+
+
+def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_path):
+    import bitsandbytes as bnb
+
+    from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
+
+    xtuner_model, dataset, _, run = engines_4bit
+    recipe = run.recipe
+    assert recipe.quantization.options["bnb_4bit_quant_type"] == "nf4"
+    assert recipe.quantization.options["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
+    assert read_recipe(write_recipe(recipe, tmp_path / "r.json")) == recipe  # JSON for hf5
+    # The same layers in 4 bits, holding the same packed bytes and scales.
+    ours = run.model.model.language_model.layers[0].self_attn.q_proj
+    theirs = xtuner_model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    for layer in (ours, theirs):
+        assert isinstance(layer, MoSLoRALinear4bit)
+        assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
+    assert torch.equal(ours.get_base_layer().weight.data, theirs.get_base_layer().weight.data)
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, recipe))
+    llm = run.model.model.language_model
+    assert sum(isinstance(m, MoSLoRALinear4bit) for m in llm.modules()) == 2 * 6  # down_proj: not
+    assert llm.gradient_checkpointing  # on, as XTuner's prepare_model_for_kbit_training sets it
+
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    # Measured: loss difference 0.0, gradients 0.0 (the same NF4 bytes dequantize to the same
+    # float32 weights; the same kernels in the same order).
+    assert gaps.loss <= 1e-5
+    assert gaps.nonzero == gaps.compared >= 80
+
+
+@pytest.mark.slow
+def test_qlora_gets_peft_4bit_layers_and_the_same_loss_and_gradients(tiny_env):
+    """Stock LoRA on the 4-bit base (tiny_qlora.py): PEFT's own bnb layer, as under XTuner (PEFT
+    picks it by the model's `is_loaded_in_4bit`, not by the layer: a plain LoRA layer would wrap
+    Linear4bit and merge wrongly)."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    xtuner_model, dataset, _, run = both_engines(
+        "tiny_qlora", tiny_env / "unused_work_dir", randomise=True
+    )
+    ours = run.model.model.language_model.layers[0].self_attn.q_proj
+    theirs = xtuner_model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(ours) is type(theirs) is Linear4bit
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    assert gaps.loss <= 1e-5 and gaps.nonzero == gaps.compared  # measured 0.0
+
+
+@pytest.mark.slow
+def test_qmoslora_checkpoint_loads_and_exports_as_xtuners(engines_4bit, tmp_path):
+    """Two hf-engine iterations on the 4-bit base: the checkpoint loads strictly into XTuner's
+    model as `export` builds it (same loss on a batch as the hf engine's model), exports through
+    the dequantizing merge, and a copy without its mixers is refused, not loaded without them."""
+    from xtuner.dataset.collate_fns import default_collate_fn
+
+    from llava_moslora.export.exporter import export
+    from llava_moslora.runs import CheckpointMismatchError, load_run
+
+    _, dataset, _, started = engines_4bit
+    run = hf_engine.Run(started.recipe, tmp_path / "work")
+    samples = run.samples()
+    run.train(samples, max_iters=2)
+    checkpoint = tmp_path / "work" / "iter_2.pth"
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert any("lora_mixer" in k for k in state)
+    _, loaded = load_run(TINY_QMOSLORA, checkpoint)
+    loaded_state = loaded.state_dict()
+    assert all(torch.equal(loaded_state[k], v) for k, v in state.items())
+    with torch.no_grad():
+        run.model.eval()
+        loaded.eval()
+        ours = run.loss(run.batch([samples[i] for i in BATCH])).item()
+        data = default_collate_fn([dataset[i] for i in BATCH])["data"]
+        theirs = loaded(data, mode="loss")["loss"].item()
+    print(f"loss of the checkpoint: XTuner {theirs:.8f}, hf engine {ours:.8f}")
+    assert abs(ours - theirs) <= 1e-5  # measured 0.0
+
+    manifest = export(checkpoint, TINY_QMOSLORA, "hf-llava", tmp_path / "hf", dtype="float32")
+    assert manifest.quantized_base and manifest.adapter_kind == "moslora"
+    no_mixer = {k: v for k, v in state.items() if "lora_mixer" not in k}
+    torch.save({"state_dict": no_mixer, "meta": {"seed": 0}}, tmp_path / "iter_3.pth")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing from the checkpoint:\n.*lora_mixer"
+    ):
+        export(tmp_path / "iter_3.pth", TINY_QMOSLORA, "xtuner", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_4bit_recipe_without_bitsandbytes_stops_in_one_line(
+    tiny_env, tmp_path, monkeypatch, capsys
+):
+    """Where bitsandbytes does not import (the GPU machines ship none): exit 2, one line naming
+    the fix, before any model is built; and the combinations not carried over yet, likewise."""
+    recipe = recipe_from_config(read_config("tiny_qmoslora"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises
+    assert hf_engine.train(recipe, tmp_path / "work") == hf_engine.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error: training refused: `quantization`" in err and "pip install" in err
+    monkeypatch.undo()
+    work = tmp_path / "work"
+    assert hf_engine.train(recipe, work, deepspeed="deepspeed_zero2") == hf_engine.USAGE_ERROR
+    assert "`--deepspeed deepspeed_zero2` with a 4-bit LLM" in capsys.readouterr().err
+    from_llava_hf = dataclasses.replace(recipe, llava_hf_path=str(tmp_path))
+    assert hf_engine.train(from_llava_hf, work) == hf_engine.USAGE_ERROR
+    assert "a 4-bit LLM (`quantization`) is not supported" in capsys.readouterr().err
+    assert not work.exists()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +339,8 @@ def eight_iterations(engines):
 
     xtuner_model, dataset, cfg, run = engines
     hf_engine.load_trained(run.model, run.recipe, xtuner_model.state_dict(), "the XTuner model")
+    xtuner_model.zero_grad()  # what earlier tests' backward passes left in either model
+    run.model.zero_grad()
     samples = run.samples()
     iters_per_epoch = len(dataset) // run.recipe.batch_size
     total = run.recipe.epochs * iters_per_epoch

@@ -23,7 +23,7 @@ import torch
 from llava_moslora.moslora.safety import safe_torch_load
 from llava_moslora.train import hf_engine
 from llava_moslora.train.checkpoints import load_trained_state
-from llava_moslora.train.hf_fsdp import require_fsdp, shard
+from llava_moslora.train.hf_fsdp import require_fsdp
 from llava_moslora.train.hf_recipe import RecipeError, recipe_from_config, write_recipe
 from tests.factories import read_config
 
@@ -208,15 +208,18 @@ def test_fsdp_with_deepspeed_is_refused_in_one_line(tiny_env, tmp_path):
     assert not work.exists()
 
 
-def test_a_stack_without_fsdp2_is_refused(monkeypatch):
+def test_a_stack_without_fsdp2_is_refused(tiny_env, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)
+    recipe = recipe_from_config(read_config("tiny_moslora"))
     with pytest.raises(RecipeError, match=r"`--fsdp` needs torch's FSDP2 .* use torch >= 2.6"):
-        require_fsdp()
+        require_fsdp(recipe)
 
 
-def test_4bit_weights_are_refused_before_any_sharding():
-    """bitsandbytes' packed 4-bit weights (QLoRA) are not sharded: refused, naming one."""
-    bnb = pytest.importorskip("bitsandbytes")
-    model = torch.nn.Sequential(bnb.nn.Linear4bit(8, 8))
-    with pytest.raises(RecipeError, match=r"`--fsdp` with 4-bit \(QLoRA\) weights \(0.weight"):
-        shard(model)
+def test_a_4bit_base_is_refused_before_anything_is_built(tiny_env, tmp_path, capsys):
+    """QLoRA / QMoSLoRA: bitsandbytes' packed 4-bit weights are not sharded. One line, exit 2."""
+    recipe = recipe_from_config(read_config("tiny_qmoslora"))
+    assert recipe.quantization is not None
+    assert hf_engine.train(recipe, tmp_path / "work", fsdp=True) == 2
+    err = capsys.readouterr().err
+    assert "`--fsdp` with a 4-bit LLM (`model.llm.quantization_config`, QLoRA / QMoSLoRA)" in err
+    assert not (tmp_path / "work").exists()

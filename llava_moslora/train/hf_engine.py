@@ -146,10 +146,67 @@ def ours_from_xtuner(
 # The towers load in float32 (the adapters train in it; autocast runs the fp16 maths on CUDA).
 # transformers renamed `torch_dtype` to `dtype` in 4.56, and 5.x loads "auto" when given neither.
 def _float32() -> dict[str, torch.dtype]:
+    return _dtype(torch.float32)
+
+
+def _dtype(dtype: torch.dtype | str) -> dict[str, torch.dtype | str]:
     from transformers import __version__
 
     major, minor = (int(part) for part in __version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def _require_bitsandbytes() -> None:
+    """A 4-bit base needs bitsandbytes: stop in one line where it is absent (the GPU machines ship
+    transformers without it) or does not load, before transformers fails deep in from_pretrained."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as error:
+        raise RecipeError(
+            "`quantization` (the config's `model.llm.quantization_config`: a 4-bit base) needs "
+            f"bitsandbytes, which does not import here ({error}); install it (`pip install "
+            "'bitsandbytes>=0.49'`) or train a config without 4-bit quantization"
+        ) from error
+
+
+def load_llm(recipe: Recipe) -> nn.Module:
+    """The recipe's causal LM: in float32, or with its 4-bit base as XTuner's LLaVAModel builds it.
+
+    QLoRA / QMoSLoRA: transformers quantizes the linears on load (`BitsAndBytesConfig`, the
+    config's `torch_dtype` for the rest), then, when the LLM gets an adapter, PEFT's
+    `prepare_model_for_kbit_training` freezes it, casts its unquantized half-precision weights to
+    float32 and, with activation checkpointing, turns it on with input gradients: the calls
+    `LLaVAModel._prepare_llm_for_lora` makes."""
+    from transformers import AutoModelForCausalLM
+
+    quant = recipe.quantization
+    if quant is None:
+        return AutoModelForCausalLM.from_pretrained(recipe.llm, **_float32())
+    _require_bitsandbytes()
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    llm = AutoModelForCausalLM.from_pretrained(
+        recipe.llm,
+        quantization_config=BitsAndBytesConfig(**quant.options),
+        **_dtype(quant.llm_dtype),
+    )
+    if recipe.llm_adapter is not None:
+        llm = prepare_model_for_kbit_training(llm, recipe.activation_checkpointing)
+    return llm
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer of both towers in backward (XTuner's `use_activation_checkpointing`):
+    transformers' own switch on the LLM and on CLIP, as LLaVAModel flips it on its `llm` and
+    `visual_encoder`. Their inputs are made to require grad, as LLaVAModel does: reentrant
+    checkpoints (transformers 4.x's default) pass no gradient to adapters inside a block whose
+    inputs do not (frozen embeddings, CLIP's patch convolution). transformers 5 renamed the switch
+    `activation_checkpointing_enable`; the old name warns there."""
+    for tower in (model.model.language_model, model.model.vision_tower):
+        enable = getattr(tower, "activation_checkpointing_enable", None)
+        (enable or tower.gradient_checkpointing_enable)()
+        tower.enable_input_require_grads()
 
 
 def _all_linear_names(module: nn.Module) -> list[str]:
@@ -198,13 +255,12 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
 def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
     """LlavaForConditionalGeneration from the recipe's LLM, CLIP and projector, adapters on."""
     from transformers import (
-        AutoModelForCausalLM,
         CLIPVisionModel,
         LlavaConfig,
         LlavaForConditionalGeneration,
     )
 
-    llm = AutoModelForCausalLM.from_pretrained(recipe.llm, **_float32())
+    llm = load_llm(recipe)
     vision = CLIPVisionModel.from_pretrained(recipe.vision, **_float32())
     projector = load_projector(recipe.projector) if recipe.projector else None
     vconfig = vision.config
@@ -221,8 +277,14 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
         tie_word_embeddings=llm.config.tie_word_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(llm.model.state_dict())
-    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if recipe.quantization is None:
+        model.model.language_model.load_state_dict(llm.model.state_dict())
+        model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    else:  # 4-bit weights do not copy into float ones: the loaded modules take their places
+        model.model.language_model, model.lm_head = llm.model, llm.lm_head
+        # PEFT picks its bnb LoRA layers by `is_loaded_in_4bit` of the model it adapts, which
+        # transformers set on the causal LM only (MoSLoRA's registry matches Linear4bit itself).
+        model.model.language_model.is_loaded_in_4bit = True
     model.model.vision_tower.load_state_dict(vision.state_dict())
     if projector is not None:
         ours = {}
@@ -298,6 +360,10 @@ def llava_hf_digest(path: str | Path) -> str:
 def load_llava_hf(recipe: Recipe):
     """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`,
     the recipe's adapters on (`read_llava_hf`)."""
+    if recipe.quantization is not None:
+        raise _refuse_llava_hf(
+            Path(recipe.llava_hf_path), "a 4-bit LLM (`quantization`) is not supported from it yet"
+        )
     model, tokenizer, image_processor = read_llava_hf(
         recipe.llava_hf_path, recipe.visual_select_layer
     )
@@ -516,6 +582,8 @@ class Run:
             self.image_token_id = self.tokenizer.pad_token_id
             self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
             model = build_llava(recipe, self.image_token_id)
+        if recipe.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model.to(self.device)
         vconfig = self.model.config.vision_config
         self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
@@ -751,10 +819,16 @@ def train(
     `deepspeed`: XTuner's preset name (hf_deepspeed.PRESETS), as `xtuner train --deepspeed`;
     `fsdp`: fully shard the model instead (hf_fsdp.py)."""
     try:
+        if deepspeed is not None and recipe.quantization is not None:
+            raise RecipeError(
+                f"`--deepspeed {deepspeed}` with a 4-bit LLM (`model.llm.quantization_config`) is "
+                "not supported by the hf engine yet: drop `--deepspeed`, or train with "
+                "`--engine xtuner`"
+            )
         if fsdp:
             from .hf_fsdp import require_fsdp
 
-            require_fsdp(deepspeed)
+            require_fsdp(recipe, deepspeed)
         if deepspeed is not None:  # refused in one line before the model is built
             from .hf_deepspeed import deepspeed_config
 

@@ -28,15 +28,20 @@ import os
 import torch
 from torch import nn
 
-from .hf_recipe import RecipeError
+from .hf_recipe import Recipe, RecipeError
 
 
-def require_fsdp(deepspeed: str | None = None) -> None:
-    """Refuse, in one line, `--fsdp` beside `--deepspeed`, or on a stack where FSDP2 does not
-    import."""
+def require_fsdp(recipe: Recipe, deepspeed: str | None = None) -> None:
+    """Refuse, in one line and before anything is built, `--fsdp` beside `--deepspeed`, with a
+    4-bit base, or on a stack where FSDP2 does not import."""
     if deepspeed is not None:
         raise RecipeError(
             f"`--fsdp` and `--deepspeed {deepspeed}` both shard the model: give one of them"
+        )
+    if recipe.quantization is not None:  # bitsandbytes' packed uint8 weights and their quant
+        raise RecipeError(  # state do not split into DTensor shards as they are
+            "`--fsdp` with a 4-bit LLM (`model.llm.quantization_config`, QLoRA / QMoSLoRA) is not "
+            "supported by the hf engine: drop `--fsdp`, or train a LoRA / MoSLoRA config with it"
         )
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401 - torch >= 2.6
@@ -63,12 +68,6 @@ def shard(model: nn.Module) -> tuple[int, int]:
 
     from .hf_deepspeed import _single_process_env
 
-    quantized = [name for name, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
-    if quantized:  # bitsandbytes' packed uint8 weights are not DTensor-shardable as they are
-        raise RecipeError(
-            f"`--fsdp` with 4-bit (QLoRA) weights ({quantized[0]}, ...) is not supported by the hf "
-            "engine: train the QLoRA recipe without `--fsdp`, or a LoRA recipe with it"
-        )
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         _single_process_env()
