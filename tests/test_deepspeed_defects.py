@@ -60,26 +60,9 @@ def test_the_version_is_the_imported_deepspeeds(monkeypatch):
 # --- the XTuner engine: `llava-moslora train CONFIG --deepspeed ...` ----------------------------
 
 
-@pytest.fixture
-def started(monkeypatch) -> list[list[str]]:
-    """The child `llava-moslora train` would start, recorded instead of run."""
-    import subprocess
-
-    from llava_moslora.train import launch
-
-    commands: list[list[str]] = []
-
-    def record(command, *args, **kwargs):
-        commands.append(list(command))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(launch.subprocess, "run", record)
-    return commands
-
-
 @pytest.mark.parametrize("version", ["0.17.6", "0.18.3"])
 def test_xtuner_path_refuses_zero2_with_accumulation_where_deepspeed_drops_it(
-    tiny_env, tmp_path, capsys, started, monkeypatch, version
+    tiny_env, tmp_path, capsys, no_training, monkeypatch, version
 ):
     """tiny_moslora.py accumulates 2 micro-batches (the paper's schedule): with the locked
     DeepSpeed, `--deepspeed deepspeed_zero2` is refused in one line before XTuner starts;
@@ -95,15 +78,15 @@ def test_xtuner_path_refuses_zero2_with_accumulation_where_deepspeed_drops_it(
     err = capsys.readouterr().err
     if version == "0.17.6":
         lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2 and not started and "Traceback" not in err
+        assert code == 2 and not no_training and "Traceback" not in err
         assert len(lines) == 1, err
         assert lines[0].startswith("error: training refused: `--deepspeed deepspeed_zero2`: ")
         assert "`accumulative_counts` 2 on DeepSpeed 0.17.6" in lines[0]
         assert not work.exists()
     else:
-        assert code == 0 and len(started) == 1, err
+        assert code == 0 and len(no_training) == 1, err
     zero3 = ["train", config, "--work-dir", str(tmp_path / "z3"), "--deepspeed", "deepspeed_zero3"]
-    assert main(zero3) == 0 and started[-1][-1] == "deepspeed_zero3"
+    assert main(zero3) == 0 and no_training[-1][-1] == "deepspeed_zero3"
 
 
 def test_the_locked_deepspeed_is_an_affected_release():
