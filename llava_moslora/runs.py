@@ -149,19 +149,11 @@ def check_frozen_mixers(model: nn.Module, state: dict[str, torch.Tensor], source
 def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Load an iter_N.pth file or DeepSpeed iter_N.pth/ folder into `model`; return the state.
 
-    Strict on the trained tensors (see `check_state_fits`); the frozen base weights stay as built.
+    Strict on the trained tensors (see `check_state_fits`); the frozen base weights stay as built
+    (by `load_run`: from the config's parts, or the llava-hf folder the run started from).
     Non-finite tensors and mixers that contradict a frozen-mixer config are refused.
     """
     state = load_trained_state(checkpoint)
-    started_from = checkpoint_meta(checkpoint).get("llava_hf_path")
-    if started_from:
-        raise CheckpointMismatchError(
-            f"{checkpoint}: its run started from the llava-hf checkpoint {started_from} "
-            "(`llava_hf_path`), whose weights are not the config's `model.llm`, "
-            "`model.visual_encoder` and `pretrained_pth` that this load rebuilds, so its adapters "
-            "would be paired with another base; export and evaluation of such runs are not "
-            "supported yet: start the run from the config's three parts to export it"
-        )
     require_finite(state, checkpoint)
     check_state_fits(model, state, str(checkpoint))
     check_frozen_mixers(model, state, str(checkpoint))
@@ -169,6 +161,116 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> dict[str, torch
     if result.unexpected_keys:  # check_state_fits makes this impossible; keep it loud anyway
         raise CheckpointMismatchError(f"Unexpected keys while loading: {result.unexpected_keys}")
     return state
+
+
+def started_from_llava_hf(checkpoint: str | Path) -> str | None:
+    """The llava-hf folder the checkpoint's run started from (its meta's `llava_hf_path`), or
+    None for a run built from the config's three parts."""
+    return checkpoint_meta(checkpoint).get("llava_hf_path") or None
+
+
+def llava_hf_base(cfg, checkpoint: str | Path) -> Path | None:
+    """The llava-hf folder to rebuild the checkpoint's base from, checked to be the one its run
+    started from; None for a run built from the config's three parts.
+
+    The meta names the folder and its `llava_hf_digest` (hf_engine.llava_hf_digest) at the start
+    of training; a config's `llava_hf_path` (`--cfg-options`) points at a copy moved elsewhere. A
+    folder gone, replaced or retrained since is refused: the adapters fit that base only.
+    """
+    meta = checkpoint_meta(checkpoint)
+    started_from, asked = meta.get("llava_hf_path"), cfg.get("llava_hf_path")
+    if not started_from:
+        if asked:
+            raise CheckpointMismatchError(
+                f"`llava_hf_path` {asked}: the run of {checkpoint} started from the config's "
+                "`model.llm`, `model.visual_encoder` and `pretrained_pth`, not from a llava-hf "
+                "checkpoint; leave `llava_hf_path` unset"
+            )
+        return None
+    folder = Path(asked or started_from)
+    fix = (
+        f"restore the folder the run started from ({started_from}), or pass an unchanged copy "
+        "of it with `--cfg-options llava_hf_path=DIR`"
+    )
+    recorded = meta.get("llava_hf_digest")
+    if not recorded:
+        raise CheckpointMismatchError(
+            f"`llava_hf_path` {folder}: {checkpoint} records no digest of the llava-hf folder its "
+            "run started from (written before llava-moslora recorded one), so its base cannot be "
+            "checked; train the run again to export or evaluate it"
+        )
+    from llava_moslora.train.hf_engine import llava_hf_digest
+
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        raise CheckpointMismatchError(
+            f"`llava_hf_path` {folder}: holds no *.safetensors weights (pickled weights are never "
+            f"read), so it is not the folder the run of {checkpoint} started from; {fix}"
+        )
+    try:
+        found = llava_hf_digest(folder)
+    except OSError as error:
+        raise CheckpointMismatchError(
+            f"`llava_hf_path` {folder}: the llava-hf folder the run of {checkpoint} started from "
+            f"is not readable ({error}); {fix}"
+        ) from error
+    if found != recorded:
+        raise CheckpointMismatchError(
+            f"`llava_hf_path` {folder}: its config, weights or tokenizer are not those the run "
+            f"of {checkpoint} started from ({found[:19]}..., the run recorded {recorded[:19]}...), "
+            f"so its adapters would be paired with another base; {fix}"
+        )
+    return folder
+
+
+def build_model_on_llava_hf(cfg, folder: str | Path) -> nn.Module:
+    """XTuner's LLaVAModel of `cfg.model` on the towers of a llava-hf folder, in eval mode.
+
+    The folder is read by the hf engine's own loader (`hf_engine.read_llava_hf`: safetensors
+    only, local, no remote code); its language model and lm_head become the causal LM, its vision
+    tower the CLIP, and the config's adapters go on them as `xtuner train` puts them, so the
+    checkpoint's XTuner keys fill them strictly. `cfg`'s tokenizer and image processor are
+    re-pointed at the folder (what training read), for export and the evaluators.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.registry import BUILDER
+
+    from llava_moslora.train.hf_engine import read_llava_hf
+    from llava_moslora.train.hf_recipe import RecipeError
+
+    fix = "restore the folder the run started from, or pass an unchanged copy with --cfg-options"
+    try:
+        llava, _, _ = read_llava_hf(folder, int(cfg.model.visual_select_layer), fix)
+    except RecipeError as error:
+        raise CheckpointMismatchError(str(error)) from error
+    vision = llava.model.vision_tower
+    with init_empty_weights():  # its two parts are replaced by llava's own modules just below
+        llm = AutoModelForCausalLM.from_config(llava.config.text_config)
+    llm.model, llm.lm_head = llava.model.language_model, llava.lm_head
+    llm.generation_config = llava.generation_config
+    if not isinstance(vision, CLIPVisionModel) or any(
+        t.is_meta for t in (*llm.parameters(), *llm.buffers())
+    ):
+        raise CheckpointMismatchError(
+            f"`llava_hf_path` {folder}: its towers are a {type(llm.model).__name__} and a "
+            f"{type(vision).__name__}; XTuner's LLaVA takes a causal LM of `.model` and "
+            "`.lm_head` and a CLIPVisionModel"
+        )
+    for part in ("tokenizer", "image_processor"):
+        cfg[part].update(pretrained_model_name_or_path=str(folder), trust_remote_code=False)
+    model_cfg = cfg.model.copy()
+    model_cfg.pretrained_pth = None  # the projector is the folder's (a checkpoint then its own)
+    model_cfg.llm, model_cfg.visual_encoder = llm, vision
+    model = BUILDER.build(model_cfg)
+    projector = llava.model.multi_modal_projector
+    if len(model.projector.model) != 3:  # XTuner's depth-2 projector: Linear, GELU, Linear
+        raise CheckpointMismatchError(
+            f"`model.projector_depth` should be 2 for a run started from a llava-hf checkpoint "
+            f"(linear_1, act, linear_2), but the model's projector is {model.projector.model}"
+        )
+    model.projector.model[0].load_state_dict(projector.linear_1.state_dict())
+    model.projector.model[2].load_state_dict(projector.linear_2.state_dict())
+    return model.eval()
 
 
 def checkpoint_seed(checkpoint: str | Path) -> int | None:
@@ -187,10 +289,18 @@ def load_run(
     """(config, model) of a run: the config's model with the checkpoint's tensors, strictly.
 
     Without `checkpoint` the model is the run before training: adapters at init (B = 0, so the
-    base towers) and the config's `pretrained_pth` projector, the one training starts from.
+    base towers) and the config's `pretrained_pth` projector, the one training starts from (with
+    `llava_hf_path`: that folder's towers and projector).
     """
     cfg = load_config(config, cfg_options)
-    model = build_model(cfg, start_projector=checkpoint is None)
+    if checkpoint is None:  # the run before training: from the folder it will start from
+        base = cfg.get("llava_hf_path") or None
+    else:
+        base = llava_hf_base(cfg, checkpoint)
+    if base is None:
+        model = build_model(cfg, start_projector=checkpoint is None)
+    else:  # a run of `--engine hf` started from a llava-hf folder (`llava_hf_path`)
+        model = build_model_on_llava_hf(cfg, base)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return cfg, model

@@ -4,13 +4,15 @@
 #     OUT=/some/dir scripts/gpu_check.sh [BUNDLE]   # GPU: BUNDLE from scripts/gpu_bundle.sh
 #     OUT=/some/dir scripts/gpu_check.sh --dry-run  # CPU, tiny widths: tests/test_gpu_check.py
 #
-# Phases, each under its own `timeout` (seconds; 475 in all, under the 8-minute budget), each
+# Phases, each under its own `timeout` (seconds; 535 in all, under one call's 10 minutes), each
 # logged to $OUT/logs/PHASE.log and recorded in $OUT/phases.tsv as soon as it ends: a failed or
 # killed phase is recorded and the next one runs, so a kill of the whole call still returns
 # every phase before it.
 #   env          20  versions, GPU name, the environment (`$OUT/env.txt`)
 #   install      45  the bundle's wheels into work_dirs/gpu_check_site (pip --no-index --no-deps)
 #   cuda_tests   40  tests/test_cuda.py (needs pytest on the image; skipped without it)
+#   hf_engine    60  the hf engine trains the tiny LLaVA on the image's transformers, its losses
+#                    beside the same run's on the CPU that built the bundle (gpu_hf_engine.sh)
 #   adapters     75  LoRA vs MoSLoRA, 4 LLaMA-3-8B blocks (scripts/bench_blocks.py)
 #   nf4          75  QLoRA vs QMoSLoRA (4-bit NF4 base, r512)
 #   zero2        60  MoSLoRA under DeepSpeed ZeRO-2 on one GPU
@@ -117,6 +119,15 @@ elif "$PY" -c "import pytest" >/dev/null 2>&1; then
 else
   skip cuda_tests "no pytest on this Python"
 fi
+if ((DRY)); then # the bundle's inputs, made here as gpu_bundle.sh makes them
+  HF_INPUTS=$(mktemp -d)
+  trap 'rm -rf "$HF_INPUTS"' EXIT
+  hf_engine=(bash -c "PY='$PY' scripts/gpu_hf_engine.sh prepare '$HF_INPUTS' &&
+    PY='$PY' scripts/gpu_hf_engine.sh run '$HF_INPUTS' '$OUT' '$HF_INPUTS'")
+else
+  hf_engine=(env PY="$PY" bash scripts/gpu_hf_engine.sh run "$BUNDLE" "$OUT" "$(dirname "$SITE")")
+fi
+phase hf_engine 60 "${hf_engine[@]}"
 phase adapters 75 "$PY" scripts/bench_blocks.py lora moslora --out-dir "$OUT/blocks" "${BLOCKS[@]}"
 phase nf4 75 "$PY" scripts/bench_blocks.py qlora qmoslora --out-dir "$OUT/blocks" "${BLOCKS[@]}"
 phase zero2 60 "$PY" scripts/bench_blocks.py zero2 --out-dir "$OUT/blocks" "${BLOCKS[@]}"

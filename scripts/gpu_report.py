@@ -3,7 +3,8 @@
 
     python scripts/gpu_report.py OUT [--elapsed SECONDS]
 
-Reads OUT/blocks/*.json (scripts/bench_blocks.py, one per case) and OUT/phases.tsv
+Reads OUT/blocks/*.json (scripts/bench_blocks.py, one per case), OUT/hf_engine/ (the hf engine's
+tiny run there and on the CPU that built the bundle, scripts/gpu_hf_engine.sh) and OUT/phases.tsv
 (scripts/gpu_check.sh), writes OUT/gpu_check.md and prints it; its last line summarises. Works on
 whatever ran: a phase that failed or was killed leaves its cases out and its row says so.
 The Table 4 shape (text-only commonsense LLaMA-3-8B, r16) has its own section: the paper's
@@ -77,6 +78,49 @@ def ratio_line(cases: dict[str, dict], a: str, b: str, what: str) -> str | None:
     return f"- {a} / {b} ({what}): time {time:.3f}, peak memory {memory}"
 
 
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def hf_engine_lines(out: Path) -> tuple[list[str], str | None]:
+    """The hf engine's section (each logged loss there beside the CPU's) and its summary part.
+
+    The two are the same run in float32 on two devices; they are not expected to agree to the
+    last bit (other kernels, other summation orders), so the report gives the differences."""
+    here, cpu = (
+        read_log(out / "hf_engine" / "log.jsonl"),
+        read_log(out / "hf_engine" / "cpu_log.jsonl"),
+    )
+    if not here:
+        return [], None
+    device_file = out / "hf_engine" / "device.txt"
+    device = device_file.read_text().strip() if device_file.is_file() else "-"
+    by_iter = {line["iter"]: line["loss"] for line in cpu}
+    lines = [
+        f"## The hf engine: configs/tiny_moslora.py's run on {device}",
+        "",
+        "The tiny LLaVA trained by `llava-moslora train --engine hf` on this machine's "
+        "transformers, float32, beside the same recipe on the CPU that built the bundle.",
+        "",
+        "| iteration | loss here | loss on the CPU | difference | s / iteration here |",
+        "|---|---|---|---|---|",
+    ]
+    differences = []
+    for line in here:
+        theirs = by_iter.get(line["iter"])
+        diff = None if theirs is None else line["loss"] - theirs
+        differences += [] if diff is None else [abs(diff)]
+        lines.append(
+            f"| {line['iter']} | {line['loss']:.4f} | "
+            + ("-" if theirs is None else f"{theirs:.4f}")
+            + f" | {'-' if diff is None else f'{diff:+.2e}'} | {line['seconds_per_iter']:.4f} |"
+        )
+    part = f"hf engine {len(here)} losses logged on {device}"
+    if differences:
+        part += f", within {max(differences):.1e} of the CPU's"
+    return lines, part
+
+
 def report(out: Path, elapsed: int | None = None) -> str:
     cases = read_cases(out)
     phases = read_phases(out)
@@ -102,6 +146,8 @@ def report(out: Path, elapsed: int | None = None) -> str:
         lines += case_rows(cases, table4) + [""]
         line = ratio_line(cases, *TABLE4_PAIR)
         lines += [line, f"- {TABLE4_PAPER}"] if line else [f"- {TABLE4_PAPER}"]
+    engine, engine_part = hf_engine_lines(out)
+    lines += ["", *engine] if engine else []
     lines += ["", "## Phases", "", "| phase | status | exit | seconds |", "|---|---|---|---|"]
     lines += [f"| {p['phase']} | {p['status']} | {p['exit']} | {p['seconds']} |" for p in phases]
     within = [
@@ -115,6 +161,8 @@ def report(out: Path, elapsed: int | None = None) -> str:
     pair = ratio_line(cases, *PAIRS[0])
     if pair:
         summary += "; MoSLoRA / LoRA " + pair.split(": ", 1)[1]
+    if engine_part:
+        summary += f"; {engine_part}"
     if within:
         summary += f"; planner within {100 * max(within):.1f} % of every measured peak"
     return "\n".join(lines + ["", summary]) + "\n"

@@ -540,7 +540,9 @@ def test_the_headline_names_what_differs_and_what_is_equivalent_over_many_seeds(
     assert (
         len(found) == 6
     )  # 2 settings x (kaiming vs lora, kaiming vs init-only, init-only vs lora)
-    text = " ".join(summary._headline(tmp_path, tables, grids, found)[2].split())
+    text = " ".join(
+        summary._headline(tmp_path, tables, grids, found, summary._placements(grids))[2].split()
+    )
     assert (
         "Rank 8, 12 test seeds, rates chosen on grid seeds 100, 101, disjoint from the test seeds"
         in text
@@ -559,7 +561,9 @@ def test_the_headline_over_few_seeds_says_no_difference_detected(tmp_path):
     tables, grids = _tables(5, kaiming_gain=0.0, noise=4.0)
     grids["r8"]["grid_seeds"] = [0, 1]  # the old design: grid seeds among the test seeds
     found = summary.comparisons(tables)
-    text = " ".join(summary._headline(tmp_path, tables, grids, found)[2].split())
+    text = " ".join(
+        summary._headline(tmp_path, tables, grids, found, summary._placements(grids))[2].split()
+    )
     assert "rates chosen on test seeds as in the old design" in text
     assert "None differs after Holm over all 6" in text
     assert "would need" in text and "forget family A: 30.0–30.0 % after" in text

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 # Every phase gpu_check.sh runs, in order (docs/gpu.md lists what each needs).
 PHASES = [
-    "env", "install", "cuda_tests", "adapters", "nf4", "zero2", "zero3", "table4", "plan", "report",
+    "env", "install", "cuda_tests", "hf_engine", "adapters", "nf4", "zero2", "zero3", "table4", "plan", "report",
 ]  # fmt: skip
 CASES = ["lora", "moslora", "qlora", "qmoslora", "zero2", "zero3", "table4_lora", "table4_moslora"]
 
@@ -57,6 +57,27 @@ def test_gpu_report_puts_each_peak_beside_the_plan_and_keeps_table4_apart(tmp_pa
     )
 
 
+def test_gpu_report_puts_the_hf_engine_losses_beside_the_cpus(tmp_path):
+    import gpu_report
+
+    engine = tmp_path / "hf_engine"
+    engine.mkdir()
+    log = lambda losses: "".join(  # noqa: E731
+        json.dumps({"iter": 5 * (i + 1), "loss": loss, "lr": 1e-3, "seconds_per_iter": 0.01}) + "\n"
+        for i, loss in enumerate(losses)
+    )
+    (engine / "log.jsonl").write_text(log([5.0, 4.5, 4.0]))
+    (engine / "cpu_log.jsonl").write_text(log([5.0, 4.4, 4.003]))
+    (engine / "device.txt").write_text("NVIDIA H100 80GB HBM3\n")
+    text = gpu_report.report(tmp_path)
+    assert "## The hf engine: configs/tiny_moslora.py's run on NVIDIA H100 80GB HBM3" in text
+    assert "| 10 | 4.5000 | 4.4000 | +1.00e-01 | 0.0100 |" in text
+    assert text.splitlines()[-1] == (
+        "gpu_check: 0/0 phases ok (0 skipped), 0 cases; hf engine 3 losses logged on "
+        "NVIDIA H100 80GB HBM3, within 1.0e-01 of the CPU's"
+    )
+
+
 def test_gpu_report_of_a_check_killed_before_any_case(tmp_path):
     import gpu_report
 
@@ -94,10 +115,16 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         case = json.loads((out / "blocks" / f"{name}.json").read_text())
         assert case["median_s"] > 0 and case["planned_bytes"] > 0 and case["peak_bytes"] is None
     assert "largest per-device batch" in (out / "logs" / "plan.log").read_text()
+    # The hf engine's tiny run, here on this CPU twice: the same recipe, seed and machine.
+    here, cpu = (
+        [json.loads(line)["loss"] for line in (out / "hf_engine" / name).read_text().splitlines()]
+        for name in ("log.jsonl", "cpu_log.jsonl")
+    )
+    assert len(here) == 8 and here == cpu
     report = (out / "gpu_check.md").read_text()
     assert "moslora / lora (LLaVA's LLM recipe, bf16): time" in report
     assert "table4_moslora / table4_lora (Table 4 shape): time" in report
     # The report counts the phases before it (its own row is written after it ends).
-    summary = "gpu_check: 7/7 phases ok (2 skipped), 8 cases"
+    summary = "gpu_check: 8/8 phases ok (2 skipped), 8 cases"
     assert report.splitlines()[-1].startswith(summary)
     assert result.stdout.strip().splitlines()[-1].startswith(summary)

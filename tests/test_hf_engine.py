@@ -10,33 +10,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from llava_moslora.train import hf_engine
 from llava_moslora.train.hf_recipe import read_recipe, recipe_from_config, write_recipe
-from tests.factories import TINY_MOSLORA, build_from_config, read_config, save_mmengine_checkpoint
+from tests.factories import (
+    FP32_ATOL,
+    IMAGE_TOKEN_INDEX,
+    TINY_MOSLORA,
+    build_from_config,
+    randomise_trained_tensors,
+    read_config,
+    save_mmengine_checkpoint,
+)
 
 # No dropout: its random masks are drawn in another order by each engine's forward.
 NO_DROPOUT = {"model.llm_lora.lora_dropout": 0.0, "model.visual_encoder_lora.lora_dropout": 0.0}
 BATCH = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_env):
-    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)."""
+def both_engines(config: str, work_dir: Path, randomise: bool = False):
+    """(XTuner's LLaVAModel, its dataset, the config, the hf engine's Run with the same tensors)
+    of configs/CONFIG.py without dropout; `randomise`: XTuner's B, mixers and projector moved
+    first (`randomise_trained_tensors`), so that every trained tensor gets a gradient."""
     from xtuner.registry import BUILDER
 
-    cfg, xtuner_model = build_from_config("tiny_moslora", NO_DROPOUT)
+    cfg, xtuner_model = build_from_config(config, NO_DROPOUT)
+    if randomise:
+        randomise_trained_tensors(xtuner_model)
     dataset = BUILDER.build(cfg.train_dataloader.dataset)
     recipe = recipe_from_config(cfg)
-    run = hf_engine.Run(recipe, tiny_env / "unused_work_dir")
+    run = hf_engine.Run(recipe, work_dir)
     hf_engine.load_trained(run.model, recipe, xtuner_model.state_dict(), "the XTuner model")
     return xtuner_model, dataset, cfg, run
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_env):
+    return both_engines("tiny_moslora", tiny_env / "unused_work_dir")
 
 
 def test_recipe_is_derived_from_the_config(tiny_env, tmp_path):
@@ -62,8 +80,29 @@ def test_the_paper_configs_recipe_and_what_is_refused():
     assert recipe.llm_adapter.options["r"] == 64 and recipe.llm_adapter.options["lora_alpha"] == 128
     assert recipe.vision_adapter.options["layers_to_transform"] == list(range(23))
     assert recipe.template["INSTRUCTION"].startswith("<|start_header_id|>user")
-    with pytest.raises(RecipeError, match="quantization_config"):
-        recipe_from_config(read_config("internlm2_qmoslora"))
+    assert recipe.quantization is None and recipe.activation_checkpointing
+    # The paper's QMoSLoRA: its 4-bit base as BitsAndBytesConfig's arguments, dtypes by name.
+    qmoslora = recipe_from_config(read_config("internlm2_qmoslora"))
+    assert qmoslora.quantization.llm_dtype == "float16"
+    assert qmoslora.quantization.options == {
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_compute_dtype": "float16",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_type": "nf4",
+    }
+    with pytest.raises(RecipeError, match=r"`model.llm.quantization_config` should be a 4-bit"):
+        recipe_from_config(
+            read_config(
+                "internlm2_qmoslora",
+                {
+                    "model.llm.quantization_config.load_in_4bit": False,
+                    "model.llm.quantization_config.load_in_8bit": True,
+                },
+            )
+        )
 
 
 def test_samples_encode_as_xtuner_does(engines):
@@ -80,10 +119,18 @@ def test_samples_encode_as_xtuner_does(engines):
     assert samples[0]["labels"][0] == -100  # the prompt carries no loss
 
 
-def test_same_loss_and_adapter_gradients_as_xtuner(engines):
+class Gaps(NamedTuple):
+    loss: float  # |XTuner's loss - the hf engine's|
+    gradient: float  # the largest difference of any trained tensor's gradient
+    compared: int  # trained tensors compared
+    nonzero: int  # of which with a non-zero gradient (A and the mixers get none while B = 0)
+
+
+def loss_and_gradient_gaps(xtuner_model, dataset, run) -> Gaps:
+    """One batch through XTuner's LLaVAModel and the hf engine's model, both in train mode, every
+    trained tensor's gradient checked against rtol 1e-5 / atol 1e-7."""
     from xtuner.dataset.collate_fns import default_collate_fn
 
-    xtuner_model, dataset, _, run = engines
     samples = run.samples()
     xtuner_model.train()
     run.model.train()
@@ -92,23 +139,193 @@ def test_same_loss_and_adapter_gradients_as_xtuner(engines):
     theirs = xtuner_model(default_collate_fn([dataset[i] for i in BATCH])["data"], mode="loss")
     ours = run.loss(run.batch([samples[i] for i in BATCH]))
     print(f"loss XTuner {theirs['loss'].item():.8f}, hf engine {ours.item():.8f}")
-    assert abs(theirs["loss"].item() - ours.item()) <= 1e-5
     theirs["loss"].backward()
     ours.backward()
     their_params = dict(xtuner_model.named_parameters())
     keys = hf_engine.xtuner_keys(run.model, run.recipe)
-    assert any("lora_mixer" in k for k in keys) and any(
-        "visual_encoder" in k for k in keys.values()
-    )
-    compared = 0
+    assert any("visual_encoder" in k for k in keys.values())
+    compared, nonzero, worst = 0, 0, 0.0
     for name, param in run.model.named_parameters():
         if not param.requires_grad:
             continue
         their_grad = their_params[keys[name]].grad
         assert their_grad is not None, name
         torch.testing.assert_close(param.grad, their_grad, rtol=1e-5, atol=1e-7)
+        worst = max(worst, (param.grad - their_grad).abs().max().item())
         compared += 1
-    assert compared >= 80  # both towers' A, B, mixers and the projector
+        nonzero += bool(param.grad.abs().max() > 0)
+    print(f"{compared} gradients ({nonzero} non-zero), largest difference {worst:.3g}")
+    return Gaps(abs(theirs["loss"].item() - ours.item()), worst, compared, nonzero)
+
+
+def test_same_loss_and_adapter_gradients_as_xtuner(engines):
+    """With activation checkpointing on in both (the config's default, XTuner's): recomputing
+    each layer in backward changes no number."""
+    xtuner_model, dataset, _, run = engines
+    assert run.recipe.activation_checkpointing
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, run.recipe))
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    assert gaps.loss <= 1e-5
+    assert gaps.compared >= 80  # both towers' A, B, mixers and the projector
+
+
+def test_activation_checkpointing_recomputes_both_towers(engines, tiny_env):
+    """On (the config's default, as XTuner's): each LLM and CLIP layer runs twice a step, its
+    forward recomputed in backward; `use_activation_checkpointing=False`: once. XTuner's model
+    has it on too."""
+    xtuner_model, _, _, run = engines
+    assert xtuner_model.llm.base_model.model.model.gradient_checkpointing
+    off = hf_engine.Run(
+        recipe_from_config(
+            read_config("tiny_moslora", {"model.use_activation_checkpointing": False})
+        ),
+        tiny_env / "unused_work_dir",
+    )
+    assert not off.recipe.activation_checkpointing
+
+    def forward_calls(run) -> dict[str, int]:
+        layers = {
+            "llm": run.model.model.language_model.layers[0],
+            "clip": run.model.model.vision_tower.vision_model.encoder.layers[0],
+        }
+        calls = dict.fromkeys(layers, 0)
+        hooks = [
+            layer.register_forward_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+            )
+            for name, layer in layers.items()
+        ]
+        samples = run.samples()
+        run.model.train()
+        run.loss(run.batch([samples[i] for i in BATCH])).backward()
+        run.model.zero_grad()
+        for hook in hooks:
+            hook.remove()
+        return calls
+
+    assert forward_calls(run) == {"llm": 2, "clip": 2}
+    assert forward_calls(off) == {"llm": 1, "clip": 1}
+
+
+# --- QLoRA / QMoSLoRA: the LLM in 4-bit NF4 (configs/tiny_qmoslora.py) ---------------------------
+
+TINY_QMOSLORA = str(Path(TINY_MOSLORA).with_name("tiny_qmoslora.py"))
+
+
+@pytest.fixture(scope="module")
+def engines_4bit(tiny_env):
+    """As `engines`, on tiny_qmoslora.py (both build the LLM in 4 bits from the same weights),
+    trained tensors randomised."""
+    pytest.importorskip("bitsandbytes")
+    return both_engines("tiny_qmoslora", tiny_env / "unused_work_dir", randomise=True)
+
+
+def test_qmoslora_same_4bit_base_loss_and_gradients_as_xtuner(engines_4bit, tmp_path):
+    import bitsandbytes as bnb
+
+    from llava_moslora.moslora.layers_bnb import MoSLoRALinear4bit
+
+    xtuner_model, dataset, _, run = engines_4bit
+    recipe = run.recipe
+    assert recipe.quantization.options["bnb_4bit_quant_type"] == "nf4"
+    assert recipe.quantization.options["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
+    assert read_recipe(write_recipe(recipe, tmp_path / "r.json")) == recipe  # JSON for hf5
+    # The same layers in 4 bits, holding the same packed bytes and scales.
+    ours = run.model.model.language_model.layers[0].self_attn.q_proj
+    theirs = xtuner_model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    for layer in (ours, theirs):
+        assert isinstance(layer, MoSLoRALinear4bit)
+        assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
+    assert torch.equal(ours.get_base_layer().weight.data, theirs.get_base_layer().weight.data)
+    assert any("lora_mixer" in k for k in hf_engine.xtuner_keys(run.model, recipe))
+    llm = run.model.model.language_model
+    assert sum(isinstance(m, MoSLoRALinear4bit) for m in llm.modules()) == 2 * 6  # down_proj: not
+    assert llm.gradient_checkpointing  # on, as XTuner's prepare_model_for_kbit_training sets it
+
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    # Measured: loss difference 0.0, gradients 0.0 (the same NF4 bytes dequantize to the same
+    # float32 weights; the same kernels in the same order).
+    assert gaps.loss <= 1e-5
+    assert gaps.nonzero == gaps.compared >= 80
+
+
+@pytest.mark.slow
+def test_qlora_gets_peft_4bit_layers_and_the_same_loss_and_gradients(tiny_env):
+    """Stock LoRA on the 4-bit base (tiny_qlora.py): PEFT's own bnb layer, as under XTuner (PEFT
+    picks it by the model's `is_loaded_in_4bit`, not by the layer: a plain LoRA layer would wrap
+    Linear4bit and merge wrongly)."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    xtuner_model, dataset, _, run = both_engines(
+        "tiny_qlora", tiny_env / "unused_work_dir", randomise=True
+    )
+    ours = run.model.model.language_model.layers[0].self_attn.q_proj
+    theirs = xtuner_model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(ours) is type(theirs) is Linear4bit
+    gaps = loss_and_gradient_gaps(xtuner_model, dataset, run)
+    assert gaps.loss <= 1e-5 and gaps.nonzero == gaps.compared  # measured 0.0
+
+
+@pytest.mark.slow
+def test_qmoslora_checkpoint_loads_and_exports_as_xtuners(engines_4bit, tmp_path):
+    """Two hf-engine iterations on the 4-bit base: the checkpoint loads strictly into XTuner's
+    model as `export` builds it (same loss on a batch as the hf engine's model), exports through
+    the dequantizing merge, and a copy without its mixers is refused, not loaded without them."""
+    from xtuner.dataset.collate_fns import default_collate_fn
+
+    from llava_moslora.export.exporter import export
+    from llava_moslora.runs import CheckpointMismatchError, load_run
+
+    _, dataset, _, started = engines_4bit
+    run = hf_engine.Run(started.recipe, tmp_path / "work")
+    samples = run.samples()
+    run.train(samples, max_iters=2)
+    checkpoint = tmp_path / "work" / "iter_2.pth"
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert any("lora_mixer" in k for k in state)
+    _, loaded = load_run(TINY_QMOSLORA, checkpoint)
+    loaded_state = loaded.state_dict()
+    assert all(torch.equal(loaded_state[k], v) for k, v in state.items())
+    with torch.no_grad():
+        run.model.eval()
+        loaded.eval()
+        ours = run.loss(run.batch([samples[i] for i in BATCH])).item()
+        data = default_collate_fn([dataset[i] for i in BATCH])["data"]
+        theirs = loaded(data, mode="loss")["loss"].item()
+    print(f"loss of the checkpoint: XTuner {theirs:.8f}, hf engine {ours:.8f}")
+    assert abs(ours - theirs) <= 1e-5  # measured 0.0
+
+    manifest = export(checkpoint, TINY_QMOSLORA, "hf-llava", tmp_path / "hf", dtype="float32")
+    assert manifest.quantized_base and manifest.adapter_kind == "moslora"
+    no_mixer = {k: v for k, v in state.items() if "lora_mixer" not in k}
+    torch.save({"state_dict": no_mixer, "meta": {"seed": 0}}, tmp_path / "iter_3.pth")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing from the checkpoint:\n.*lora_mixer"
+    ):
+        export(tmp_path / "iter_3.pth", TINY_QMOSLORA, "xtuner", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_4bit_recipe_without_bitsandbytes_stops_in_one_line(
+    tiny_env, tmp_path, monkeypatch, capsys
+):
+    """Where bitsandbytes does not import (the GPU machines ship none): exit 2, one line naming
+    the fix, before any model is built; and the combinations not carried over yet, likewise."""
+    recipe = recipe_from_config(read_config("tiny_qmoslora"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises
+    assert hf_engine.train(recipe, tmp_path / "work") == hf_engine.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error: training refused: `quantization`" in err and "pip install" in err
+    monkeypatch.undo()
+    work = tmp_path / "work"
+    assert hf_engine.train(recipe, work, deepspeed="deepspeed_zero2") == hf_engine.USAGE_ERROR
+    assert "`--deepspeed deepspeed_zero2` with a 4-bit LLM" in capsys.readouterr().err
+    from_llava_hf = dataclasses.replace(recipe, llava_hf_path=str(tmp_path))
+    assert hf_engine.train(from_llava_hf, work) == hf_engine.USAGE_ERROR
+    assert "a 4-bit LLM (`quantization`) is not supported" in capsys.readouterr().err
+    assert not work.exists()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +339,8 @@ def eight_iterations(engines):
 
     xtuner_model, dataset, cfg, run = engines
     hf_engine.load_trained(run.model, run.recipe, xtuner_model.state_dict(), "the XTuner model")
+    xtuner_model.zero_grad()  # what earlier tests' backward passes left in either model
+    run.model.zero_grad()
     samples = run.samples()
     iters_per_epoch = len(dataset) // run.recipe.batch_size
     total = run.recipe.epochs * iters_per_epoch
@@ -274,6 +493,205 @@ def test_cli_run_exports_to_every_format(tiny_env, tmp_path):
 # --- starting from a llava-hf checkpoint (`llava_hf_path`) -------------------------------------
 
 
+@dataclasses.dataclass
+class LlavaHfRun:
+    folder: Path  # the tiny base exported with `--to hf-llava`
+    run: hf_engine.Run  # a run started from it, its trained tensors perturbed
+    checkpoint: Path  # the run's checkpoint, as the engine writes it (meta: folder and digest)
+
+
+def _perturb_trained(model, seed: int = 1) -> None:
+    """What training would have moved, by more than one iteration does: B (zero at init), the
+    mixers, the projector. An export that lost the adapters would then not match."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and (
+                "lora_B" in name or "lora_mixer" in name or "projector" in name
+            ):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def llava_hf_run(tiny_env, tmp_path_factory) -> LlavaHfRun:
+    """The tiny base (the hf engine's iteration-0 checkpoint: B = 0, the pretrained projector)
+    exported `--to hf-llava`, a one-iteration run started from that folder, then its trained
+    tensors perturbed and saved by the engine: the one run every test of this section reads."""
+    from llava_moslora.export.exporter import export
+
+    work = tmp_path_factory.mktemp("llava_hf_run")
+    recipe = recipe_from_config(read_config("tiny_moslora", NO_DROPOUT))
+    base = hf_engine.Run(recipe, work / "base").save(0)
+    export(base, TINY_MOSLORA, "hf-llava", work / "hf_llava", dtype="float32")
+    started = dataclasses.replace(recipe, llava_hf_path=str(work / "hf_llava"))
+    run = hf_engine.Run(started, work / "run")
+    run.train(run.samples(), max_iters=1)
+    _perturb_trained(run.model)
+    run.model.eval()
+    return LlavaHfRun(work / "hf_llava", run, run.save(run.iteration))
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()
+
+
+@pytest.mark.slow
+def test_a_llava_hf_run_exports_merged_with_the_training_models_logits(llava_hf_run, tmp_path):
+    """hf-llava in stock transformers gives the training model's logits; merged-xtuner's towers
+    are the same merged weights; the adapter formats are refused in one line, exit 2."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaForConditionalGeneration
+
+    from llava_moslora.cli import main
+    from llava_moslora.export.exporter import export
+
+    run, checkpoint = llava_hf_run.run, llava_hf_run.checkpoint
+    batch = run.batch([run.samples()[i] for i in BATCH])
+    expected = _logits(run.model, batch)
+    base = LlavaForConditionalGeneration.from_pretrained(llava_hf_run.folder).eval()
+    assert (expected - _logits(base, batch)).abs().max() > 0.5  # the adapters change the output
+
+    export(checkpoint, TINY_MOSLORA, "hf-llava", tmp_path / "hf", dtype="float32")
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.image_token_index == run.image_token_id  # the base's own `<image>`
+    worst = (expected - _logits(exported, batch)).abs().max().item()
+    print(
+        f"hf-llava export vs the training model: largest logit difference {worst:.3g}, "
+        f"largest logit {expected.abs().max().item():.3g}"
+    )
+    # float32, merged (W0 + ΔW) x vs W0 x + ΔW x: summation order only. Measured 1.4e-5 (the
+    # three-part runs' exports in tests/test_export.py: 5.8e-6, on smaller perturbations).
+    assert worst <= FP32_ATOL
+
+    export(checkpoint, TINY_MOSLORA, "merged-xtuner", tmp_path / "merged", dtype="float32")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "llm")
+    vision = CLIPVisionModel.from_pretrained(tmp_path / "merged" / "visual_encoder")
+    for ours, theirs in (
+        (llm.model, exported.model.language_model),
+        (llm.lm_head, exported.lm_head),
+        (vision, exported.model.vision_tower),
+    ):
+        theirs_state = theirs.state_dict()
+        for key, tensor in ours.state_dict().items():
+            assert torch.equal(tensor, theirs_state[key]), key
+    projector = load_file(tmp_path / "merged" / "projector" / "model.safetensors")
+    trained = run.model.model.multi_modal_projector.linear_2.weight
+    assert torch.equal(projector["model.2.weight"], trained)
+
+    for fmt in ("xtuner", "peft-folded"):
+        out = tmp_path / fmt
+        code = main(["export", str(checkpoint), str(out), "--config", TINY_MOSLORA, "--to", fmt])
+        assert code == 2 and not out.exists()
+
+
+def test_an_adapter_format_of_a_llava_hf_run_is_refused_in_one_line(llava_hf_run, tmp_path, capsys):
+    from llava_moslora.cli import main
+
+    checkpoint = llava_hf_run.checkpoint
+    out = tmp_path / "out"
+    code = main(["export", str(checkpoint), str(out), "--config", TINY_MOSLORA, "--to", "xtuner"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and not out.exists()
+    assert lines == [
+        f"error: `--to xtuner`: the run of {checkpoint} started from the llava-hf checkpoint "
+        f"{llava_hf_run.folder}, and a xtuner export holds only adapters for a base read from "
+        "separate LLM and CLIP folders, which that base has not; export it `--to hf-llava` (or "
+        "`--to merged-xtuner`)"
+    ]
+
+
+def _export_log_likelihoods(folder: Path, items, prompt_template: dict) -> list[list[float]]:
+    """Each option's log-likelihood through an hf-llava folder read by stock transformers: the
+    XTuner tokens with its one image index expanded to the model's image tokens, the image padded
+    to a square by the export's own LlavaImageProcessor, HF's splicing, merged weights."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
+    from xtuner.dataset.utils import encode_fn
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    image_token, patches = model.config.image_token_index, model.config.image_seq_length
+    template_fn = template_map_fn_factory(prompt_template)
+    scores = []
+    for item in items:
+        with Image.open(item.image) as image:
+            pixels = processor.image_processor(image.convert("RGB"), return_tensors="pt")
+        row = []
+        for option in item.options:
+            turns = [
+                {"from": "human", "value": f"<image>\n{item.question}"},
+                {"from": "gpt", "value": option},
+            ]
+            example = template_fn(llava_map_fn({"conversations": turns}))
+            encoded = encode_fn(
+                example, processor.tokenizer, max_length=10**6, with_image_token=True
+            )
+            ids, labels = [], []
+            for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
+                image = token == IMAGE_TOKEN_INDEX
+                ids += [image_token] * patches if image else [token]
+                labels += [-100] * patches if image else [label]
+            with torch.no_grad():
+                logits = model(
+                    input_ids=torch.tensor([ids]), pixel_values=pixels["pixel_values"]
+                ).logits.float()
+            log_probs = logits[0, :-1].log_softmax(-1)
+            targets = torch.tensor(labels[1:])
+            mask = targets != -100
+            picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            row.append(float((picked * mask).sum()))
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.slow
+def test_a_llava_hf_run_scores_the_same_as_its_export(llava_hf_run, tiny_env, tmp_path):
+    """The held-out scorer (`score_run`: XTuner's LLaVAModel on the folder's towers, the adapters
+    unmerged) and the hf-llava export read by stock transformers give the same log-likelihoods
+    on the same items; the base folder itself gives other ones, so the scorer sees the adapters."""
+    from llava_moslora.data.items import read_eval_items
+    from llava_moslora.eval.heldout import score_run
+    from llava_moslora.export.exporter import export
+
+    source = tiny_env / "data" / "heldout_eval.json"
+    items = [
+        dataclasses.replace(item, image=str(source.parent / item.image))
+        for item in read_eval_items(source)[:24]
+    ]
+    subset = tmp_path / "items.json"
+    subset.write_text(json.dumps([dataclasses.asdict(item) for item in items]))
+    scores = score_run(TINY_MOSLORA, llava_hf_run.checkpoint, subset)
+    export(llava_hf_run.checkpoint, TINY_MOSLORA, "hf-llava", tmp_path / "hf", dtype="float32")
+    template = read_config("tiny_moslora").prompt_template
+    through_export = _export_log_likelihoods(tmp_path / "hf", items, template)
+    of_the_base = _export_log_likelihoods(llava_hf_run.folder, items, template)
+
+    def largest_difference(a, b) -> float:
+        return max(
+            abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)
+        )
+
+    apart = largest_difference(scores.log_likelihoods, through_export)
+    base_apart = largest_difference(through_export, of_the_base)
+    print(f"score_run vs the export: {apart:.3g}; the export vs its base: {base_apart:.3g}")
+    assert base_apart > 0.1  # the scorer sees the adapters
+    # Measured 4.8e-6: unmerged adapters vs merged weights, float32 summation order.
+    assert apart <= 1e-4
+    picked = [
+        item.options[row.index(max(row))] for item, row in zip(items, through_export, strict=True)
+    ]
+    assert scores.answers == picked and len(set(picked)) > 1
+    # Before training (no checkpoint), `llava_hf_path` scores the folder itself.
+    before = score_run(TINY_MOSLORA, None, subset, {"llava_hf_path": str(llava_hf_run.folder)})
+    before_apart = largest_difference(before.log_likelihoods, of_the_base)
+    print(f"score_run without a checkpoint vs the base folder: {before_apart:.3g}")
+    assert before_apart <= 1e-4
+
+
 def _parts_of(llava_dir: Path, out: Path) -> tuple[Path, Path]:
     """The LLM and CLIP folders a llava-hf checkpoint is made of, its weights unchanged: the
     three-part build of the same model (vocabulary with `<image>` included)."""
@@ -296,19 +714,19 @@ def _parts_of(llava_dir: Path, out: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_a_run_starts_from_a_llava_hf_export_with_the_same_first_loss(tiny_env, tmp_path):
+def test_a_run_starts_from_a_llava_hf_export_with_the_same_first_loss(
+    tiny_env, llava_hf_run, tmp_path
+):
     """The tiny base (the hf engine's own iteration-0 checkpoint: B = 0, the pretrained projector)
     exported with `--to hf-llava`, then a run started from that folder: its first loss is the
     three-part build's of the same weights, and its checkpoint has the same trained tensors."""
-    from llava_moslora.export.exporter import export
 
     recipe = recipe_from_config(read_config("tiny_moslora", NO_DROPOUT))
-    base = hf_engine.Run(recipe, tmp_path / "base").save(0)
-    export(base, TINY_MOSLORA, "hf-llava", tmp_path / "hf_llava", dtype="float32")
-    options = {**NO_DROPOUT, "llava_hf_path": str(tmp_path / "hf_llava")}  # as --cfg-options
+    folder = llava_hf_run.folder
+    options = {**NO_DROPOUT, "llava_hf_path": str(folder)}  # as --cfg-options
     from_llava_hf = recipe_from_config(read_config("tiny_moslora", options))
-    assert from_llava_hf.llava_hf_path == str(tmp_path / "hf_llava")
-    llm, clip = _parts_of(tmp_path / "hf_llava", tmp_path / "parts")
+    assert from_llava_hf.llava_hf_path == str(folder)
+    llm, clip = _parts_of(folder, tmp_path / "parts")
     from_parts = dataclasses.replace(recipe, llm=str(llm), vision=str(clip))
 
     runs = {
@@ -329,17 +747,11 @@ def test_a_run_starts_from_a_llava_hf_export_with_the_same_first_loss(tiny_env, 
         for name in ("llava_hf", "parts")
     }
     assert saved["llava_hf"].keys() == saved["parts"].keys()  # the same trained tensors
-    # Export and evaluation rebuild the config's three parts: a run on another base is refused,
-    # and so is resuming it with a recipe that lost its `llava_hf_path`.
-    from llava_moslora.runs import CheckpointMismatchError
+    # Resuming it with a recipe that lost its `llava_hf_path` is refused.
     from llava_moslora.train.hf_recipe import RecipeError
 
-    started = tmp_path / "llava_hf" / "iter_1.pth"
-    with pytest.raises(CheckpointMismatchError, match="started from the llava-hf checkpoint"):
-        export(started, TINY_MOSLORA, "peft-folded", tmp_path / "refused", dtype="float32")
-    assert not (tmp_path / "refused").exists()
     with pytest.raises(RecipeError, match="resume with the run's own setting"):
-        runs["parts"].resume(started)
+        runs["parts"].resume(tmp_path / "llava_hf" / "iter_1.pth")
 
 
 def _llava_folder_without_safetensors(tiny_env, tmp_path) -> Path:
@@ -431,3 +843,116 @@ def test_a_projector_saved_by_mmengine_loads_with_its_message_hub(tmp_path):
     projector = hf_engine.load_projector(path)
     assert list(projector) == ["projector.model.0.weight"]
     assert torch.equal(projector["projector.model.0.weight"], weight)
+
+
+# --- hostile bases: the checkpoint's run started from a folder that is gone or not the same ----
+
+
+def _naming(checkpoint: Path, folder: Path, out: Path, drop: str | None = None) -> Path:
+    """A copy of `checkpoint` whose meta names `folder` (its digest kept), less keys with `drop`."""
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["meta"]["llava_hf_path"] = str(folder)
+    if drop:
+        saved["state_dict"] = {k: v for k, v in saved["state_dict"].items() if drop not in k}
+    torch.save(saved, out)
+    return out
+
+
+def _copy_of_base(llava_hf_run, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(llava_hf_run.folder, tmp_path / "copy"))
+
+
+def _gone(folder: Path) -> str:
+    import shutil
+
+    shutil.rmtree(folder)
+    return "is not readable"
+
+
+def _new_weights(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    name = next(k for k in tensors if "layers.0.self_attn.q_proj" in k)
+    tensors[name] = tensors[name] + 1e-3  # retrained: same names and shapes, other values
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return "are not those the run"
+
+
+def _new_config(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    return "are not those the run"
+
+
+def _pickle_only(folder: Path) -> str:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    return "holds no \\*.safetensors weights"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_gone, id="gone"),
+        pytest.param(_new_weights, id="new-weights"),
+        pytest.param(_new_config, id="new-config"),
+        pytest.param(_pickle_only, id="pickle-only"),
+    ],
+)
+def test_a_base_gone_or_changed_since_training_is_refused_naming_it(
+    llava_hf_run, tmp_path, capsys, change
+):
+    """Export and eval-compositional stop in one line naming the folder and the fix, write
+    nothing, and never pair the adapters with another base."""
+    from llava_moslora.cli import main
+
+    folder = _copy_of_base(llava_hf_run, tmp_path)
+    checkpoint = _naming(llava_hf_run.checkpoint, folder, tmp_path / "iter_1.pth")
+    problem = change(folder)
+    out = tmp_path / "out"
+    for command in (
+        ["export", str(checkpoint), str(out), "--config", TINY_MOSLORA, "--to", "hf-llava"],
+        ["eval-compositional", TINY_MOSLORA, "--checkpoint", str(checkpoint)],
+    ):
+        assert main(command) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: `llava_hf_path` {folder}: ")
+        assert re.search(problem, lines[0]) and "--cfg-options llava_hf_path=DIR" in lines[0]
+    assert not out.exists()
+
+
+def test_an_unchanged_copy_of_the_base_loads_strictly_and_a_dropped_mixer_is_refused(
+    llava_hf_run, tmp_path
+):
+    """`--cfg-options llava_hf_path=COPY` reads a moved base; a checkpoint without its mixers
+    is refused naming them (the base would load, the mixers would stay at init)."""
+    from llava_moslora.runs import CheckpointMismatchError, load_run
+
+    folder = _copy_of_base(llava_hf_run, tmp_path)
+    options = {"llava_hf_path": str(folder)}
+    _, model = load_run(TINY_MOSLORA, llava_hf_run.checkpoint, options)
+    saved = torch.load(llava_hf_run.checkpoint, weights_only=True)["state_dict"]
+    mixers = [k for k in saved if "lora_mixer" in k]
+    assert mixers and all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    assert model.llm.base_model.model.model is not None  # the folder's LLM, adapters on
+
+    no_mixers = _naming(llava_hf_run.checkpoint, folder, tmp_path / "iter_9.pth", "lora_mixer")
+    with pytest.raises(CheckpointMismatchError, match=f"{len(mixers)} key\\(s\\) missing from"):
+        load_run(TINY_MOSLORA, no_mixers)
+
+
+def test_an_export_over_the_base_it_reads_is_refused(llava_hf_run, tmp_path):
+    """The base is an hf-llava export itself, so `--overwrite` would replace its files: it is one
+    of the export's inputs, as the checkpoint and the config are."""
+    from llava_moslora.export.exporter import export
+
+    folder = _copy_of_base(llava_hf_run, tmp_path)
+    checkpoint = _naming(llava_hf_run.checkpoint, folder, tmp_path / "iter_1.pth")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match="contains the export's own input"):
+        export(checkpoint, TINY_MOSLORA, "hf-llava", folder, dtype="float32", overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import subprocess
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -43,30 +45,87 @@ def test_the_hf5_environment_has_transformers_5_and_no_xtuner(hf5_python):
     assert int(version.split(".")[0]) >= 5 and has_xtuner == "False", result.stdout
 
 
-def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
-    """Two iterations on 5.x: the first loss equals this stack's (B = 0 at init, so it does not
-    depend on the adapters' random init), and the checkpoint loads strictly here and exports."""
-    recipe = dataclasses.replace(recipe_from_config(read_config("tiny_moslora")), log_interval=1)
+CHECKPOINTED = r"""
+import sys
+from llava_moslora.train import hf_engine
+from llava_moslora.train.hf_recipe import read_recipe
+
+llava = hf_engine.Run(read_recipe(sys.argv[1]), sys.argv[2]).model.model
+clip = getattr(llava.vision_tower, "vision_model", llava.vision_tower)
+for layers in (llava.language_model.layers, clip.encoder.layers):
+    print(all(layer.gradient_checkpointing for layer in layers))
+"""
+
+
+class OnBoth(NamedTuple):
+    recipe: Any
+    run: Any  # the Run here (4.57), trained
+    work: Path  # the 5.x run's work dir
+    start: dict  # the trained tensors at init, here
+
+
+def iterations_on_both(config: str, iterations: int, tmp_path, hf5_python) -> OnBoth:
+    """configs/CONFIG.py's recipe JSON trained `iterations` on transformers 5 and here from the
+    same seed: every logged loss the same within 1e-5 (the adapters' init is re-seeded after the
+    towers are built, which draw differently on 5.x: before, a 5.x run's third loss was 0.006
+    away and its gradients of B up to 2x off)."""
+    recipe = dataclasses.replace(recipe_from_config(read_config(config)), log_interval=1)
     path = write_recipe(recipe, tmp_path / "recipe.json")
     work = tmp_path / "work"
     result = hf5_run(
         hf5_python, "-m", "llava_moslora.cli", "train", "--engine", "hf", str(path),
-        "--work-dir", str(work), "--max-iters", "2",
+        "--work-dir", str(work), "--max-iters", str(iterations),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [json.loads(line) for line in (work / "hf_engine_log.jsonl").read_text().splitlines()]
-    assert [line["iter"] for line in logged] == [1, 2]
+    assert [line["iter"] for line in logged] == list(range(1, iterations + 1))
 
     run = hf_engine.Run(recipe, tmp_path / "here")
-    first = run.train(run.samples(), max_iters=1)[0]
-    print(f"first loss: transformers 5 {logged[0]['loss']:.8f}, 4.57 {first:.8f}")
-    assert abs(logged[0]["loss"] - first) <= 1e-5
+    start = hf_engine.trained_state(run.model, recipe)
+    here = run.train(run.samples(), max_iters=iterations)
+    print(f"{config} losses: transformers 5 {[line['loss'] for line in logged]}, 4.57 {here}")
+    assert max(abs(line["loss"] - loss) for line, loss in zip(logged, here, strict=True)) <= 1e-5
+    return OnBoth(recipe, run, work, start)
 
-    checkpoint = work / "iter_2.pth"
+
+def test_hf_engine_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
+    """Four iterations (two optimizer steps) on 5.x and here: the same losses, trained tensors
+    within an eighth of their move, activation checkpointing on every layer there; the
+    checkpoint loads strictly here and exports."""
+    recipe, run, work, start = iterations_on_both("tiny_moslora", 4, tmp_path, hf5_python)
+    checkpoint = work / "iter_4.pth"
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    ours = hf_engine.trained_state(run.model, recipe)
+    assert state.keys() == ours.keys()
+    apart = max(max_diff(ours[key], value) for key, value in state.items())
+    moved = max(max_diff(ours[key], value) for key, value in start.items())
+    print(f"trained tensors: 5.x vs 4.57 within {apart:.2e}; moved by up to {moved:.2e}")
+    # Adam divides each gradient entry by its own size: an entry near zero whose last bits differ
+    # between the stacks (gradients agree to 1e-6 relative) can step the other way, by up to a
+    # step. Measured 1.2e-4 (a mixer entry) against moves of 4e-3; different adapters at init
+    # would differ by their init's scale (~0.1).
+    assert apart <= 5e-4 and moved >= 2e-3
     hf_engine.load_trained(run.model, recipe, state, checkpoint)  # strict: same keys on 5.x
+    # With activation checkpointing on (the config's default: transformers 5's switch on every
+    # layer of both towers), every adapter got its gradient: B, zero at init, moved.
+    assert recipe.activation_checkpointing
+    assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
+    result = hf5_run(hf5_python, str(tmp_path / "recipe.json"), str(work), script=CHECKPOINTED)
+    assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]
     manifest = export(checkpoint, TINY_MOSLORA, "peft-folded", tmp_path / "export", dtype="float32")
     assert manifest.format == "peft-folded"
+
+
+def test_4bit_base_trains_on_transformers_5_as_on_4(tiny_env, tmp_path, hf5_python):
+    """configs/tiny_qmoslora.py (QMoSLoRA, the LLM in 4-bit NF4) through its recipe JSON on 5.x,
+    whose lock has bitsandbytes too: the losses are this stack's, and the checkpoint loads
+    strictly here with every B moved."""
+    pytest.importorskip("bitsandbytes")
+    recipe, run, work, _ = iterations_on_both("tiny_qmoslora", 2, tmp_path, hf5_python)
+    assert recipe.quantization is not None
+    state = torch.load(work / "iter_2.pth", weights_only=True)["state_dict"]
+    hf_engine.load_trained(run.model, recipe, state, work / "iter_2.pth")
+    assert all(state[k].abs().max() > 0 for k in state if "lora_B" in k)
 
 
 HF_LLAVA_READER = r"""

@@ -260,8 +260,9 @@ def test_ablate_lr_grid_flags_are_checked_before_anything_runs(tmp_path, capsys)
 
 
 def test_evaluate_scores_the_split_asked_and_the_old_family_on_test(tmp_path, monkeypatch):
-    """`heldout` scores the config's test items and, as `old_*`, its forgetting items;
-    `heldout:val` its validation items only; a config without validation items is refused."""
+    """`heldout` scores the config's test items and, as `old_*`, its forgetting items, the model
+    loaded once for both; `heldout:val` its validation items only; a config without validation
+    items is refused."""
     import llava_moslora.eval.heldout as heldout
 
     config = tmp_path / "c.py"
@@ -273,14 +274,21 @@ def test_evaluate_scores_the_split_asked_and_the_old_family_on_test(tmp_path, mo
     scores = {"b_test.json": 0.75, "b_val.json": 0.5, "a_test.json": 0.25}
     seen = []
 
-    def fake_evaluate_run(config, checkpoint=None, items=None, cfg_options=None):
-        seen.append(items)
-        return {"count": scores[items], "overall": scores[items]}
+    class Scored:
+        def __init__(self, items):
+            self.items = items
 
-    monkeypatch.setattr(heldout, "evaluate_run", fake_evaluate_run)
+        def accuracy(self):
+            return {"count": scores[self.items], "overall": scores[self.items]}
+
+    def fake_score_sets(config, checkpoint, item_sets, cfg_options=None):
+        seen.append(list(item_sets))  # one call: one model load
+        return [Scored(items) for items in item_sets]
+
+    monkeypatch.setattr(heldout, "score_sets", fake_score_sets)
     run = Run("lora", 0, tmp_path / "run")
     test = evaluate(run, Path("ckpt"), config, log=lambda _: None)
-    assert seen == ["b_test.json", "a_test.json"]
+    assert seen == [["b_test.json", "a_test.json"]]
     assert test["score"] == 75.0 and test["unit"] == "% held-out"
     assert test["details"] == {
         "count": 0.75,
@@ -289,7 +297,7 @@ def test_evaluate_scores_the_split_asked_and_the_old_family_on_test(tmp_path, mo
         "old_overall": 0.25,
     }
     val = evaluate(run, Path("ckpt"), config, evaluator="heldout:val", log=lambda _: None)
-    assert seen[2:] == ["b_val.json"]
+    assert seen[1:] == [["b_val.json"]]
     assert val["score"] == 50.0 and val["details"] == {"count": 0.5, "overall": 0.5}
 
     assert parse_evaluator("heldout:val") == ("heldout", "val")

@@ -120,6 +120,23 @@ def test_an_untrained_run_is_the_start_point_and_scores(tiny_env, tmp_path):
     assert 0 <= result["overall"] <= 1 and set(result) > {"overall"}
 
 
+def test_scoring_several_sets_on_one_model_equals_scoring_each_alone(tiny_env, tmp_path):
+    """`score_sets` (the ablation: new family, then the old one) loads the model once; scoring the
+    first set leaves nothing behind that changes the second's log-likelihoods."""
+    from llava_moslora.eval.heldout import score_run, score_sets
+
+    source = heldout_items(tiny_env)
+    every = json.loads(source.read_text())
+    (tmp_path / "heldout_images").symlink_to(source.parent / "heldout_images")
+    (tmp_path / "a.json").write_text(json.dumps(every[:3]))
+    (tmp_path / "b.json").write_text(json.dumps(every[3:6]))
+    together = score_sets(TINY_MOSLORA, None, [tmp_path / "a.json", tmp_path / "b.json"])
+    alone = [score_run(TINY_MOSLORA, items=tmp_path / name) for name in ("a.json", "b.json")]
+    assert [s.items for s in together] == [s.items for s in alone]
+    assert [s.log_likelihoods for s in together] == [s.log_likelihoods for s in alone]
+    assert together[0].items != together[1].items
+
+
 # --- the one image path ------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ environment variables such as NPROC_PER_NODE pass through). Evaluation is one of
     heldout      held-out multiple-choice accuracy on the config's `heldout_eval_path` items
                  (tiny_ablation.py: colour / shape / count on new images) or, without it, the
                  compositional task's; each option scored by its log-likelihood
-                 (`llava_moslora.eval.heldout.evaluate_run`): exact, no generation, the
+                 (`llava_moslora.eval.heldout.score_sets`): exact, no generation, the
                  offline default. A config that names `forgetting_eval_path` (the old task's
                  items, tiny_ablation_pretrained.py) is scored there too, as `old_*` details
     heldout:val  the same on the config's `heldout_val_path` items: the validation split that
@@ -357,15 +357,18 @@ def evaluate(
     kind, arg = parse_evaluator(evaluator)
     options = parse_cfg_options([*cfg_options(run.variant), *extra])
     if kind == "heldout":
-        from ..eval.heldout import evaluate_run
+        from ..eval.heldout import score_sets
 
         split = arg
         items, old_items = heldout_items(config, split)
         log(f"[{run.variant} seed {run.seed}] {split or 'test'} accuracy of {checkpoint.name}")
-        details = evaluate_run(config, checkpoint, items=items, cfg_options=options)
-        if split is None and old_items:  # what the adapter kept of the old task
-            old = evaluate_run(config, checkpoint, items=old_items, cfg_options=options)
-            details.update({f"old_{key}": value for key, value in old.items()})
+        keep_old = split is None and old_items  # what the adapter kept of the old task
+        scored = score_sets(
+            config, checkpoint, [items, old_items] if keep_old else [items], options
+        )
+        details = scored[0].accuracy()
+        if keep_old:
+            details.update({f"old_{key}": value for key, value in scored[1].accuracy().items()})
         unit = "% held-out" if split is None else "% validation"
         return {"score": 100 * details["overall"], "unit": unit, "details": details}
 

@@ -189,6 +189,7 @@ def write_summary(root: str | Path) -> Path:
     root = Path(root)
     tables, grids = read_tables(root)
     found = comparisons(tables)
+    placed = _placements(grids)
     lines = [
         f"# Pooled summary of {root.name}",
         "",
@@ -197,9 +198,9 @@ def write_summary(root: str | Path) -> Path:
         "csv files: regenerate, do not edit.",
         "",
     ]
-    lines += _headline(root, tables, grids, found)
+    lines += _headline(root, tables, grids, found, placed)
     lines += _design(tables, grids)
-    lines += _rates(grids)
+    lines += _rates(placed)
     lines += _pooled(tables, found)
     lines += _equivalence(found)
     lines += _parts(tables)
@@ -222,17 +223,16 @@ def _headline(
     tables: Sequence[Table],
     grids: dict[str, dict[str, Any]],
     found: Sequence[dict[str, Any]],
+    placed: Sequence[tuple],
 ) -> list[str]:
     """One paragraph that says what the tables below support, and nothing they do not: the
     README quotes it (tests/test_ablate.py keeps the two equal)."""
     ranks = sorted({t.rank for t in tables}, key=lambda r: (len(r), r))
     seeds = sorted({s for t in tables for by in t.scores.values() for s in by})
     grid_seeds = sorted({s for g in grids.values() for s in g.get("grid_seeds", [])})
-    placed = _placements(grids)
     interior = sum(p[-1] == INTERIOR for p in placed)
     smallest = min(found, key=lambda c: c["p_holm_pooled"])
-    different = [c for c in found if verdict(c).startswith("different")]
-    shown = [c for c in found if verdict(c).startswith("equivalent")]
+    shown, different = _verdicts(found)
     record = _record(root)
     base = record.get("family_a_test", {}).get("overall")
     low, high = _part_range(tables, "overall", list(SETTINGS))
@@ -313,7 +313,7 @@ def _design(tables: Sequence[Table], grids: dict[str, dict[str, Any]]) -> list[s
     return ["## Design", "", *lines, ""]
 
 
-def _rates(grids: dict[str, dict[str, Any]]) -> list[str]:
+def _rates(placed: Sequence[tuple]) -> list[str]:
     lines = [
         "## Chosen rates",
         "",
@@ -323,7 +323,6 @@ def _rates(grids: dict[str, dict[str, Any]]) -> list[str]:
         "| rank | variant | rates tried | chosen | placed |",
         "|---|---|---|---|---|",
     ]
-    placed = _placements(grids)
     for rank, variant, rates, chosen, recorded, where in placed:
         note = f" (recorded {recorded:g}: another tie rule)" if recorded != chosen else ""
         lines.append(
@@ -347,6 +346,14 @@ def _placements(grids: dict[str, dict[str, Any]]) -> list[tuple]:
             recorded = float(record["chosen"][variant])
             placed.append((rank, variant, sorted(by_rate), chosen[variant], recorded, where))
     return placed
+
+
+def _verdicts(found: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """(shown equivalent, different after the pooled correction), each in table order."""
+    return (
+        [c for c in found if verdict(c).startswith("equivalent")],
+        [c for c in found if verdict(c).startswith("different")],
+    )
 
 
 def _label(c: dict[str, Any]) -> str:
@@ -413,8 +420,7 @@ def _equivalence(found: Sequence[dict[str, Any]]) -> list[str]:
             f"| {_fmt(e.seeds_needed, 0) if e.seeds_needed is not None else _fmt(None)} "
             f"| {verdict(c)} |"
         )
-    shown = [c for c in found if verdict(c).startswith("equivalent")]
-    different = [c for c in found if verdict(c).startswith("different")]
+    shown, different = _verdicts(found)
     lines += [
         "",
         "**What this supports.** "

@@ -156,23 +156,40 @@ def score_run(
     non-finite one, or a learned mixer under a frozen-mixer config raises instead of scoring.
     A checkpoint of either engine (`xtuner train` or `llava-moslora train --engine hf`) loads.
     """
+    return score_sets(config, checkpoint, [items], cfg_options)[0]
+
+
+def score_sets(
+    config: str | Path,
+    checkpoint: str | Path | None,
+    item_sets: Sequence[str | Path | None],
+    cfg_options: dict | None = None,
+) -> list[HeldoutScores]:
+    """`score_run` of each held-out set in `item_sets`, the model built and loaded once (the
+    ablation scores its new family and what the adapter kept of the old one: building the
+    model twice cost a fifth of each test run)."""
     from xtuner.registry import BUILDER
 
     cfg, model = load_run(config, checkpoint, cfg_options)
-    if items is None:  # the config names its held-out set, or it is the compositional task's
-        items = cfg.get("heldout_eval_path") or Path(cfg.data_path).parent / EVAL_JSON
-    items_path = Path(items)
     tokenizer = BUILDER.build(cfg.tokenizer)
     image_processor = BUILDER.build(cfg.image_processor)
-    return score_items(
-        model,
-        tokenizer,
-        image_processor,
-        read_eval_items(items_path),
-        items_path.parent,
-        cfg.prompt_template,
-        cfg.get("SYSTEM", ""),
-    )
+    scored = []
+    for items in item_sets:
+        if items is None:  # the config names its held-out set, or it is the compositional task's
+            items = cfg.get("heldout_eval_path") or Path(cfg.data_path).parent / EVAL_JSON
+        items_path = Path(items)
+        scored.append(
+            score_items(
+                model,
+                tokenizer,
+                image_processor,
+                read_eval_items(items_path),
+                items_path.parent,
+                cfg.prompt_template,
+                cfg.get("SYSTEM", ""),
+            )
+        )
+    return scored
 
 
 def evaluate_run(

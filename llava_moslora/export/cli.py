@@ -11,7 +11,7 @@ from .manifest import DTYPES, FORMATS
 
 def _export(args: argparse.Namespace) -> int:
     from ..runs import CheckpointMismatchError
-    from .exporter import export
+    from .exporter import UnsupportedFormatError, export
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -26,6 +26,9 @@ def _export(args: argparse.Namespace) -> int:
             cfg_options=args.cfg_options,
             overwrite=args.overwrite,
         )
+    except UnsupportedFormatError as error:  # another `--to` works: a usage error
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # OSError: FileExistsError, FileNotFoundError, and transformers' "couldn't connect" for a
     # config whose base models are hub ids that are not cached, offline.
     except (CheckpointMismatchError, OSError, ValueError) as error:

@@ -36,7 +36,7 @@ from llava_moslora.moslora import (
 )
 from llava_moslora.moslora.kinds import kind_of
 from llava_moslora.moslora.safety import non_finite_error, non_finite_keys_in_file
-from llava_moslora.runs import checkpoint_seed, load_run
+from llava_moslora.runs import checkpoint_seed, load_run, started_from_llava_hf
 
 from .manifest import (
     DTYPES,
@@ -58,6 +58,29 @@ logger = logging.getLogger("llava_moslora.export")
 
 ADAPTER_DIRS = {"llm": "llm_adapter", "visual_encoder": "visual_encoder_adapter"}
 MERGED_DIRS = {"llm": "llm", "visual_encoder": "visual_encoder"}
+
+
+class UnsupportedFormatError(ValueError):
+    """A format that cannot hold this run (the CLI exits 2 naming the one to use)."""
+
+
+def _refuse_adapter_formats_on_llava_hf(checkpoint: str | Path, fmt: str) -> str | None:
+    """The llava-hf folder the run started from (None: the config's three parts); refuses the
+    adapter formats for such a run.
+
+    `xtuner` and `peft-folded` write only adapters and the projector: their readers (`xtuner chat
+    --llava`, VLMEvalKit's LLaVA_XTuner, llava_moslora.eval) rebuild the base from an LLM folder
+    and a CLIP folder, the manifest's `llm` and `visual_encoder`, which a llava-hf base has not.
+    The merged formats carry the base with them."""
+    started_from = started_from_llava_hf(checkpoint)
+    if started_from and fmt not in MERGED_FORMATS:
+        raise UnsupportedFormatError(
+            f"`--to {fmt}`: the run of {checkpoint} started from the llava-hf checkpoint "
+            f"{started_from}, and a {fmt} export holds only adapters for a base read from separate "
+            "LLM and CLIP folders, which that base has not; export it `--to hf-llava` (or "
+            "`--to merged-xtuner`)"
+        )
+    return started_from
 
 
 class _Stages:
@@ -353,6 +376,9 @@ def export(
         raise FileNotFoundError(
             f"`CKPT` {checkpoint}: no iter_N.pth file or DeepSpeed checkpoint folder there."
         )
+    inputs.append(_refuse_adapter_formats_on_llava_hf(checkpoint, fmt))  # the base, if any
+    inputs.append((cfg_options or {}).get("llava_hf_path"))
+    check_out_dir(out, overwrite, inputs)
 
     stage = _Stages()
     stage(

@@ -138,10 +138,67 @@ def load_trained(model: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor
 # The towers load in float32 (the adapters train in it; autocast runs the fp16 maths on CUDA).
 # transformers renamed `torch_dtype` to `dtype` in 4.56, and 5.x loads "auto" when given neither.
 def _float32() -> dict[str, torch.dtype]:
+    return _dtype(torch.float32)
+
+
+def _dtype(dtype: torch.dtype | str) -> dict[str, torch.dtype | str]:
     from transformers import __version__
 
     major, minor = (int(part) for part in __version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def _require_bitsandbytes() -> None:
+    """A 4-bit base needs bitsandbytes: stop in one line where it is absent (the GPU machines ship
+    transformers without it) or does not load, before transformers fails deep in from_pretrained."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as error:
+        raise RecipeError(
+            "`quantization` (the config's `model.llm.quantization_config`: a 4-bit base) needs "
+            f"bitsandbytes, which does not import here ({error}); install it (`pip install "
+            "'bitsandbytes>=0.49'`) or train a config without 4-bit quantization"
+        ) from error
+
+
+def load_llm(recipe: Recipe) -> nn.Module:
+    """The recipe's causal LM: in float32, or with its 4-bit base as XTuner's LLaVAModel builds it.
+
+    QLoRA / QMoSLoRA: transformers quantizes the linears on load (`BitsAndBytesConfig`, the
+    config's `torch_dtype` for the rest), then, when the LLM gets an adapter, PEFT's
+    `prepare_model_for_kbit_training` freezes it, casts its unquantized half-precision weights to
+    float32 and, with activation checkpointing, turns it on with input gradients: the calls
+    `LLaVAModel._prepare_llm_for_lora` makes."""
+    from transformers import AutoModelForCausalLM
+
+    quant = recipe.quantization
+    if quant is None:
+        return AutoModelForCausalLM.from_pretrained(recipe.llm, **_float32())
+    _require_bitsandbytes()
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    llm = AutoModelForCausalLM.from_pretrained(
+        recipe.llm,
+        quantization_config=BitsAndBytesConfig(**quant.options),
+        **_dtype(quant.llm_dtype),
+    )
+    if recipe.llm_adapter is not None:
+        llm = prepare_model_for_kbit_training(llm, recipe.activation_checkpointing)
+    return llm
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer of both towers in backward (XTuner's `use_activation_checkpointing`):
+    transformers' own switch on the LLM and on CLIP, as LLaVAModel flips it on its `llm` and
+    `visual_encoder`. Their inputs are made to require grad, as LLaVAModel does: reentrant
+    checkpoints (transformers 4.x's default) pass no gradient to adapters inside a block whose
+    inputs do not (frozen embeddings, CLIP's patch convolution). transformers 5 renamed the switch
+    `activation_checkpointing_enable`; the old name warns there."""
+    for tower in (model.model.language_model, model.model.vision_tower):
+        enable = getattr(tower, "activation_checkpointing_enable", None)
+        (enable or tower.gradient_checkpointing_enable)()
+        tower.enable_input_require_grads()
 
 
 def _all_linear_names(module: nn.Module) -> list[str]:
@@ -190,13 +247,12 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
 def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
     """LlavaForConditionalGeneration from the recipe's LLM, CLIP and projector, adapters on."""
     from transformers import (
-        AutoModelForCausalLM,
         CLIPVisionModel,
         LlavaConfig,
         LlavaForConditionalGeneration,
     )
 
-    llm = AutoModelForCausalLM.from_pretrained(recipe.llm, **_float32())
+    llm = load_llm(recipe)
     vision = CLIPVisionModel.from_pretrained(recipe.vision, **_float32())
     projector = load_projector(recipe.projector) if recipe.projector else None
     vconfig = vision.config
@@ -213,8 +269,14 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
         tie_word_embeddings=llm.config.tie_word_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(llm.model.state_dict())
-    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if recipe.quantization is None:
+        model.model.language_model.load_state_dict(llm.model.state_dict())
+        model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    else:  # 4-bit weights do not copy into float ones: the loaded modules take their places
+        model.model.language_model, model.lm_head = llm.model, llm.lm_head
+        # PEFT picks its bnb LoRA layers by `is_loaded_in_4bit` of the model it adapts, which
+        # transformers set on the causal LM only (MoSLoRA's registry matches Linear4bit itself).
+        model.model.language_model.is_loaded_in_4bit = True
     model.model.vision_tower.load_state_dict(vision.state_dict())
     if projector is not None:
         ours = {}
@@ -233,9 +295,16 @@ def build_llava(recipe: Recipe, image_token_id: int) -> nn.Module:
 
 
 def add_adapters(model: nn.Module, recipe: Recipe) -> None:
-    """Freeze `model`, inject the recipe's adapters into both towers, train them and the projector."""
+    """Freeze `model`, inject the recipe's adapters into both towers, train them and the projector.
+
+    The adapters draw their initial A (and mixer) from torch's generator re-seeded with the seed
+    it was last given (`seed_everything(seed)` at the run's start): what building the towers drew
+    before differs between transformers versions (`LlavaForConditionalGeneration(config)`
+    initialises every weight it then overwrites), and the same seed must give the same adapters
+    on 4.57 and on 5.x."""
     from peft import inject_adapter_in_model
 
+    torch.manual_seed(torch.initial_seed())
     model.requires_grad_(False)
     for adapter, tower in (
         (recipe.llm_adapter, model.model.language_model),
@@ -246,42 +315,87 @@ def add_adapters(model: nn.Module, recipe: Recipe) -> None:
     model.model.multi_modal_projector.requires_grad_(True)
 
 
-def _refuse_llava_hf(path: Path, problem: str) -> RecipeError:
-    return RecipeError(
-        f"`llava_hf_path` {path}: {problem}; point it at a LlavaForConditionalGeneration folder "
-        "in safetensors with its tokenizer and image processor (`llava-moslora export CKPT --to "
-        "hf-llava` writes one), or leave it unset to build from `llm`, `vision` and `projector`"
-    )
+LLAVA_HF_FIX = (
+    "point it at a LlavaForConditionalGeneration folder in safetensors with its tokenizer and "
+    "image processor (`llava-moslora export CKPT --to hf-llava` writes one), or leave it unset to "
+    "build from `llm`, `vision` and `projector`"
+)
+
+
+def _refuse_llava_hf(path: Path, problem: str, fix: str = LLAVA_HF_FIX) -> RecipeError:
+    return RecipeError(f"`llava_hf_path` {path}: {problem}; {fix}")
+
+
+# What a run reads from a llava-hf folder: config, weights (and their index), tokenizer, processor.
+_LLAVA_HF_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def llava_hf_digest(path: str | Path) -> str:
+    """sha256 over the names and bytes of what a run reads from the llava-hf folder `path`.
+
+    A checkpoint's meta records it: its adapters fit that base only, so export and evaluation
+    refuse a folder that was replaced or retrained since (a config hash alone would miss new
+    weights of the same shapes). Reads every weight once; raises OSError without config.json."""
+    import hashlib
+
+    path = Path(path)
+    (path / "config.json").read_bytes()  # a missing or unreadable folder raises here
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in _LLAVA_HF_SUFFIXES and p.is_file()):
+        digest.update(f"{file.name}\0".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_llava_hf(recipe: Recipe):
-    """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`.
+    """(LlavaForConditionalGeneration, tokenizer, image processor) of `recipe.llava_hf_path`,
+    the recipe's adapters on (`read_llava_hf`)."""
+    if recipe.quantization is not None:
+        raise _refuse_llava_hf(
+            Path(recipe.llava_hf_path), "a 4-bit LLM (`quantization`) is not supported from it yet"
+        )
+    model, tokenizer, image_processor = read_llava_hf(
+        recipe.llava_hf_path, recipe.visual_select_layer
+    )
+    add_adapters(model, recipe)
+    return model, tokenizer, image_processor
+
+
+def read_llava_hf(path: str | Path, visual_select_layer: int, fix: str = LLAVA_HF_FIX):
+    """(LlavaForConditionalGeneration, tokenizer, image processor) of the llava-hf folder `path`,
+    in float32, no adapters: what training starts from, and what export and evaluation rebuild
+    (llava_moslora.runs) for a checkpoint of such a run.
 
     Read as data: the weights only from safetensors (a folder with only pytorch_model.bin is
     refused, never unpickled), local files only, no remote code. The image features must be
     taken as the recipe takes them (`visual_select_layer`, CLS dropped), or the run would train
-    another model than the one its config and checkpoints describe."""
+    another model than the one its config and checkpoints describe. Refusals end with `fix`."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
-    path = Path(recipe.llava_hf_path)
+    path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise _refuse_llava_hf(path, f"no readable config.json ({error})") from error
+        raise _refuse_llava_hf(path, f"no readable config.json ({error})", fix) from error
     if not isinstance(config, dict) or config.get("model_type") != "llava":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise _refuse_llava_hf(path, f"config.json has model_type {found!r}, not 'llava'")
+        raise _refuse_llava_hf(path, f"config.json has model_type {found!r}, not 'llava'", fix)
     if not any(path.glob("*.safetensors")):
-        raise _refuse_llava_hf(path, "holds no *.safetensors weights (pickled weights are refused)")
+        raise _refuse_llava_hf(
+            path, "holds no *.safetensors weights (pickled weights are refused)", fix
+        )
     layer = config.get("vision_feature_layer")
     strategy = config.get("vision_feature_select_strategy")
-    if layer != recipe.visual_select_layer or strategy != "default":
+    if layer != visual_select_layer or strategy != "default":
         raise _refuse_llava_hf(
             path,
             f"takes image features from layer {layer!r} with strategy {strategy!r}, the config "
-            f"from `visual_select_layer` {recipe.visual_select_layer} with the CLS token dropped "
+            f"from `visual_select_layer` {visual_select_layer} with the CLS token dropped "
             "('default'); make them agree",
+            fix,
         )
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -290,8 +404,7 @@ def load_llava_hf(recipe: Recipe):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         image_processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError) as error:
-        raise _refuse_llava_hf(path, f"does not load ({error})") from error
-    add_adapters(model, recipe)
+        raise _refuse_llava_hf(path, f"does not load ({error})", fix) from error
     return model, tokenizer, image_processor
 
 
@@ -426,9 +539,11 @@ class Run:
         self.seed = seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(seed)
+        self.llava_hf_digest = None
         if recipe.llava_hf_path:  # its own `<image>` token stands the patches, as it was saved
             model, self.tokenizer, self.image_processor = load_llava_hf(recipe)
             self.image_token_id = model.config.image_token_index
+            self.llava_hf_digest = llava_hf_digest(recipe.llava_hf_path)  # into every meta
         else:
             self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(recipe.llm)
             if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (
@@ -445,6 +560,8 @@ class Run:
             self.image_token_id = self.tokenizer.pad_token_id
             self.image_processor = CLIPImageProcessor.from_pretrained(recipe.vision)
             model = build_llava(recipe, self.image_token_id)
+        if recipe.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model.to(self.device)
         vconfig = self.model.config.vision_config
         self.patches = (vconfig.image_size // vconfig.patch_size) ** 2
@@ -543,8 +660,10 @@ class Run:
             # `iteration` (`iteration` itself after an optimizer step); `rng` is the RNG state there
             "resume_iter": iteration if self.group_start is None else self.group_start,
             "engine": "hf",
-            # the base is not the config's three parts: `runs.load_checkpoint` refuses it
+            # the base is not the config's three parts: `runs.load_run` rebuilds it from this
+            # folder, once its digest shows it is the one the run started from
             "llava_hf_path": self.recipe.llava_hf_path,
+            "llava_hf_digest": self.llava_hf_digest,
             "deepspeed": self.deepspeed,
         }
 
@@ -673,6 +792,12 @@ def train(
     """Run `recipe` into `work_dir`; the exit code (0, or USAGE_ERROR with one `error:` line).
     `deepspeed`: XTuner's preset name (hf_deepspeed.PRESETS), as `xtuner train --deepspeed`."""
     try:
+        if deepspeed is not None and recipe.quantization is not None:
+            raise RecipeError(
+                f"`--deepspeed {deepspeed}` with a 4-bit LLM (`model.llm.quantization_config`) is "
+                "not supported by the hf engine yet: drop `--deepspeed`, or train with "
+                "`--engine xtuner`"
+            )
         if deepspeed is not None:  # refused in one line before the model is built
             from .hf_deepspeed import deepspeed_config
 

@@ -16,6 +16,9 @@ fly. Nothing is copied by hand: every field comes from the config, e.g.
     warmup_epochs, epochs     param_scheduler (LinearLR end, CosineAnnealingLR eta_min), train_cfg
     llava_hf_path             llava_hf_path (optional, no config sets it: `--cfg-options
                               llava_hf_path=DIR`)
+    quantization              model.llm.quantization_config (BitsAndBytesConfig's arguments)
+                              and model.llm.torch_dtype: the 4-bit base of QLoRA / QMoSLoRA
+    activation_checkpointing  model.use_activation_checkpointing (XTuner's default: True)
 
 `llava_hf_path` starts the run from an existing llava-hf checkpoint instead of the three parts: a
 folder holding a `LlavaForConditionalGeneration` in safetensors with its tokenizer and image
@@ -44,6 +47,18 @@ class Adapter:
 
     kind: str
     options: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """The LLM's 4-bit base (QLoRA / QMoSLoRA), as XTuner's LLaVAModel loads it: transformers'
+    `BitsAndBytesConfig(**options)` and `llm_dtype`, the config's `model.llm.torch_dtype` (the
+    dtype of the weights left unquantized before PEFT's `prepare_model_for_kbit_training` casts
+    them to float32). Torch dtypes are stored by name ("float16"), which both take as they are,
+    so the recipe stays JSON."""
+
+    options: dict[str, Any]
+    llm_dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +94,11 @@ class Recipe:
     # A llava-hf checkpoint folder to start from instead of llm + vision + projector (the module
     # docstring); optional in a recipe file, so recipes written before it still read.
     llava_hf_path: str | None = None
+    # The LLM in 4 bits (None: float32); optional, as above.
+    quantization: Quantization | None = None
+    # Recompute each layer's activations in backward instead of keeping them (XTuner's
+    # `use_activation_checkpointing`, on unless a config turns it off); optional, as above.
+    activation_checkpointing: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -96,6 +116,8 @@ class Recipe:
         for name in ("llm_adapter", "vision_adapter"):
             if values[name] is not None:
                 values[name] = Adapter(**values[name])
+        if values.get("quantization") is not None:
+            values["quantization"] = Quantization(**values["quantization"])
         values["betas"] = tuple(values["betas"])
         return cls(**values)
 
@@ -136,6 +158,41 @@ def _adapter(lora: Any, where: str) -> Adapter | None:
     return Adapter(kind=kind, options=options)
 
 
+def _dtype_name(value: Any) -> Any:
+    """A torch dtype by its name ("float16"), for JSON; anything else as it is."""
+    import torch
+
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+def _quantization(llm: Any) -> Quantization | None:
+    """`model.llm.quantization_config` (XTuner's `type=BitsAndBytesConfig` dict, or the object
+    XTuner's builder leaves in its place) as plain values."""
+    quant = llm.get("quantization_config")
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(quant, BitsAndBytesConfig):  # a config XTuner has built from already
+        options = {k: v for k, v in quant.to_dict().items() if k != "quant_method"}
+        options["type"] = BitsAndBytesConfig
+    else:
+        options = dict(quant) if isinstance(quant, dict) else {}
+    kind = options.pop("type", None)
+    if kind is not BitsAndBytesConfig or not options.get("load_in_4bit"):
+        raise RecipeError(
+            "`model.llm.quantization_config` should be a 4-bit BitsAndBytesConfig dict "
+            "(`type=BitsAndBytesConfig, load_in_4bit=True`: QLoRA / QMoSLoRA) for the hf engine "
+            f"but the value passed is {quant!r}; train it with `--engine xtuner`"
+        )
+    options = {
+        k: [_dtype_name(x) for x in v] if isinstance(v, (list, tuple)) else _dtype_name(v)
+        for k, v in options.items()
+    }
+    # What from_pretrained loads without `torch_dtype` on transformers 4.57 (XTuner's stack).
+    return Quantization(options=options, llm_dtype=_dtype_name(llm.get("torch_dtype", "float32")))
+
+
 def _scheduler(cfg: Any) -> tuple[float, float, float]:
     """(warm-up end in epochs, LinearLR start_factor, cosine eta_min) of `param_scheduler`."""
     names = [getattr(s["type"], "__name__", str(s["type"])) for s in cfg.param_scheduler]
@@ -161,11 +218,6 @@ def recipe_from_config(cfg: Any) -> Recipe:
         raise RecipeError(
             f"`optim_wrapper.optimizer.type` should be AdamW for the hf engine but the value "
             f"passed is {optimizer_name}"
-        )
-    if model.llm.get("quantization_config") is not None:
-        raise RecipeError(
-            "`model.llm.quantization_config` (QLoRA / QMoSLoRA) is not supported by the hf engine "
-            "yet: train this config with `--engine xtuner`"
         )
     clip = optim.get("clip_grad")
     warmup_end, start_factor, eta_min = _scheduler(cfg)
@@ -198,6 +250,8 @@ def recipe_from_config(cfg: Any) -> Recipe:
         log_interval=int(cfg.default_hooks.logger.interval),
         amp_dtype=str(optim["dtype"]) if wrapper == "AmpOptimWrapper" else None,
         llava_hf_path=str(cfg.llava_hf_path) if cfg.get("llava_hf_path") else None,
+        quantization=_quantization(model.llm),
+        activation_checkpointing=bool(model.get("use_activation_checkpointing", True)),
     )
 
 
