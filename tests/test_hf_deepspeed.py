@@ -124,7 +124,9 @@ def test_zero2_without_accumulation_trains_as_the_plain_loop(tiny_env, tmp_path)
     plain = trained(recipe, tmp_path / "plain", None)
     ours = trained(recipe, tmp_path / "zero2", "deepspeed_zero2")
     assert ours[2].engine.zero_optimization_stage() == 2
-    assert_same_run(plain, ours, tolerance=1e-6)  # measured: losses 9.5e-7, adapters 1.5e-8
+    # Measured: losses 4.8e-7, adapters 1.7e-6 since main re-seeds the adapters' init (before:
+    # 9.5e-7 and 1.5e-8; main fails the old 1e-6 with the same numbers): float32 rounding.
+    assert_same_run(plain, ours, tolerance=5e-6)
 
 
 def test_zero2_with_accumulation_is_refused(tiny_env, tmp_path, capsys):
