@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.factories import CONFIGS, REPO
@@ -62,6 +63,24 @@ def recorded_calls(tmp_path: Path) -> list[list[str]]:
     """The recorder's calls under `run_script`, each split into words."""
     path = tmp_path / "calls"
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def no_training(monkeypatch) -> list[list[str]]:
+    """`llava-moslora train` never starts its child here: the child's command is recorded and
+    "exits 0", as `xtuner train` did whatever happened. A refused input must never get there."""
+    import subprocess
+
+    from llava_moslora.train import launch
+
+    started: list[list[str]] = []
+
+    def record(command, *args, **kwargs):
+        started.append(list(command))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", record)
+    return started
 
 
 # --- launching a training run ------------------------------------------------------------------

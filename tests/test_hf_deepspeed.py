@@ -55,7 +55,7 @@ def test_the_preset_is_xtuners_filled_from_the_recipe(tiny_env):
     for choice, stage in zip(PRESETS, (2, 3), strict=True):
         preset = json.loads(preset_file(choice).read_text())
         assert preset["gradient_accumulation_steps"] == "auto"  # XTuner's file, not a copy
-        # ZeRO-2 takes no accumulation (test_zero2_with_accumulation_is_refused)
+        # ZeRO-2 takes no accumulation from the locked DeepSpeed (test_deepspeed_defects.py)
         counts = recipe.accumulative_counts if stage == 3 else 1
         config = deepspeed_config(
             choice, dataclasses.replace(recipe, accumulative_counts=counts), cuda=False
@@ -108,40 +108,60 @@ def test_zero2_without_accumulation_trains_as_the_plain_loop(tiny_env, tmp_path)
     plain = trained(recipe, tmp_path / "plain", None)
     ours = trained(recipe, tmp_path / "zero2", "deepspeed_zero2")
     assert ours[2].engine.zero_optimization_stage() == 2
-    assert_same_run(plain, ours, tolerance=1e-6)  # measured: losses 9.5e-7, adapters 1.5e-8
+    # Measured: losses 4.8e-7, adapters 1.7e-6 since main re-seeds the adapters' init (before:
+    # 9.5e-7 and 1.5e-8; main fails the old 1e-6 with the same numbers): float32 rounding.
+    assert_same_run(plain, ours, tolerance=5e-6)
 
 
 def test_zero2_with_accumulation_is_refused(tiny_env, tmp_path, capsys):
-    """DeepSpeed 0.17.6's ZeRO-2 drops all but the last micro-batch's gradients of a group (a
-    toy model: accumulated norm 4.66 where torch has 11.07, the last micro-batch's alone 4.66)."""
+    """On the locked DeepSpeed (0.17.6) ZeRO-2 drops all but the last micro-batch's gradients of
+    a group (llava_moslora/train/deepspeed_defects.py); on one without that defect the hf engine
+    still refuses it (test_deepspeed_defects.py forces both)."""
     assert tiny_recipe().accumulative_counts == 2
     assert hf_engine.train(tiny_recipe(), tmp_path, deepspeed="deepspeed_zero2") == 2
     err = capsys.readouterr().err
-    assert "keeps only the last micro-batch's gradients" in err and "deepspeed_zero3" in err
+    assert "keep only the last micro-batch's gradients" in err and "deepspeed_zero3" in err
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="not yet: a ZeRO-3 run resumed from iter_3.pth/ ends ~1e-3 away from the straight "
-    "run's iter_5.pth/ (a vision lora_A); the resume state is not all restored",
-)
-def test_zero3_checkpoint_resumes_bit_identically(tiny_env, tmp_path):
-    recipe = tiny_recipe(save_steps=2)
+def resumed_and_straight(tmp_path: Path, recipe, deepspeed: str | None, capsys):
+    """(straight run's iter_5 tensors, the run stopped after `--max-iters 3` and resumed), each
+    read from its checkpoint as export reads it. Iteration 3 is inside an accumulation group
+    (steps after 2, 4, 5), so the checkpoint lacks the group's first gradient: the resume goes on
+    from iteration 2, where the RNG state saved in iter_3 was taken."""
     records = json.loads(Path(recipe.data_path).read_text())[:SAMPLES]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
-    recipe = dataclasses.replace(recipe, data_path=str(data))
-    zero3 = "deepspeed_zero3"
-    assert hf_engine.train(recipe, tmp_path / "straight", deepspeed=zero3) == 0
-    assert hf_engine.train(recipe, tmp_path / "killed", max_iters=3, deepspeed=zero3) == 0
+    recipe = dataclasses.replace(recipe, data_path=str(data), save_steps=3)
+    assert hf_engine.train(recipe, tmp_path / "straight", deepspeed=deepspeed) == 0
+    assert hf_engine.train(recipe, tmp_path / "killed", max_iters=3, deepspeed=deepspeed) == 0
     assert (tmp_path / "killed" / "last_checkpoint").read_text().endswith("iter_3.pth")
-    assert hf_engine.train(recipe, tmp_path / "killed", resume=True, deepspeed=zero3) == 0
+    at_kill = load_trained_state(tmp_path / "killed" / "iter_3.pth")
+    capsys.readouterr()
+    assert hf_engine.train(recipe, tmp_path / "killed", resume=True, deepspeed=deepspeed) == 0
+    note = capsys.readouterr().err
+    if recipe.accumulative_counts == 2:
+        assert "saved inside an accumulation group" in note and "iteration 2" in note, note
     straight = load_trained_state(tmp_path / "straight" / "iter_5.pth")  # zero_to_fp32, safely
     resumed = load_trained_state(tmp_path / "killed" / "iter_5.pth")
     assert straight.keys() == resumed.keys()
     assert any(k.startswith("llm.base_model.model.") and "lora_mixer" in k for k in straight)
+    assert any(not torch.equal(at_kill[k], straight[k]) for k in straight)  # training went on
+    return straight, resumed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("deepspeed", "counts"),
+    [("deepspeed_zero3", 2), ("deepspeed_zero2", 1), (None, 2)],
+)
+def test_a_checkpoint_resumes_bit_identically(tiny_env, tmp_path, capsys, deepspeed, counts):
+    """ZeRO-3 from inside an accumulation group, ZeRO-2 (accumulation 1: see
+    test_zero2_with_accumulation_is_refused) and the plain loop: the same tensors, bit for bit.
+    Before resuming went back to the group's start, ZeRO-3 and the plain loop ended 2.1e-3 away
+    (the group's first micro-batch's gradient lost); from a boundary (iter_2) they were exact."""
+    recipe = tiny_recipe(accumulative_counts=counts)
+    straight, resumed = resumed_and_straight(tmp_path, recipe, deepspeed, capsys)
     for key, tensor in straight.items():
         assert torch.equal(tensor, resumed[key]), key
 

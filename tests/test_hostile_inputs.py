@@ -396,24 +396,6 @@ def test_eval_names_a_corrupt_safetensors_in_the_export(tmp_path, capsys):
 # --- train: refused before XTuner starts (issue 23, items 3 and 5) ---------------------------
 
 
-@pytest.fixture
-def no_training(monkeypatch) -> list[list[str]]:
-    """`llava-moslora train` never starts its child here: the child's command is recorded and
-    "exits 0", as `xtuner train` did whatever happened. A refused input must never get there."""
-    import subprocess
-
-    from llava_moslora.train import launch
-
-    started: list[list[str]] = []
-
-    def record(command, *args, **kwargs):
-        started.append(list(command))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(launch.subprocess, "run", record)
-    return started
-
-
 def train_cli(*args: str) -> int:
     return main(["train", TINY_MOSLORA, *args])
 

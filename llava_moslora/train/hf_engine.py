@@ -602,6 +602,11 @@ class Run:
         fp16 = recipe.amp_dtype == "float16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 and deepspeed is None)
         self.iteration = 0
+        # The first micro-batch of the open accumulation group and the RNG state there: a
+        # checkpoint saved inside a group resumes from them (`save`, `resume`), since the group's
+        # gradients so far are in no checkpoint (DeepSpeed's partitions included).
+        self.group_start: int | None = None
+        self.group_rng: torch.Tensor | None = None
         # Under `--deepspeed` (hf_deepspeed.py) the DeepSpeedEngine runs forward, backward,
         # clipping and the optimizer step; the optimizer's param_groups still take the schedule.
         self.deepspeed = deepspeed
@@ -630,6 +635,11 @@ class Run:
         ):
             return (self.engine or self.model)(**batch).loss
 
+    def boundary(self, iteration: int, max_iters: int) -> bool:
+        """Whether micro-batch `iteration` ends an accumulation group (an optimizer step)."""
+        counts = self.recipe.accumulative_counts
+        return (iteration + 1) % counts == 0 or iteration + 1 == max_iters
+
     def step(self, batch, iteration: int, max_iters: int, iters_per_epoch: int) -> float:
         """One micro-batch: backward, and every `accumulative_counts` (and at the end) an
         optimizer step, as mmengine's OptimWrapper does (the tail divides by what is left)."""
@@ -640,7 +650,7 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = recipe.lr * lr_factor(iteration, recipe, iters_per_epoch)
         loss = self.loss(batch)
-        boundary = (iteration + 1) % counts == 0 or iteration + 1 == max_iters
+        boundary = self.boundary(iteration, max_iters)
         if self.engine is not None:  # the same division; DeepSpeed clips and steps at the boundary
             self.accelerator.deepspeed_engine_wrapped.backward(
                 loss / divisor, sync_gradients=boundary, scale_wrt_gas=False
@@ -676,6 +686,9 @@ class Run:
         return {
             "seed": self.seed,
             "iter": iteration,
+            # where `--resume` goes on: the first micro-batch of the accumulation group open at
+            # `iteration` (`iteration` itself after an optimizer step); `rng` is the RNG state there
+            "resume_iter": iteration if self.group_start is None else self.group_start,
             "engine": "hf",
             # the base is not the config's three parts: `runs.load_run` rebuilds it from this
             # folder, once its digest shows it is the one the run started from
@@ -700,7 +713,7 @@ class Run:
             self.engine.save_checkpoint(
                 str(self.work_dir),
                 tag=path.name,
-                client_state={"meta": meta, "rng": torch.get_rng_state()},
+                client_state={"meta": meta, "rng": self.resume_rng()},
                 save_latest=False,
                 exclude_frozen_parameters=True,
             )
@@ -723,13 +736,16 @@ class Run:
                 "meta": self.meta(iteration),
                 "optimizer": optimizer,
                 "scaler": self.scaler.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": self.resume_rng(),
             },
             partial,
         )
         partial.replace(path)
         (self.work_dir / "last_checkpoint").write_text(str(path))
         return path
+
+    def resume_rng(self) -> torch.Tensor:
+        return torch.get_rng_state() if self.group_rng is None else self.group_rng
 
     def resume(self, path: str | Path) -> None:
         path = Path(path)
@@ -775,7 +791,16 @@ class Run:
         if self.engine is None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
-        self.iteration = int(saved["meta"]["iter"])
+        meta = saved["meta"]
+        self.iteration = int(meta.get("resume_iter", meta["iter"]))  # older checkpoints: "iter"
+        if self.iteration != int(meta["iter"]):
+            print(
+                f"hf engine: --resume: {path.name} was saved inside an accumulation group "
+                f"(`accumulative_counts` {self.recipe.accumulative_counts}), whose gradients a "
+                f"checkpoint does not hold; going on from the group's first micro-batch, "
+                f"iteration {self.iteration}, as the uninterrupted run did",
+                file=sys.stderr,
+            )
 
     def train(self, samples: Samples, max_iters: int | None = None) -> list[float]:
         """Train from `self.iteration`; return each iteration's loss."""
@@ -787,6 +812,7 @@ class Run:
         self.model.train()
         losses = []
         window_start, window_iteration = time.perf_counter(), self.iteration
+        self.group_start, self.group_rng = self.iteration, torch.get_rng_state()
         for iteration in range(self.iteration, stop):
             epoch, position = divmod(iteration, iters_per_epoch)
             order = rank_share(batch_order(len(samples), epoch, self.seed), self.rank, self.world)
@@ -794,6 +820,8 @@ class Run:
             batch = self.batch([samples[i] for i in chosen])
             losses.append(self.step(batch, iteration, total, iters_per_epoch))
             self.iteration = iteration + 1
+            if self.boundary(iteration, total):
+                self.group_start, self.group_rng = self.iteration, torch.get_rng_state()
             if self.iteration % recipe.log_interval == 0 or self.iteration == stop:
                 now = time.perf_counter()  # mean over the window since the last line, as mmengine
                 self.log(

@@ -118,6 +118,7 @@ def prepare(args: Sequence[str], env: Mapping[str, str], log=print) -> Prepared:
         check_no_other_run(work_dir, resuming)
     preflight.check_adapters(cfg)
     preflight.check_model_paths(cfg)
+    preflight.check_deepspeed(cfg, known.deepspeed)
     child_args = [*args, "--cfg-options", *derived] if derived else list(args)
     return Prepared(child_args, work_dir if first else None)
 

@@ -14,6 +14,8 @@ with one `error:` line naming the field, the value and the fix:
                   skeleton built on the meta device from its local config.json
     model paths   a hub id is local, cached or reachable (llava_moslora/hub.py), else one line at
                   once instead of a connection traceback after minutes of retries
+    --deepspeed   not a ZeRO-2 preset with accumulation on a DeepSpeed that drops the group's
+                  gradients (deepspeed_defects.py)
 
 and re-derives what a `--cfg-options` override leaves stale (the ViT layers feeding a changed
 `visual_select_layer`: builders/vision_layers.py). The work dir is claimed in work_dir.py.
@@ -254,3 +256,31 @@ def check_model_paths(cfg) -> None:
     if missing and not hub_reachable():  # one connect, however many names
         key, name = missing[0]
         raise TrainInputError(str(unreachable(name, key)))
+
+
+def check_deepspeed(cfg, choice: str | None) -> None:
+    """`--deepspeed CHOICE` (a preset name or a JSON file, as `xtuner train` takes it) trains
+    `cfg` right on the installed DeepSpeed: xtuner/tools/train.py sets the preset's accumulation
+    to the config's `optim_wrapper.accumulative_counts`, whatever the file says."""
+    import json
+
+    from . import deepspeed_defects
+
+    if choice is None:
+        return
+    path = Path(choice)
+    if not path.is_file():
+        from xtuner.configs import cfgs_name_path
+
+        if choice not in cfgs_name_path:
+            return  # XTuner refuses it itself ("Cannot find ...")
+        path = Path(cfgs_name_path[choice])
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # XTuner reads it next and says what is wrong
+    accumulation = cfg.optim_wrapper.get("accumulative_counts", 1)
+    version = deepspeed_defects.installed_deepspeed()
+    defect = deepspeed_defects.zero2_accumulation_defect(config, accumulation, version)
+    if defect:
+        raise TrainInputError(f"`--deepspeed {choice}`: {defect}")
