@@ -89,18 +89,20 @@ def test_xtuner_path_refuses_zero2_with_accumulation_where_deepspeed_drops_it(
     assert main(zero3) == 0 and no_training[-1][-1] == "deepspeed_zero3"
 
 
-def test_the_locked_deepspeed_is_an_affected_release():
-    """What the refusals guard against is what `uv sync` installs today (0.17.6): when the lock
-    moves off 0.17.6-0.18.2 this fails, and the docs' DeepSpeed paragraph needs its update."""
-    assert zero2_accumulation_defect(ZERO2, 2, installed_deepspeed()) is not None
+def test_the_locked_deepspeed_is_not_an_affected_release():
+    """The lock holds DeepSpeed 0.17.5 (pyproject.toml) so that the paper's ZeRO-2 runs, which
+    accumulate 2 micro-batches, train right: moving it into 0.17.6-0.18.2 fails here."""
+    assert installed_deepspeed() == "0.17.5"
+    assert zero2_accumulation_defect(ZERO2, 2, installed_deepspeed()) is None
 
 
 # --- the hf engine: `llava-moslora train --engine hf CONFIG --deepspeed ...` --------------------
 
 
-def test_hf_engine_refuses_zero2_with_accumulation_on_any_deepspeed(tiny_env, monkeypatch):
-    """The defect's message on an affected release; elsewhere its own (measured off the plain
-    loop with 0.18.3, docs/training.md); accumulation 1 is taken."""
+def test_hf_engine_refuses_zero2_with_accumulation_from_the_defect_on(tiny_env, monkeypatch):
+    """The defect's message on an affected release; from 0.18.3 on its own (measured off the
+    plain loop with 0.18.3, docs/training.md); accumulation 1 is taken; the lock's 0.17.5, which
+    gives the plain loop's numbers (tests/test_hf_deepspeed.py), takes accumulation too."""
     from llava_moslora.train.hf_deepspeed import deepspeed_config
     from llava_moslora.train.hf_recipe import RecipeError, recipe_from_config
     from tests.factories import read_config
@@ -119,3 +121,8 @@ def test_hf_engine_refuses_zero2_with_accumulation_on_any_deepspeed(tiny_env, mo
         )
         zero3 = deepspeed_config("deepspeed_zero3", recipe, cuda=False)
         assert zero3["gradient_accumulation_steps"] == 2
+    for version in ("0.17.5", "0.16.9"):
+        monkeypatch.setattr(deepspeed_defects, "installed_deepspeed", lambda v=version: v)
+        taken = deepspeed_config("deepspeed_zero2", recipe, cuda=False)
+        assert taken["gradient_accumulation_steps"] == 2
+        assert taken["zero_optimization"]["stage"] == 2

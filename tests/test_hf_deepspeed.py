@@ -113,15 +113,18 @@ def test_zero2_without_accumulation_trains_as_the_plain_loop(tiny_env, tmp_path)
     assert_same_run(plain, ours, tolerance=5e-6)
 
 
-def test_zero2_with_accumulation_is_refused(tiny_env, tmp_path, capsys):
-    """On the locked DeepSpeed (0.17.6) ZeRO-2 drops all but the last micro-batch's gradients of
-    a group (llava_moslora/train/deepspeed_defects.py); on one without that defect the hf engine
-    still refuses it (test_deepspeed_defects.py forces both)."""
+@pytest.mark.slow
+def test_zero2_with_accumulation_trains_as_the_plain_loop(plain, tmp_path):
+    """On the locked DeepSpeed (0.17.5: before the ZeRO-2 accumulation defect of 0.17.6-0.18.2,
+    llava_moslora/train/deepspeed_defects.py, whose releases test_deepspeed_defects.py refuses)
+    accumulation 2 with a short last group gives the plain loop's numbers."""
     assert tiny_recipe().accumulative_counts == 2
-    assert hf_engine.train(tiny_recipe(), tmp_path, deepspeed="deepspeed_zero2") == 2
-    err = capsys.readouterr().err
-    assert "keep only the last micro-batch's gradients" in err and "deepspeed_zero3" in err
-    assert not list(tmp_path.iterdir())
+    ours = trained(tiny_recipe(), tmp_path, "deepspeed_zero2")
+    assert ours[2].engine.zero_optimization_stage() == 2
+    assert ours[2].engine.gradient_accumulation_steps() == 2
+    # Measured: losses 0.0 apart, adapters 1.9e-8 (0.17.6 kept only the last micro-batch's
+    # gradients: its adapters end far off, see docs/training.md).
+    assert_same_run(plain, ours, tolerance=1e-6)
 
 
 def resumed_and_straight(tmp_path: Path, recipe, deepspeed: str | None, capsys):
