@@ -20,7 +20,12 @@ LIMIT=$((64 * 1024 * 1024))
 PIP=(env PIP_FIND_LINKS= python3 -m pip) # not the machine's local CPU-torch wheel folder
 PY=$PWD/.venv/bin/python
 [[ -x "$PY" ]] || { echo "error: run \`uv sync --frozen\` first (.venv builds DeepSpeed's wheel)"; exit 2; }
-rm -rf "$OUT" && mkdir -p "$OUT/build"
+# OUT is rebuilt whole: only a folder this script made (its marker inside) or an empty one.
+if [[ -e $OUT && ! -e $OUT/.gpu_bundle && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
+  echo "error: $OUT holds files this script did not write; give an empty or new folder" >&2
+  exit 2
+fi
+rm -rf "$OUT" && mkdir -p "$OUT/build" && touch "$OUT/.gpu_bundle"
 OUT=$(cd "$OUT" && pwd)
 
 pin() { # pin NAME: NAME==uv.lock's version

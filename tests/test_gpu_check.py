@@ -128,3 +128,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     summary = "gpu_check: 8/8 phases ok (2 skipped), 8 cases"
     assert report.splitlines()[-1].startswith(summary)
     assert result.stdout.strip().splitlines()[-1].startswith(summary)
+
+
+def test_the_bundle_never_removes_a_folder_it_did_not_make(tmp_path):
+    """gpu_bundle.sh rebuilds its OUT whole: a folder holding someone else's file is refused in
+    one line (exit 2) before anything is removed or downloaded."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("not the bundle's")
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_bundle.sh"), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"error: {out} holds files this script did not write" in result.stderr
+    assert (out / "keep.txt").read_text() == "not the bundle's"
