@@ -813,9 +813,14 @@ class Run:
         losses = []
         window_start, window_iteration = time.perf_counter(), self.iteration
         self.group_start, self.group_rng = self.iteration, torch.get_rng_state()
+        order_epoch = None  # this process's sample order, drawn once an epoch (LLaVA's 665K: 36 ms)
         for iteration in range(self.iteration, stop):
             epoch, position = divmod(iteration, iters_per_epoch)
-            order = rank_share(batch_order(len(samples), epoch, self.seed), self.rank, self.world)
+            if epoch != order_epoch:
+                order = rank_share(
+                    batch_order(len(samples), epoch, self.seed), self.rank, self.world
+                )
+                order_epoch = epoch
             chosen = order[position * recipe.batch_size : (position + 1) * recipe.batch_size]
             batch = self.batch([samples[i] for i in chosen])
             losses.append(self.step(batch, iteration, total, iters_per_epoch))
